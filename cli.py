@@ -1,0 +1,155 @@
+"""The ``mmcurate`` command. Exit codes: 0 the run finished (rejections are results), 1 the run
+itself failed, 2 a usage error (one clear line, no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+
+from mmcurate import __version__
+from mmcurate.errors import UsageError
+
+
+def _add_io(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--input", required=required, help="input file, folder, glob or URL (fsspec)")
+    p.add_argument("--output", required=required, help="output folder (fsspec)")
+    p.add_argument("--input-format", help="parquet, csv, tsv, jsonl, txt, img2dataset or mmcurate (default: detected)")
+    p.add_argument("--url-col", help="URL column of a URL list (default: url)")
+    p.add_argument("--caption-col", help="caption column of a URL list (default: caption)")
+    p.add_argument("--output-format", choices=("webdataset", "parquet"))
+    p.add_argument("--rows-per-shard", type=int)
+    p.add_argument("--workers", type=int, help="local worker processes (default: CPU count)")
+    p.add_argument("--engine", choices=("local", "ray", "spark"))
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmcurate", description="Curate web image-text pairs into clean training shards.")
+    parser.add_argument("--version", action="version", version=f"mmcurate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a pipeline YAML (or a preset name from pipelines/)")
+    run.add_argument("pipeline")
+    _add_io(run, required=False)
+
+    stage = sub.add_parser("stage", help="run one stage alone")
+    stage.add_argument("name")
+    _add_io(stage, required=True)
+
+    for name, text in (("inspect", "schema, rows, samples and null counts of a dataset"), ("validate", "check every shard against the schema"), ("stats", "rows kept and rejected by stage and reason")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("path")
+        if name == "inspect":
+            p.add_argument("--samples", type=int, default=3)
+        if name == "stats":
+            p.add_argument("--json", action="store_true", help="print JSON")
+            p.add_argument("--plot", metavar="PNG", help="also draw the filter funnel to this PNG")
+
+    schema = sub.add_parser("schema", help="print the declared sample schema")
+    schema.add_argument("--markdown", action="store_true")
+
+    demo = sub.add_parser("demo", help="run the demo pipeline on the sample images shipped with mmcurate")
+    demo.add_argument("output", nargs="?", default="mmcurate-demo")
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _pipeline_from_args(args: argparse.Namespace):
+    from mmcurate.pipelines.config import StageSpec, apply_overrides, load_pipeline, parse_pipeline
+
+    if args.command == "run":
+        pipeline = load_pipeline(args.pipeline)
+    else:
+        pipeline = parse_pipeline({"input": {"path": args.input}, "output": {"path": args.output}, "stages": []})
+        pipeline.stages = [StageSpec(args.name)]
+    settings = list(args.settings)
+    for flag, key in (("input", "input.path"), ("input_format", "input.format"), ("url_col", "input.url_col"), ("caption_col", "input.caption_col"), ("output", "output.path"), ("output_format", "output.format"), ("rows_per_shard", "output.rows_per_shard"), ("workers", "workers"), ("engine", "engine")):
+        value = getattr(args, flag)
+        if value is not None:
+            settings.insert(0, f"{key}={value}")
+    if args.command == "stage":
+        settings = [s if "." in s.partition("=")[0] or s.partition("=")[0] in ("workers", "engine") else f"{args.name}.{s}" for s in settings]
+    return apply_overrides(pipeline, settings)
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    print(f"{summary['rows_in']} rows in {summary['shards']} shards: {summary['kept']} kept, {summary['rejected']} rejected -> {out}")
+    for name, stage in summary["stages"].items():
+        if stage["rejected"]:
+            reasons = ", ".join(f"{r} {n}" for r, n in stage["reasons"].items())
+            print(f"  {name}: {stage['rejected']} rejected ({reasons})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UsageError as e:
+        print(f"mmcurate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmcurate: interrupted; run the same command again to resume", file=sys.stderr)
+        return 1
+    except Exception:  # the run itself failed: show where
+        traceback.print_exc()
+        print("mmcurate: the run failed; finished shards are kept and a re-run resumes", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("run", "stage"):
+        from mmcurate.engines import run_pipeline
+
+        pipeline = _pipeline_from_args(args)
+        _print_summary(run_pipeline(pipeline, progress=not args.no_progress), pipeline.output.path)
+        return 0
+    if args.command == "demo":
+        from mmcurate.examples.demo import run_demo
+
+        _print_summary(run_demo(args.output, progress=not args.no_progress), args.output)
+        return 0
+    if args.command == "schema":
+        from mmcurate import schemas
+
+        print(schemas.markdown() if args.markdown else schemas.arrow_schema().to_string(show_schema_metadata=False))
+        return 0
+    if args.command == "inspect":
+        from mmcurate.shards.inspect import inspect_dataset
+
+        print(inspect_dataset(args.path, samples=args.samples))
+        return 0
+    if args.command == "validate":
+        from mmcurate.schemas.validate import validate
+
+        problems = validate(args.path)
+        for p in problems:
+            print(p)
+        print(f"{len(problems)} problems" if problems else "valid")
+        return 1 if problems else 0
+    if args.command == "stats":
+        from mmcurate.engines.run import summarise
+        from mmcurate.shards.layout import OutputDir
+
+        out = OutputDir.open(args.path)
+        if not out.exists(out.path("_stats")):
+            raise UsageError(f"{args.path} has no _stats folder: not an mmcurate output")
+        summary = summarise(out)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            _print_summary(summary, args.path)
+        if args.plot:
+            from mmcurate.shards.plots import plot_funnel
+
+            plot_funnel(summary, args.plot)
+            print(f"funnel drawn to {args.plot}")
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The in-process engine: shards in a local process pool, global steps in the driver.
+
+A pipeline is cut into segments at its global stages. Each segment runs shard by shard; a segment
+that ends in a global stage leaves its shard's rows in ``OUT/_work/segN/`` and the global step writes
+its decision to ``OUT/_work/globalN.parquet``. The last segment writes the final files, the done
+marker last. Every file is atomic and every step skips what a previous run finished, so a run
+killed at any point and started again gives the same output as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from mmcurate.engines.core import ShardStats, global_input, record_read, run_segment
+from mmcurate.engines.run import RunContext, finish_run, start_run
+from mmcurate.pipelines.config import Pipeline
+from mmcurate.shards.readers import Reader, ShardPlan
+from mmcurate.shards.writers import write_shard
+
+# Per-worker state: the run context with its stages, set up lazily once per worker.
+_CONTEXT: RunContext | None = None
+_READY: set[str] = set()
+
+
+def _init_worker(pipeline: Pipeline, reader: Reader) -> None:
+    global _CONTEXT
+    _CONTEXT = RunContext.create(pipeline, reader)
+    _READY.clear()
+
+
+def _process_shard(plan: ShardPlan, segment_index: int) -> int:
+    """Run one segment of the pipeline on one shard; write its intermediate or final files."""
+    ctx = _CONTEXT
+    segment = ctx.segments[segment_index]
+    for stage in segment.stages:
+        if stage.name not in _READY:
+            stage.setup()
+            _READY.add(stage.name)
+    out = ctx.out
+    if segment_index == 0:
+        table = ctx.reader.read(plan)
+        stats = ShardStats(plan.shard_id)
+        record_read(table, stats)
+    else:
+        table = out.read_parquet(ctx.work_path(segment_index - 1, plan.shard_id, ".parquet"))
+        stats = ShardStats.from_dict(out.read_json(ctx.work_path(segment_index - 1, plan.shard_id, ".json")))
+    decisions = ctx.decisions(segment_index - 1) if segment_index else None
+    table = run_segment(segment, table, stats, decisions)
+    if segment_index == len(ctx.segments) - 1:
+        kept = table.num_rows - sum(1 for r in table.column("reject_reason").to_pylist() if r is not None)
+        write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats.as_dict(kept))
+    else:
+        out.write_json(ctx.work_path(segment_index, plan.shard_id, ".json"), stats.as_dict(0))
+        out.write_parquet(ctx.work_path(segment_index, plan.shard_id, ".parquet"), table)
+    return plan.rows
+
+
+def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
+    """Run ``pipeline`` with a pool of ``pipeline.workers`` processes; return the run summary."""
+    ctx = start_run(pipeline, "local")
+    pool = None
+    if pipeline.workers > 1 and len(ctx.pending()) > 1:
+        pool = ProcessPoolExecutor(pipeline.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(pipeline, ctx.reader))
+    else:
+        _init_worker(pipeline, ctx.reader)
+    try:
+        for index, segment in enumerate(ctx.segments):
+            todo = ctx.pending(index)
+            _map(pool, todo, index, f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards", progress)
+            if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
+                stage = segment.global_stage
+                stage.setup()
+                parts = [global_input(ctx.out.read_parquet(ctx.work_path(index, p.shard_id, ".parquet"), ["key", "reject_reason", *stage.global_columns]), stage) for p in ctx.reader.shards]
+                table = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
+                ctx.out.write_parquet(ctx.global_path(index), stage.decide(table))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return finish_run(ctx)
+
+
+def _map(pool: ProcessPoolExecutor | None, todo: list[ShardPlan], segment: int, label: str, progress: bool) -> None:
+    bar = tqdm(total=sum(p.rows for p in todo), unit="rows", desc=label, disable=not progress or None, file=sys.stderr)
+    run: Callable[[ShardPlan], int] = lambda plan: _process_shard(plan, segment)  # noqa: E731
+    results: Iterable[int]
+    if pool is None:
+        results = map(run, todo)
+    else:
+        results = pool.map(_process_shard, todo, [segment] * len(todo))
+    for rows in results:
+        bar.update(rows)
+    bar.close()

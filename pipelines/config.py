@@ -1,0 +1,163 @@
+"""Pipeline configuration: input, output, ordered stages with their options, engine.
+
+```yaml
+input:  {path: urls.parquet, format: parquet, url_col: URL, caption_col: TEXT}
+output: {path: out, format: webdataset, rows_per_shard: 10000}
+engine: local          # local | ray | spark
+workers: 2             # local process pool size
+stages:
+  - download: {image_size: 256}
+  - language: {keep: [en], min_score: 0.5}
+```
+Relative paths are resolved against the YAML file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmcurate.errors import UsageError
+from mmcurate.schemas import BY_NAME
+from mmcurate.shards.readers import InputSpec
+from mmcurate.shards.writers import OutputSpec
+from mmcurate.stages import stage_class
+from mmcurate.stages.base import Stage, build_config
+
+ENGINES = ("local", "ray", "spark")
+PRESETS = Path(__file__).parent
+# Columns every reader provides, and those only image-bearing inputs provide.
+READER_COLUMNS = ("key", "url", "caption", "reject_stage", "reject_reason")
+IMAGE_COLUMNS = ("image", "image_format", "width", "height", "original_width", "original_height", "sha256", "status")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage by name with its options, as written in the pipeline."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Stage:
+        return stage_class(self.name).from_params(self.params)
+
+
+@dataclass
+class Pipeline:
+    input: InputSpec
+    output: OutputSpec
+    stages: list[StageSpec]
+    engine: str = "local"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.workers < 1:
+            raise UsageError("workers must be at least 1")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "input": dataclasses.asdict(self.input),
+            "output": dataclasses.asdict(self.output),
+            "engine": self.engine,
+            "workers": self.workers,
+            "stages": [{s.name: dict(s.params)} for s in self.stages],
+        }
+
+    def build_stages(self, input_format: str) -> list[Stage]:
+        """Instantiate every stage and check that each finds the columns it needs."""
+        stages = [spec.build() for spec in self.stages]
+        available = set(input_columns(input_format))
+        for stage in stages:
+            missing = [c for c in stage.needs if c not in available]
+            if missing:
+                raise UsageError(f"stage {stage.name} needs column {missing[0]!r}, which neither an earlier stage nor the {input_format} input provides")
+            available |= set(stage.adds)
+        return stages
+
+
+def input_columns(input_format: str) -> tuple[str, ...]:
+    """Declared columns a reader of ``input_format`` provides."""
+    return READER_COLUMNS + (IMAGE_COLUMNS if input_format in ("img2dataset", "mmcurate") else ())
+
+
+def output_columns(stages: list[Stage], input_format: str) -> list[str]:
+    """Declared columns of the output: the reader's, those the stages add, and the ledger's."""
+    names = {*input_columns(input_format), "duplicate_of", *(c for s in stages for c in s.adds)}
+    return [n for n in BY_NAME if n in names]
+
+
+def parse_pipeline(data: Any, base: Path | None = None) -> Pipeline:
+    """Build a Pipeline from a parsed YAML mapping; relative paths are resolved against ``base``."""
+    if not isinstance(data, dict):
+        raise UsageError("a pipeline is a mapping with input, output and stages")
+    unknown = sorted(set(data) - {"input", "output", "stages", "engine", "workers", "description"})
+    if unknown:
+        raise UsageError(f"pipeline: unknown key {unknown[0]!r} (keys: input, output, stages, engine, workers)")
+    for section in ("input", "output"):
+        if not isinstance(data.get(section), dict) or "path" not in data[section]:
+            raise UsageError(f"pipeline: {section} needs a path")
+    inp = build_config(InputSpec, _resolve(data["input"], base), "pipeline input")
+    out = build_config(OutputSpec, _resolve(data["output"], base), "pipeline output")
+    stages = [_stage_spec(item) for item in data.get("stages") or []]
+    extra = {k: data[k] for k in ("engine", "workers") if k in data}
+    return build_config(Pipeline, {"input": inp, "output": out, "stages": stages, **extra}, "pipeline")
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read a pipeline YAML file, or a preset by name (``mmcurate run datacomp_basic``)."""
+    path = Path(path)
+    if not path.exists() and (PRESETS / f"{path}.yaml").exists():
+        path = PRESETS / f"{path}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read pipeline {str(path)!r}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_pipeline(data, path.parent)
+
+
+def _stage_spec(item: Any) -> StageSpec:
+    if isinstance(item, str):
+        return StageSpec(item)
+    if isinstance(item, dict) and len(item) == 1:
+        name, params = next(iter(item.items()))
+        if params is None or isinstance(params, dict):
+            return StageSpec(name, dict(params or {}))
+    raise UsageError(f"pipeline: a stage is a name or a mapping {{name: {{options}}}}, not {item!r}")
+
+
+def _resolve(section: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    section = dict(section)
+    path = str(section["path"])
+    if base is not None and "://" not in path and not os.path.isabs(path):
+        section["path"] = str((base / path).resolve())
+    return section
+
+
+def apply_overrides(pipeline: Pipeline, settings: list[str]) -> Pipeline:
+    """Apply ``--set`` overrides: ``input.KEY=V``, ``output.KEY=V``, ``STAGE.KEY=V``, ``engine=V``."""
+    for item in settings:
+        target, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set wants KEY=VALUE, not {item!r}")
+        section, _, key = target.rpartition(".")
+        if section in ("input", "output"):
+            spec = getattr(pipeline, section)
+            setattr(pipeline, section, build_config(type(spec), {**dataclasses.asdict(spec), key: value}, f"pipeline {section}"))
+        elif section == "":
+            pipeline = build_config(Pipeline, {**{f.name: getattr(pipeline, f.name) for f in dataclasses.fields(Pipeline)}, key: value}, "pipeline")
+        else:
+            matches = [s for s in pipeline.stages if s.name == section]
+            if not matches:
+                raise UsageError(f"--set {item}: the pipeline has no stage {section!r}")
+            for spec in matches:
+                spec.params[key] = value
+    return pipeline

@@ -1,0 +1,126 @@
+"""The one declared list of sample columns.
+
+Everything that knows about columns reads it from here: the Arrow schema written to
+Parquet (with ``schema_version`` in the file metadata), the WebDataset mapping, the
+validator and the column reference in ``docs/schema.md`` (``mmcurate schema --markdown``).
+Later work adds columns to :data:`FIELDS`, nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+METADATA_KEY = b"mmcurate.schema_version"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One declared column: its Arrow type, who sets it and what it means."""
+
+    name: str
+    type: pa.DataType
+    set_by: str
+    doc: str
+
+    def arrow(self) -> pa.Field:
+        return pa.field(self.name, self.type, nullable=self.name != "key")
+
+
+_GROUNDING = pa.list_(
+    pa.struct(
+        [
+            ("phrase", pa.string()),
+            ("start", pa.int32()),
+            ("end", pa.int32()),
+            ("boxes", pa.list_(pa.list_(pa.float32()))),
+            ("scores", pa.list_(pa.float32())),
+        ]
+    )
+)
+_CAPTIONS = pa.list_(pa.struct([("text", pa.string()), ("source", pa.string()), ("score", pa.float32())]))
+
+FIELDS: tuple[Field, ...] = (
+    Field("key", pa.string(), "reader", "Deterministic sample id: 16 hex digits of sha256(relative input path, NUL, row); img2dataset keys are kept. Never contains a dot."),
+    Field("url", pa.string(), "reader", "Source URL of the image."),
+    Field("caption", pa.string(), "reader", "Source caption (alt-text)."),
+    Field("image", pa.binary(), "download / img2dataset reader", "Encoded image bytes as stored."),
+    Field("image_format", pa.string(), "download / img2dataset reader", "Format of `image`: jpg, png or webp."),
+    Field("width", pa.int32(), "download", "Width of the stored image in pixels."),
+    Field("height", pa.int32(), "download", "Height of the stored image in pixels."),
+    Field("original_width", pa.int32(), "download", "Width of the source image; size filters read this."),
+    Field("original_height", pa.int32(), "download", "Height of the source image; size filters read this."),
+    Field("sha256", pa.string(), "download", "sha256 of the original downloaded bytes (hex)."),
+    Field("status", pa.string(), "download", "`ok`, or the reason the sample could not be fetched or decoded."),
+    Field("reject_stage", pa.string(), "runner", "Stage that rejected the row; null when kept."),
+    Field("reject_reason", pa.string(), "runner", "Why the row was rejected; null when kept."),
+    Field("duplicate_of", pa.string(), "dedup stages", "Key of the kept sample this row duplicates."),
+    Field("caption_words", pa.int32(), "caption_quality", "Words in the normalised caption."),
+    Field("caption_chars", pa.int32(), "caption_quality", "Characters in the normalised caption."),
+    Field("language", pa.string(), "language", "fastText lid.176 top-1 language (ISO 639 code)."),
+    Field("language_score", pa.float32(), "language", "Probability of the top-1 language."),
+    Field("clip_score", pa.float32(), "clip_score", "Cosine similarity of CLIP image and caption embeddings."),
+    Field("nsfw_score", pa.float32(), "nsfw", "Highest confidence over the detector's exposed-body-part classes."),
+    Field("phash", pa.int64(), "phash_dedup", "64-bit perceptual hash of the image, as a signed integer."),
+    Field("captions", _CAPTIONS, "capfilt", "Candidate captions with their source and score."),
+    Field("grounding", _GROUNDING, "grounding", "Noun-phrase spans with boxes (xyxy, normalised to the stored image)."),
+)
+
+BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+
+# WebDataset: one tar member per sample and extension.
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+CAPTION_EXTENSION = "txt"
+JSON_EXTENSION = "json"
+# Columns that are not written to the per-sample json member (they are members of their own, or the
+# tar member name itself).
+NOT_IN_JSON = ("key", "image", "caption")
+
+
+def arrow_schema(columns: list[str] | None = None, extra: pa.Schema | None = None) -> pa.Schema:
+    """The Arrow schema of a table holding ``columns`` (declared order) plus ``extra`` source columns."""
+    names = set(columns) if columns is not None else None
+    fields = [f.arrow() for f in FIELDS if names is None or f.name in names]
+    if extra is not None:
+        fields += [f for f in extra if f.name not in BY_NAME]
+    return pa.schema(fields, metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+
+
+def conform(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
+    """Cast ``table`` to the declared schema: declared columns first in declared order, then extras.
+
+    Declared columns named in ``columns`` but absent from ``table`` are added as nulls.
+    """
+    present = set(table.column_names)
+    wanted = list(columns) if columns is not None else [f.name for f in FIELDS if f.name in present]
+    extra = pa.schema([table.schema.field(n) for n in table.column_names if n not in BY_NAME])
+    schema = arrow_schema(wanted, extra)
+    arrays = []
+    for field in schema:
+        if field.name in present:
+            arrays.append(table.column(field.name).cast(field.type))
+        else:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def markdown() -> str:
+    """The column reference as a Markdown table (docs/schema.md is generated from this)."""
+    lines = [
+        f"# Sample schema (version {SCHEMA_VERSION})",
+        "",
+        "Generated by `mmcurate schema --markdown` from `schemas/__init__.py`; do not edit by hand.",
+        "",
+        "| column | Arrow type | set by | meaning |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{f.name}` | `{f.type}` | {f.set_by} | {f.doc} |" for f in FIELDS]
+    lines += [
+        "",
+        "WebDataset tars hold, per sample, `KEY.jpg|png|webp` (the image), `KEY.txt` (the caption) and",
+        "`KEY.json` (every other column, extra source columns included). `meta/ID.parquet` beside each tar",
+        "holds every column but the image bytes.",
+    ]
+    return "\n".join(lines) + "\n"

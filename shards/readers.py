@@ -1,0 +1,401 @@
+"""Readers: URL lists, img2dataset output and mmcurate output, cut into shards of N input rows.
+
+Planning lists the input files and their row counts and cuts the concatenated rows into fixed
+slices. Text URL lists (csv, tsv, jsonl, txt) are parsed once at planning into Parquet under
+``OUT/_work/input/`` so every shard reads its slice cheaply; malformed rows and invalid UTF-8 are
+kept there as rows with a ``reject_reason``, never dropped. Every table a reader returns has
+``key``, ``url``, ``caption``, ``reject_stage`` and ``reject_reason``, plus the source's other
+columns (renamed ``source_NAME`` where a name clashes with a declared column).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmcurate.errors import UsageError
+from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
+from mmcurate.shards.layout import OutputDir
+
+URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
+FORMATS = (*URL_LIST_FORMATS, "img2dataset", "mmcurate")
+READ_STAGE = "read"
+_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
+# img2dataset columns with a declared counterpart.
+_I2D_COLUMNS = ("key", "url", "caption", "width", "height", "original_width", "original_height", "sha256", "status")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where the input is and how to read it (column names as img2dataset's url_col/caption_col)."""
+
+    path: str
+    format: str | None = None
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    max_caption_chars: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise UsageError(f"input format must be one of {', '.join(FORMATS)}, not {self.format!r}")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file: its path, its path relative to the input root (for keys) and row count."""
+
+    path: str
+    rel: str
+    rows: int
+    format: str
+    tar: str | None = None  # img2dataset / mmcurate tar beside the Parquet
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A shard: slices ``(file index, start row, stop row)`` of the input, in input order."""
+
+    shard_id: int
+    pieces: tuple[tuple[int, int, int], ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(stop - start for _, start, stop in self.pieces)
+
+
+@dataclass
+class Reader:
+    """Reads shards of one input. Build it with :func:`plan_input`."""
+
+    spec: InputSpec
+    fs: fsspec.AbstractFileSystem
+    files: list[SourceFile]
+    format: str
+    shards: list[ShardPlan] = field(default_factory=list)
+
+    def read(self, plan: ShardPlan) -> pa.Table:
+        """The normalised rows of one shard."""
+        tables = [self._read_piece(self.files[i], start, stop) for i, start, stop in plan.pieces]
+        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+    def _read_piece(self, src: SourceFile, start: int, stop: int) -> pa.Table:
+        table = _read_rows(self.fs, src.path, start, stop)
+        if src.format == "img2dataset":
+            return _from_img2dataset(table, self._images(src))
+        if src.format == "mmcurate":
+            return _from_mmcurate(table, self._images(src) if src.tar else None)
+        if src.format == "normalised":
+            return table
+        return normalise(table, src.rel, start, self.spec)
+
+    def _images(self, src: SourceFile) -> dict[str, tuple[str, bytes]]:
+        with self.fs.open(src.tar, "rb") as f:
+            return read_tar_images(f, src.tar)
+
+
+def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
+    """List the input, parse text URL lists into ``OUT/_work/input`` and cut rows into shards."""
+    if rows_per_shard < 1:
+        raise UsageError("output rows_per_shard must be at least 1")
+    fs, root = fsspec.core.url_to_fs(spec.path)
+    fmt, paths = _discover(fs, root.rstrip("/"), spec.format)
+    base = root.rstrip("/") if fs.isdir(root) else root.rsplit("/", 1)[0]
+    files: list[SourceFile] = []
+    for index, path in enumerate(paths):
+        rel = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
+        files.append(_source_file(fs, path, rel, fmt, spec, out, index))
+    reader = Reader(spec, fs, files, fmt)
+    reader.shards = _cut(files, rows_per_shard)
+    return reader
+
+
+def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None) -> tuple[str, list[str]]:
+    if any(c in root for c in "*?["):
+        paths = sorted(fs.glob(root))
+    elif fs.isdir(root):
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        if fmt in (None, "mmcurate") and ("run.json" in names or "_done" in names):
+            return "mmcurate", _mmcurate_files(fs, root)
+        paths = sorted(p for p in fs.find(root) if not p.rsplit("/", 1)[-1].startswith((".", "_")))
+        if fmt in (None, "img2dataset") and any(p.endswith(".tar") for p in paths):
+            return "img2dataset", [p for p in paths if p.endswith(".parquet") and p[: -len(".parquet")] + ".tar" in paths]
+    elif fs.exists(root):
+        paths = [root]
+    else:
+        raise UsageError(f"input {root!r} does not exist")
+    if fmt is None:
+        found = {_EXTENSIONS.get("." + p.rsplit(".", 1)[-1].lower()) for p in paths} - {None}
+        if len(found) != 1:
+            raise UsageError(f"cannot tell the input format of {root!r} (found {sorted(found) or 'no known extension'}); set input format")
+        fmt = found.pop()
+        paths = [p for p in paths if _EXTENSIONS.get("." + p.rsplit(".", 1)[-1].lower()) == fmt]
+    if not paths:
+        raise UsageError(f"no {fmt} files found at {root!r}")
+    return fmt, paths
+
+
+def _mmcurate_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    meta = sorted(fs.glob(f"{root}/meta/*.parquet"))
+    return meta or sorted(fs.glob(f"{root}/shards/*.parquet"))
+
+
+def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: OutputDir, index: int) -> SourceFile:
+    if fmt == "img2dataset":
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=path[: -len(".parquet")] + ".tar")
+    if fmt == "mmcurate":
+        tar = path.replace("/meta/", "/shards/")[: -len(".parquet")] + ".tar"
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=tar if "/meta/" in path else None)
+    if fmt == "parquet":
+        table = _read_rows(fs, path, 0, 0)
+        _check_columns(table.column_names, spec, path)
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt)
+    # Text URL list: parse once into Parquet with keys and read-time rejections.
+    target = out.path("_work", "input", f"{index:05d}.parquet")
+    if not out.exists(target):
+        out.write_parquet(target, normalise(parse_text(fs, path, fmt, spec), rel, 0, spec))
+    return SourceFile(target, rel, _parquet_rows(out.fs, target), "normalised")
+
+
+def _parquet_rows(fs, path: str) -> int:
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def _read_rows(fs, path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if stop <= start:
+                return pf.schema_arrow.empty_table()
+            groups, first, offset = [], None, 0
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(g)
+                    first = offset if first is None else first
+                offset += n
+            table = pf.read_row_groups(groups)
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    return table.slice(start - first, stop - start)
+
+
+def _cut(files: list[SourceFile], n: int) -> list[ShardPlan]:
+    shards: list[ShardPlan] = []
+    pieces: list[tuple[int, int, int]] = []
+    room = n
+    for i, src in enumerate(files):
+        pos = 0
+        while pos < src.rows:
+            take = min(room, src.rows - pos)
+            pieces.append((i, pos, pos + take))
+            pos += take
+            room -= take
+            if room == 0:
+                shards.append(ShardPlan(len(shards), tuple(pieces)))
+                pieces, room = [], n
+    if pieces:
+        shards.append(ShardPlan(len(shards), tuple(pieces)))
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# URL lists
+
+
+def _check_columns(columns: list[str], spec: InputSpec, path: str) -> None:
+    if spec.url_col not in columns:
+        raise UsageError(f"{path}: no url column {spec.url_col!r} (columns: {', '.join(columns)}); set url_col")
+    if spec.caption_col is not None and spec.caption_col not in columns and spec.caption_col != "caption":
+        raise UsageError(f"{path}: no caption column {spec.caption_col!r} (columns: {', '.join(columns)}); set caption_col")
+
+
+def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> pa.Table:
+    """Parse a csv/tsv/jsonl/txt URL list into string columns plus ``reject_reason`` per row."""
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    if fmt == "txt":
+        header, records = [spec.url_col], ([line.strip()] for line in text.splitlines() if line.strip())
+    elif fmt == "jsonl":
+        header, records = _jsonl_records(text)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+        header = next(reader, None)
+        if header is None:
+            raise UsageError(f"{path}: empty file, no header row")
+        records = reader
+    _check_columns(header, spec, path)
+    columns: dict[str, list[str | None]] = {name: [] for name in header}
+    reasons: list[str | None] = []
+    for record in records:
+        reason = None
+        if isinstance(record, str):  # a jsonl line that is not an object
+            reason, record = record, [None] * len(header)
+        elif len(record) != len(header):
+            reason = "malformed_row"
+            record = (list(record) + [None] * len(header))[: len(header)]
+        if any(v is not None and _has_bad_utf8(v) for v in record):
+            reason = reason or "invalid_utf8"
+            record = [None if v is None else _repair(v) for v in record]
+        for name, value in zip(header, record, strict=True):
+            columns[name].append(value)
+        reasons.append(reason)
+    table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
+    return table.append_column("reject_reason", pa.array(reasons, pa.string()))
+
+
+def _jsonl_records(text: str) -> tuple[list[str], Iterator[list[str | None] | str]]:
+    rows: list[dict | str] = []
+    header: dict[str, None] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            rows.append("malformed_row")
+            continue
+        if not isinstance(obj, dict):
+            rows.append("malformed_row")
+            continue
+        header.update(dict.fromkeys(obj))
+        rows.append(obj)
+    names = list(header)
+
+    def cell(v: object) -> str | None:
+        return v if isinstance(v, str) or v is None else json.dumps(v)
+
+    return names, (r if isinstance(r, str) else [cell(r.get(n)) for n in names] for r in rows)
+
+
+def _has_bad_utf8(value: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def _repair(value: str) -> str:
+    return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+
+
+def sample_key(rel: str, row: int) -> str:
+    """The deterministic key of row ``row`` of input file ``rel``: 16 hex digits, no dots."""
+    return hashlib.sha256(f"{rel}\0{row}".encode()).hexdigest()[:16]
+
+
+def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec) -> pa.Table:
+    """Rename url/caption columns, add keys and read-time rejections; carry other columns through."""
+    n = table.num_rows
+    reasons = table.column("reject_reason") if "reject_reason" in table.column_names else pa.nulls(n, pa.string())
+    url = _as_string(table.column(spec.url_col))
+    has_caption = spec.caption_col is not None and spec.caption_col in table.column_names
+    caption = _as_string(table.column(spec.caption_col)) if has_caption else pa.nulls(n, pa.string())
+    out = {
+        "key": pa.array([sample_key(rel, start + i) for i in range(n)], pa.string()),
+        "url": url,
+        "caption": caption,
+    }
+    taken = {spec.url_col, spec.caption_col, "reject_reason"}
+    for name in table.column_names:
+        if name not in taken:
+            out[f"source_{name}" if name in BY_NAME else name] = table.column(name)
+    missing = pc.or_(pc.is_null(url), pc.equal(pc.utf8_trim_whitespace(url), ""))
+    reasons = pc.if_else(pc.and_(pc.is_null(reasons), missing), "missing_url", reasons)
+    too_long = pc.fill_null(pc.greater(pc.utf8_length(caption), spec.max_caption_chars), False)
+    reasons = pc.if_else(pc.and_(pc.is_null(reasons), too_long), "caption_too_long", reasons)
+    out["reject_stage"] = pc.if_else(pc.is_null(reasons), pa.scalar(None, pa.string()), READ_STAGE)
+    out["reject_reason"] = reasons
+    return pa.table(out)
+
+
+def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_floating(column.type):  # NaN is no text: treat it as missing
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    try:
+        return column.cast(pa.string())
+    except pa.ArrowException:
+        return pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tars: img2dataset and mmcurate WebDataset output
+
+
+def read_tar_images(fileobj, name: str) -> dict[str, tuple[str, bytes]]:
+    """``{key: (extension, bytes)}`` of the image members of a tar, read in memory.
+
+    Nothing is extracted to disk; members with absolute or ``..`` paths, links and devices are
+    skipped, so no tar can write anywhere.
+    """
+    images: dict[str, tuple[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if not member.isfile() or member.name.startswith("/") or ".." in parts:
+                    continue
+                key, _, ext = parts[-1].partition(".")
+                if ext.lower() in (*IMAGE_EXTENSIONS, "jpeg"):
+                    data = tar.extractfile(member).read()
+                    images[key] = ("jpg" if ext.lower() == "jpeg" else ext.lower(), data)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UsageError(f"{name}: not a readable tar ({e})") from None
+    return images
+
+
+def _attach_images(table: pa.Table, images: dict[str, tuple[str, bytes]], ok: list[bool]) -> tuple[pa.Table, list[str | None]]:
+    """Add ``image``/``image_format`` by key; return reasons for ok rows whose image is missing."""
+    keys = table.column("key").to_pylist()
+    found = [images.get(k) if good else None for k, good in zip(keys, ok, strict=True)]
+    table = table.append_column("image", pa.array([f[1] if f else None for f in found], pa.binary()))
+    table = table.append_column("image_format", pa.array([f[0] if f else None for f in found], pa.string()))
+    return table, [("image_missing" if good and f is None else None) for good, f in zip(ok, found, strict=True)]
+
+
+def _from_img2dataset(table: pa.Table, images: dict[str, tuple[str, bytes]]) -> pa.Table:
+    """img2dataset rows: failed downloads are rejected as ``not_downloaded``; keys are kept."""
+    status = table.column("status").to_pylist() if "status" in table.column_names else ["success"] * table.num_rows
+    ok = [s == "success" for s in status]
+    keep = {c: table.column(c) for c in table.column_names}
+    out = {}
+    for name in _I2D_COLUMNS:
+        if name in keep:
+            out[name] = keep.pop(name).cast(BY_NAME[name].type)
+    out["key"] = pa.array([k.replace(".", "_") for k in out["key"].to_pylist()], pa.string())
+    errors = keep["error_message"].to_pylist() if "error_message" in keep else [None] * table.num_rows
+    out["status"] = pa.array(["ok" if good else (err or s or "failed") for good, s, err in zip(ok, status, errors, strict=True)], pa.string())
+    out.update({(f"source_{k}" if k in BY_NAME else k): v for k, v in keep.items()})
+    result, missing = _attach_images(pa.table(out), images, ok)
+    reasons = [None if good and m is None else (m or "not_downloaded") for good, m in zip(ok, missing, strict=True)]
+    result = result.append_column("reject_stage", pa.array([None if r is None else READ_STAGE for r in reasons], pa.string()))
+    return result.append_column("reject_reason", pa.array(reasons, pa.string()))
+
+
+def _from_mmcurate(table: pa.Table, images: dict[str, tuple[str, bytes]] | None) -> pa.Table:
+    """Kept rows of an earlier mmcurate run, images from its tar when it wrote WebDataset."""
+    n = table.num_rows
+    reasons: list[str | None] = [None] * n
+    if images is not None:
+        table = table.drop_columns([c for c in ("image", "image_format") if c in table.column_names])
+        table, reasons = _attach_images(table, images, [True] * n)
+    table = table.drop_columns([c for c in ("reject_stage", "reject_reason") if c in table.column_names])
+    table = table.append_column("reject_stage", pa.array([None if r is None else READ_STAGE for r in reasons], pa.string()))
+    return table.append_column("reject_reason", pa.array(reasons, pa.string()))

@@ -1,0 +1,283 @@
+"""The one stage abstraction: an Arrow table of samples in, the same rows with columns added out.
+
+A stage never imports an engine. Engines (``mmcurate.engines``) call, per worker, ``setup()`` once
+and then ``process()`` on batches of *kept* rows; they move newly rejected rows to the rejects
+ledger. Global stages (dedup, top-fraction selection) add a second step, ``decide()``, that sees
+the ``key`` and ``global_columns`` of every kept row of the dataset and names the keys to reject.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from mmcurate.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs; engines size pools and actors from it."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float = 0.0
+
+
+@dataclass
+class NoConfig:
+    """Config of a stage that takes no options."""
+
+
+class Stage:
+    """Base class of every stage. Subclasses set the class variables and implement ``process``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+    resources: ClassVar[Resources] = Resources()
+    needs: ClassVar[tuple[str, ...]] = ()
+    adds: ClassVar[tuple[str, ...]] = ()
+    batch_size: ClassVar[int | None] = None  # rows per process() call; None: the whole shard
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None = None) -> Stage:
+        return cls(build_config(cls.Config, params or {}, f"stage {cls.name}"))
+
+    def setup(self) -> None:
+        """Load models and other per-worker state. Called once per worker, before any batch."""
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """Return ``batch`` with the ``adds`` columns and ``reject_reason`` set on rejected rows."""
+        raise NotImplementedError
+
+
+class GlobalStage(Stage):
+    """A stage whose decision needs the whole dataset (dedup, top-fraction selection).
+
+    ``process`` adds per-row signature columns (it may reject rows, e.g. ones it cannot hash);
+    ``decide`` receives ``key`` plus ``global_columns`` of every kept row and returns a table
+    ``(key, reject_reason, duplicate_of)`` naming the rows to reject. Removal is always by key.
+    """
+
+    global_columns: ClassVar[tuple[str, ...]] = ()
+
+    def decide(self, table: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+
+DECISION_SCHEMA = pa.schema([("key", pa.string()), ("reject_reason", pa.string()), ("duplicate_of", pa.string())])
+
+
+def decisions(keys: Any, reason: str | Any, duplicate_of: Any = None) -> pa.Table:
+    """Build a decision table; ``reason`` may be one string for all rows."""
+    keys = pa.array(keys, pa.string())
+    if isinstance(reason, str):
+        reason = pa.array([reason] * len(keys), pa.string())
+    if duplicate_of is None:
+        duplicate_of = pa.nulls(len(keys), pa.string())
+    return pa.Table.from_arrays([keys, pa.array(reason, pa.string()), pa.array(duplicate_of, pa.string())], schema=DECISION_SCHEMA)
+
+
+def set_column(table: pa.Table, name: str, values: Any, type: pa.DataType | None = None) -> pa.Table:
+    """Add or replace column ``name``."""
+    array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type)
+    if type is not None and array.type != type:
+        array = array.cast(type)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, array)
+    return table.append_column(name, array)
+
+
+def reject(table: pa.Table, mask: Any, reason: str | Any) -> pa.Table:
+    """Set ``reject_reason`` to ``reason`` where ``mask`` is true and the row is not yet rejected.
+
+    ``reason`` is one string or an array of strings (one per row). A null mask entry rejects nothing.
+    """
+    mask = pa.array(np.asarray(mask, dtype=bool)) if not isinstance(mask, (pa.Array, pa.ChunkedArray)) else mask
+    mask = pc.fill_null(mask, False)
+    current = table.column("reject_reason") if "reject_reason" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    if isinstance(reason, str):
+        reason = pa.scalar(reason, pa.string())
+    else:
+        reason = pa.array(reason, pa.string()) if not isinstance(reason, (pa.Array, pa.ChunkedArray)) else reason
+    new = pc.if_else(pc.and_(mask, pc.is_null(current)), reason, current)
+    return set_column(table, "reject_reason", new, pa.string())
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed, validated configs built from YAML mappings or ``--set key=value`` strings.
+
+
+def build_config(cls: type, params: Mapping[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``params``, checking names and types; raise UsageError."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise UsageError(f"{where}: unknown option {unknown[0]!r} (options: {', '.join(fields) or 'none'})")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(value, hints[name], f"{where}: option {name!r}") for name, value in params.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert ``value`` (possibly a ``--set`` string) to the annotated type, or raise UsageError."""
+    if isinstance(value, str) and hint is not str:
+        parsed = yaml.safe_load(value) if value.strip() else value
+        if not (isinstance(parsed, str) and _accepts_str(hint)):
+            value = parsed
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except UsageError as e:
+                errors.append(str(e))
+        raise UsageError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise UsageError(f"{where} must be one of {', '.join(map(str, args))}, not {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, where) for v in value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise UsageError(f"{where} must be a mapping, not {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{where} must be true or false, not {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UsageError(f"{where} must be a number, not {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UsageError(f"{where} must be an integer, not {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise UsageError(f"{where} must be a string, not {value!r}")
+    return value
+
+
+def _accepts_str(hint: Any) -> bool:
+    if hint is str:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts_str(a) for a in typing.get_args(hint))
+    if origin is typing.Literal:
+        return any(isinstance(a, str) for a in typing.get_args(hint))
+    return False
+
+
+class ClusterStage(GlobalStage):
+    """A global stage that removes near-duplicates: candidate groups, verified pairs, components.
+
+    Subclasses implement ``group_keys`` (which rows may be duplicates: exact hash, LSH band buckets,
+    pHash chunks) and, where candidates need checking, ``verify``. ``decide`` below is the in-memory
+    reference; the Ray and Spark engines run the same three steps distributed and must agree with it.
+    In every connected component of verified pairs the smallest key is kept and the others are
+    rejected with ``reason`` and ``duplicate_of`` = that key.
+    """
+
+    reason: ClassVar[str] = "duplicate"
+    max_group_size: ClassVar[int] = 1000  # candidate groups larger than this pair only with their smallest key
+
+    def group_keys(self, table: pa.Table) -> pa.Table:
+        """``(key string, group int64)`` rows: rows sharing a group are candidate duplicates."""
+        raise NotImplementedError
+
+    def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
+        """For aligned rows of ``left`` and ``right`` (``global_columns``), whether each pair is a duplicate."""
+        return pa.array(np.ones(left.num_rows, dtype=bool))
+
+    def decide(self, table: pa.Table) -> pa.Table:
+        groups = self.group_keys(table)
+        left, right = candidate_pairs(groups, self.max_group_size)
+        edges = verified_edges(self, table, left, right)
+        keys, keepers = components(*edges)
+        return decisions(keys, self.reason, keepers)
+
+
+def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Key pairs ``(a, b)``, ``a < b``, of rows sharing a group: every pair in small groups, and each
+    member with the group's smallest key in groups larger than ``max_group_size``."""
+    left: list[str] = []
+    right: list[str] = []
+    grouped = groups.group_by("group").aggregate([("key", "distinct")])
+    for members in grouped.column("key_distinct").to_pylist():
+        members = sorted(members)
+        if len(members) < 2:
+            continue
+        if len(members) > max_group_size:
+            left += [members[0]] * (len(members) - 1)
+            right += members[1:]
+            continue
+        for i, a in enumerate(members):
+            left += [a] * (len(members) - i - 1)
+            right += members[i + 1 :]
+    pairs = sorted(set(zip(left, right, strict=True)))
+    return np.array([p[0] for p in pairs], dtype=object), np.array([p[1] for p in pairs], dtype=object)
+
+
+def verified_edges(stage: ClusterStage, table: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs that ``stage.verify`` confirms."""
+    if len(left) == 0:
+        return left, right
+    keys = table.column("key")
+    cols = list(stage.global_columns)
+    a = table.select(cols).take(pc.index_in(pa.array(left, pa.string()), value_set=keys))
+    b = table.select(cols).take(pc.index_in(pa.array(right, pa.string()), value_set=keys))
+    ok = np.asarray(pc.fill_null(stage.verify(a, b), False), dtype=bool)
+    return left[ok], right[ok]
+
+
+def components(left: np.ndarray, right: np.ndarray) -> tuple[list[str], list[str]]:
+    """Connected components of the edges: every non-smallest key with its component's smallest key."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in zip(left, right, strict=True):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            lo, hi = (ra, rb) if ra < rb else (rb, ra)
+            parent[hi] = lo
+    dups = sorted(k for k in parent if find(k) != k)
+    return dups, [find(k) for k in dups]
