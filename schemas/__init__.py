@@ -91,11 +91,13 @@ def arrow_schema(columns: list[str] | None = None, extra: pa.Schema | None = Non
 def conform(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
     """Cast ``table`` to the declared schema: declared columns first in declared order, then extras.
 
-    Declared columns named in ``columns`` but absent from ``table`` are added as nulls.
+    Declared columns named in ``columns`` but absent from ``table`` are added as nulls. Columns
+    whose name starts with ``_`` are a stage's internal state (signatures for a global step) and
+    are dropped.
     """
     present = set(table.column_names)
     wanted = list(columns) if columns is not None else [f.name for f in FIELDS if f.name in present]
-    extra = pa.schema([table.schema.field(n) for n in table.column_names if n not in BY_NAME])
+    extra = pa.schema([table.schema.field(n) for n in table.column_names if n not in BY_NAME and not n.startswith("_")])
     schema = arrow_schema(wanted, extra)
     arrays = []
     for field in schema:
