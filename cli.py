@@ -143,9 +143,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             _print_summary(summary, args.path)
         if args.plot:
-            from mmcurate.shards.plots import plot_funnel
+            from mmcurate.shards.plots import plot_funnel, score_table
 
-            plot_funnel(summary, args.plot)
+            plot_funnel(summary, args.plot, score_table(out))
             print(f"funnel drawn to {args.plot}")
         return 0
     raise AssertionError(args.command)

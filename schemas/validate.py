@@ -1,0 +1,156 @@
+"""``mmcurate validate``: every shard against the declared schema, tars against their Parquet.
+
+Each problem is one line naming the file, and where it applies the row and field.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS, METADATA_KEY
+from mmcurate.shards.inspect import detect_layout
+
+
+def _read(fs, path: str, problems: list[str]) -> pa.Table | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+    except (OSError, pa.ArrowException) as e:
+        problems.append(f"{path}: unreadable Parquet ({e})")
+        return None
+
+
+def check_table(table: pa.Table, path: str, kept: bool) -> list[str]:
+    """Declared columns have declared types; keys are present and dot-free; the ledger is consistent."""
+    problems = []
+    if METADATA_KEY not in (table.schema.metadata or {}):
+        problems.append(f"{path}: no schema_version in the file metadata")
+    for field in table.schema:
+        declared = BY_NAME.get(field.name)
+        if declared is not None and field.type != declared.type:
+            problems.append(f"{path}: field {field.name}: type {field.type}, declared {declared.type}")
+    if "key" not in table.column_names:
+        return problems + [f"{path}: no key column"]
+    keys = table.column("key").to_pylist()
+    for row, key in enumerate(keys):
+        if key is None or key == "":
+            problems.append(f"{path}: row {row}, field key: empty")
+        elif "." in key:
+            problems.append(f"{path}: row {row}, field key: {key!r} contains a dot")
+    reasons = table.column("reject_reason") if "reject_reason" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    bad = pc.is_valid(reasons) if kept else pc.is_null(reasons)
+    for row in pc.indices_nonzero(bad).to_pylist():
+        problems.append(f"{path}: row {row}, field reject_reason: " + ("set on a kept row" if kept else "missing on a rejected row"))
+    return problems
+
+
+def _check_tar(fs, tar_path: str, meta: pa.Table) -> list[str]:
+    problems = []
+    members: dict[str, dict[str, bytes]] = {}
+    try:
+        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read() if ext == "json" else b""
+    except (tarfile.TarError, OSError) as e:
+        return [f"{tar_path}: unreadable tar ({e})"]
+    keys = meta.column("key").to_pylist()
+    formats = meta.column("image_format").to_pylist() if "image_format" in meta.column_names else [None] * len(keys)
+    for row, (key, fmt) in enumerate(zip(keys, formats, strict=True)):
+        found = members.pop(key, None)
+        if found is None:
+            problems.append(f"{tar_path}: row {row} of meta, key {key}: no sample in the tar")
+            continue
+        for ext in ("txt", "json"):
+            if ext not in found:
+                problems.append(f"{tar_path}: key {key}: no .{ext} member")
+        if fmt is not None and fmt not in found:
+            problems.append(f"{tar_path}: key {key}: no .{fmt} image though meta says image_format {fmt}")
+        if "json" in found:
+            try:
+                if json.loads(found["json"]).get("key") != key:
+                    problems.append(f"{tar_path}: key {key}: .json names another key")
+            except ValueError:
+                problems.append(f"{tar_path}: key {key}: .json is not valid JSON")
+    for key in members:
+        problems.append(f"{tar_path}: key {key}: sample in the tar but not in meta")
+    return problems
+
+
+def validate(path: str) -> list[str]:
+    """All problems found in the dataset at ``path`` (empty list: valid)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    layout = detect_layout(fs, root)
+    if layout == "mmcurate":
+        return _validate_mmcurate(fs, root)
+    if layout == "img2dataset":
+        return _validate_img2dataset(fs, root)
+    problems: list[str] = []
+    for p in sorted(fs.glob(f"{root}/**/*.parquet")) if fs.isdir(root) else [root]:
+        table = _read(fs, p, problems)
+        if table is not None:
+            problems += check_table(table, p, kept="reject_reason" not in table.column_names or table.column("reject_reason").null_count == table.num_rows)
+    return problems
+
+
+def _validate_mmcurate(fs, root: str) -> list[str]:
+    problems: list[str] = []
+    ids = sorted({p.rsplit("/", 1)[-1].split(".")[0] for folder in ("shards", "meta", "rejects", "_stats", "_done") for p in fs.glob(f"{root}/{folder}/*")})
+    seen: dict[str, str] = {}
+    for sid in (i for i in ids if i.isdigit()):
+        tar = f"{root}/shards/{sid}.tar"
+        kept_path = f"{root}/meta/{sid}.parquet" if fs.exists(tar) else f"{root}/shards/{sid}.parquet"
+        files = {"kept": kept_path, "rejects": f"{root}/rejects/{sid}.parquet", "stats": f"{root}/_stats/{sid}.json", "done": f"{root}/_done/{sid}"}
+        missing = [p for p in files.values() if not fs.exists(p)]
+        problems += [f"{p}: missing" for p in missing]
+        if missing:
+            continue
+        kept = _read(fs, kept_path, problems)
+        rejects = _read(fs, files["rejects"], problems)
+        if kept is None or rejects is None:
+            continue
+        problems += check_table(kept, kept_path, kept=True) + check_table(rejects, files["rejects"], kept=False)
+        if fs.exists(tar):
+            problems += _check_tar(fs, tar, kept)
+        for name, table in ((kept_path, kept), (files["rejects"], rejects)):
+            for key in table.column("key").to_pylist():
+                if key in seen:
+                    problems.append(f"{name}: key {key} also in {seen[key]}")
+                seen[key] = name
+        with fs.open(files["stats"]) as f:
+            stats = json.load(f)
+        if stats["rows_in"] != stats["kept"] + stats["rejected"] or stats["kept"] != kept.num_rows or stats["rejected"] != rejects.num_rows:
+            problems.append(f"{files['stats']}: rows_in {stats['rows_in']}, kept {stats['kept']}, rejected {stats['rejected']} disagree with {kept.num_rows} kept and {rejects.num_rows} rejected rows on disk")
+    return problems
+
+
+def _validate_img2dataset(fs, root: str) -> list[str]:
+    problems: list[str] = []
+    for tar in sorted(fs.glob(f"{root}/*.tar")):
+        parquet = tar[: -len(".tar")] + ".parquet"
+        if not fs.exists(parquet):
+            problems.append(f"{tar}: no Parquet beside it")
+            continue
+        table = _read(fs, parquet, problems)
+        if table is None:
+            continue
+        ok = table.filter(pc.equal(table.column("status"), "success")) if "status" in table.column_names else table
+        expected = set(ok.column("key").to_pylist())
+        found = set()
+        with fs.open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as t:
+            for m in t:
+                stem, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
+                if m.isfile() and ext in (*IMAGE_EXTENSIONS, "jpeg"):
+                    found.add(stem)
+        problems += [f"{tar}: key {k}: status success in {parquet} but no image in the tar" for k in sorted(expected - found)]
+        problems += [f"{tar}: key {k}: image in the tar but no success row in {parquet}" for k in sorted(found - expected)]
+    return problems

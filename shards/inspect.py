@@ -1,0 +1,112 @@
+"""``mmcurate inspect``: what a dataset holds — mmcurate output, img2dataset output or a URL list."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmcurate.errors import UsageError
+from mmcurate.schemas import METADATA_KEY
+
+
+def detect_layout(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """``mmcurate``, ``img2dataset`` or ``parquet`` (a file or folder of Parquet files)."""
+    if not fs.exists(root):
+        raise UsageError(f"{root!r} does not exist")
+    if fs.isdir(root):
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        if "run.json" in names or "_done" in names:
+            return "mmcurate"
+        if any(n.endswith(".tar") for n in names):
+            return "img2dataset"
+    return "parquet"
+
+
+def _tables(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
+def _describe(table: pa.Table, title: str, samples: int) -> list[str]:
+    lines = [f"{title}: {table.num_rows} rows", "schema:"]
+    version = (table.schema.metadata or {}).get(METADATA_KEY)
+    for field in table.schema:
+        nulls = table.column(field.name).null_count
+        lines.append(f"  {field.name}: {field.type}  ({nulls} null)")
+    if version:
+        lines.append(f"schema_version: {version.decode()}")
+    shown = [c for c in table.column_names if c != "image"]
+    for row in table.select(shown).slice(0, samples).to_pylist():
+        lines.append("sample: " + ", ".join(f"{k}={_short(v)}" for k, v in row.items() if v is not None))
+    return lines
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tar_samples(fs, paths: list[str]) -> tuple[int, Counter]:
+    keys: set[str] = set()
+    exts: Counter = Counter()
+    for path in paths:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    stem, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                    keys.add(f"{path}:{stem}")
+                    exts[ext] += 1
+    return len(keys), exts
+
+
+def inspect_dataset(path: str, samples: int = 3) -> str:
+    """A readable report of the dataset at ``path``."""
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    layout = detect_layout(fs, root)
+    lines = [f"{path}: {layout} dataset"]
+    if layout == "mmcurate":
+        if fs.exists(f"{root}/run.json"):
+            import json
+
+            with fs.open(f"{root}/run.json") as f:
+                run = json.load(f)
+            stages = ", ".join(next(iter(s)) for s in run["pipeline"]["stages"]) or "none"
+            lines.append(f"run: engine {run['engine']}, stages {stages}, started {run['started']}, finished {run.get('finished')}")
+        meta = sorted(fs.glob(f"{root}/meta/*.parquet")) or sorted(fs.glob(f"{root}/shards/*.parquet"))
+        tars = sorted(fs.glob(f"{root}/shards/*.tar"))
+        done = len(fs.glob(f"{root}/_done/*"))
+        lines.append(f"shards: {len(meta)} written, {done} done" + (f", {len(tars)} tars" if tars else ""))
+        lines += _describe(_tables(fs, meta), "kept", samples)
+        if tars:
+            count, exts = _tar_samples(fs, tars)
+            lines.append(f"tar samples: {count} ({', '.join(f'{n} .{e}' for e, n in sorted(exts.items()))})")
+        rejects = _tables(fs, sorted(fs.glob(f"{root}/rejects/*.parquet")), None)
+        lines.append(f"rejected: {rejects.num_rows} rows")
+        if rejects.num_rows:
+            counts = Counter(zip(rejects.column("reject_stage").to_pylist(), rejects.column("reject_reason").to_pylist(), strict=True))
+            lines += [f"  {stage}/{reason}: {n}" for (stage, reason), n in counts.most_common()]
+    elif layout == "img2dataset":
+        parquets = sorted(p for p in fs.glob(f"{root}/*.parquet"))
+        tars = sorted(fs.glob(f"{root}/*.tar"))
+        table = _tables(fs, parquets)
+        count, exts = _tar_samples(fs, tars)
+        lines.append(f"tar samples: {count} in {len(tars)} tars ({', '.join(f'{n} .{e}' for e, n in sorted(exts.items()))})")
+        if "status" in table.column_names:
+            by_status = Counter(table.column("status").to_pylist())
+            lines.append("parquet rows by status: " + ", ".join(f"{s} {n}" for s, n in by_status.most_common()))
+        lines += _describe(table, "parquet", samples)
+    else:
+        paths = sorted(fs.glob(f"{root}/**/*.parquet")) if fs.isdir(root) else [root]
+        try:
+            lines += _describe(_tables(fs, paths), "rows", samples)
+        except (pa.ArrowException, OSError) as e:
+            raise UsageError(f"{path}: not a Parquet file or a known dataset folder ({e})") from None
+    return "\n".join(lines)
