@@ -115,7 +115,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schema":
         from mmcurate import schemas
 
-        print(schemas.markdown() if args.markdown else schemas.arrow_schema().to_string(show_schema_metadata=False))
+        print(schemas.markdown() if args.markdown else schemas.arrow_schema().to_string(show_schema_metadata=False), end="" if args.markdown else "\n")
         return 0
     if args.command == "inspect":
         from mmcurate.shards.inspect import inspect_dataset
@@ -128,7 +128,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         problems = validate(args.path)
         for p in problems:
             print(p)
-        print(f"{len(problems)} problems" if problems else "valid")
+        print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}" if problems else "valid")
         return 1 if problems else 0
     if args.command == "stats":
         from mmcurate.engines.run import summarise
