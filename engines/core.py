@@ -74,6 +74,9 @@ def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
     start = time.perf_counter()
     mask = kept_mask(table)
     kept, done = table.filter(mask), table.filter(pc.invert(mask))
+    if kept.num_rows == 0:
+        stats.record(stage.name, 0, Counter(), 0.0)
+        return table
     parts = []
     size = stage.batch_size or max(kept.num_rows, 1)
     for offset in range(0, kept.num_rows, size):
@@ -82,7 +85,7 @@ def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
         if result.num_rows != batch.num_rows or not result.column("key").equals(batch.column("key")):
             raise RuntimeError(f"stage {stage.name} returned other rows than it was given")
         parts.append(result)
-    processed = pa.concat_tables(parts, promote_options="permissive") if parts else stage.process(kept)
+    processed = pa.concat_tables(parts, promote_options="permissive")
     newly = pc.and_(pc.is_valid(processed.column("reject_reason")), pc.is_null(processed.column("reject_stage")))
     stage_col = pc.if_else(newly, pa.scalar(stage.name), processed.column("reject_stage"))
     processed = processed.set_column(processed.column_names.index("reject_stage"), "reject_stage", stage_col)
