@@ -124,11 +124,19 @@ def summarise(out: OutputDir) -> dict:
     return {**totals, "stages": by_stage}
 
 
+def write_sizes(out: OutputDir) -> None:
+    """``shards/sizes.json``: samples per tar, which open_clip's training reads for the dataset size."""
+    sizes = {f"{shard_name(i)}.tar": out.read_json(out.shard_path("_stats", i, ".json"))["kept"] for i in out.shard_ids("_stats")}
+    out.write_json(out.path("shards", "sizes.json"), sizes)
+
+
 def finish_run(ctx: RunContext) -> dict:
     """Record the end of a finished run in ``run.json``; drop intermediates once every shard is done."""
     if ctx.pending():
         raise RuntimeError(f"{len(ctx.pending())} shards are unfinished")
     summary = summarise(ctx.out)
+    if ctx.pipeline.output.format == "webdataset":
+        write_sizes(ctx.out)
     run_json = ctx.out.path("run.json")
     record = ctx.out.read_json(run_json)
     record.update(finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), totals={k: summary[k] for k in ("rows_in", "kept", "rejected")})
