@@ -1,0 +1,68 @@
+"""Options of the ``download`` stage; names follow img2dataset's where one exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mmcurate import __version__
+
+ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+EncodeFormat = Literal["jpg", "png", "webp"]
+DEFAULT_USER_AGENT = f"mmcurate/{__version__} (image-text dataset downloader; +https://github.com/mmcurate/mmcurate)"
+OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """How to fetch, check and store images.
+
+    Time: ``timeout`` bounds connecting and each read; ``deadline`` bounds everything one URL may
+    take (redirects, retries and their waits included), so a server that trickles bytes or never
+    answers holds a slot at most that long. Retries follow 429, 5xx and connection errors with
+    exponential backoff (0.5 s, 1 s, ...) or the server's Retry-After when it is at most
+    ``retry_after_cap``; a longer Retry-After, or a wait past the deadline, ends the sample.
+    """
+
+    image_size: int = 256
+    resize_mode: ResizeMode = "keep_ratio"
+    resize_only_if_bigger: bool = False
+    encode_format: EncodeFormat = "jpg"
+    encode_quality: int | None = None  # jpg/webp quality (default 95); png zlib level 0-9 (default 6)
+    min_image_size: int = 0
+    max_image_area: float | None = None  # reject sources with more pixels (img2dataset's filter)
+    max_aspect_ratio: float | None = None
+    max_pixels: int = 89_478_485  # decompression-bomb guard, checked from the header before decoding
+    timeout: float = 10.0
+    deadline: float = 20.0
+    retries: int = 2
+    retry_after_cap: float = 5.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_redirects: int = 5
+    concurrency: int = 64  # downloads in flight per worker (img2dataset's thread_count)
+    per_host_connections: int = 16  # per worker
+    decode_threads: int = 2  # threads decoding and encoding beside the event loop, per worker
+    user_agent: str = DEFAULT_USER_AGENT
+    user_agent_token: str = "mmcurate"  # X-Robots-Tag directives addressed to this token apply too
+    disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES  # empty: ignore opt-outs
+    allow_private_networks: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("image_size", "max_pixels", "timeout", "deadline", "max_body_bytes", "concurrency", "per_host_connections", "decode_threads")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("min_image_size", "retries", "retry_after_cap", "max_redirects"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
+        for name in ("max_image_area", "max_aspect_ratio"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.encode_quality is None:
+            object.__setattr__(self, "encode_quality", 6 if self.encode_format == "png" else 95)
+        low, high = (0, 9) if self.encode_format == "png" else (1, 100)
+        if not low <= self.encode_quality <= high:
+            raise ValueError(f"encode_quality for {self.encode_format} must be between {low} and {high}, not {self.encode_quality}")
+        if not self.user_agent.strip():
+            raise ValueError("user_agent must not be empty")
+        object.__setattr__(self, "disallowed_header_directives", tuple(d.strip().lower() for d in self.disallowed_header_directives))
