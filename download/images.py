@@ -32,6 +32,7 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION = 0x0112
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def process_image(data: bytes, opts: DownloadConfig) -> Encoded | str:
     except Image.DecompressionBombError:
         return "decompression_bomb"
     except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return "not_an_image"
+        return "decode_error" if looks_like_image(data) else "not_an_image"
     try:
         return _process(im, opts)
     except Image.DecompressionBombError:
@@ -64,6 +65,11 @@ def process_image(data: bytes, opts: DownloadConfig) -> Encoded | str:
         return "decode_error"
     finally:
         im.close()
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Whether ``data`` starts with the signature of a common image format."""
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _process(im: Image.Image, opts: DownloadConfig) -> Encoded | str:

@@ -1,0 +1,191 @@
+"""The download stage against the local server: every failure has its reason, good rows are kept,
+and slow or hanging servers cost at most the per-URL deadline."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mmcurate.download import urls as url_checks
+from mmcurate.download.stage import Download
+from mmcurate.errors import UsageError
+
+FAST = {"allow_private_networks": True, "deadline": 2.0, "timeout": 5.0, "max_body_bytes": 1 << 20}
+
+
+def run(urls: list, **params) -> tuple[pa.Table, float]:
+    """Run the stage on ``urls``; the output table and the seconds it took."""
+    stage = Download.from_params({**FAST, **params})
+    stage.setup()
+    table = pa.table({"key": [f"k{i}" for i in range(len(urls))], "url": pa.array(urls, pa.string()), "reject_reason": pa.nulls(len(urls), pa.string())})
+    start = time.monotonic()
+    out = stage.process(table)
+    return out, time.monotonic() - start
+
+
+def statuses(out: pa.Table) -> list[str]:
+    return out.column("status").to_pylist()
+
+
+# route -> expected status; all run together in one batch
+MATRIX = {
+    "/img/jpeg": "ok",
+    "/img/png": "ok",
+    "/img/webp": "ok",
+    "/img/gif": "ok",
+    "/img/cmyk": "ok",
+    "/img/rgba": "ok",
+    "/img/exif": "ok",
+    "/img/grey": "ok",
+    "/img/palette": "ok",
+    "/status/404": "http_404",
+    "/status/403": "http_403",
+    "/status/500": "http_500",
+    "/retry-after/3600": "http_429",
+    "/redirect/3": "ok",
+    "/redirect/9": "too_many_redirects",
+    "/loop/a": "redirect_loop",
+    "/trickle": "timeout",
+    "/hang": "timeout",
+    "/huge": "too_large",
+    "/huge-declared": "too_large",
+    "/img/html": "not_an_image",
+    "/img/garbage": "not_an_image",
+    "/img/empty": "not_an_image",
+    "/img/truncated": "decode_error",
+    "/img/corrupt": "decode_error",
+    "/img/bomb": "decompression_bomb",
+    "/robots/noai": "opted_out",
+    "/robots/noindex, nofollow": "opted_out",
+    "/robots/mmcurate: noimageai": "opted_out",
+    "/robots/otherbot: noai": "ok",
+    "/robots/nofollow": "ok",
+    "/slow/0.5": "ok",
+}
+BAD_URLS = {
+    "ftp://127.0.0.1/x.jpg": "bad_scheme",
+    "file:///etc/passwd": "bad_scheme",
+    "javascript:alert(1)": "bad_scheme",
+    "data:image/png;base64,iVBORw0KGgo=": "bad_scheme",
+    "not a url": "bad_url",
+    "http://": "bad_url",
+    "http://[::1": "bad_url",
+    "": "bad_url",
+    None: "bad_url",
+}
+
+
+def test_matrix_reasons_kept_rows_and_deadline(server):
+    urls = [server.url(p) for p in MATRIX] + list(BAD_URLS)
+    expected = list(MATRIX.values()) + list(BAD_URLS.values())
+    out, seconds = run(urls, retries=1)
+    assert statuses(out) == expected
+    rejected = out.column("reject_reason").to_pylist()
+    assert rejected == [None if s == "ok" else s for s in expected]
+    ok = out.filter(pa.compute.equal(out.column("status"), "ok"))
+    for row in ok.to_pylist():
+        im = Image.open(io.BytesIO(row["image"]))
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (row["width"], row["height"])
+        assert min(im.size) == 256 and len(row["sha256"]) == 64
+    # trickle and hang are cut at the 2 s deadline; the whole batch runs concurrently.
+    assert seconds < FAST["deadline"] + 3
+
+
+def test_images_record_original_size_and_orientation(server, images):
+    out, _ = run([server.url("/img/exif"), server.url("/img/jpeg"), server.url("/img/rgba")])
+    exif, jpeg, rgba = out.to_pylist()
+    assert (exif["original_width"], exif["original_height"]) == (428, 640)  # EXIF orientation 6: portrait
+    assert (exif["width"], exif["height"]) == (256, 383)
+    assert (jpeg["original_width"], jpeg["original_height"], jpeg["width"], jpeg["height"]) == (640, 428, 383, 256)
+    assert jpeg["sha256"] == hashlib.sha256(images["jpeg"]).hexdigest()
+    left = Image.open(io.BytesIO(rgba["image"])).convert("RGB").getpixel((10, 128))
+    assert min(left) > 245  # the transparent half is composited on white
+
+
+def test_retries_follow_429_and_5xx_then_succeed(server):
+    paths = ["/flaky/429/2/a", "/flaky/503/1/b", "/flaky/500/5/c"]
+    out, _ = run([server.url(p) for p in paths], retries=2)
+    assert statuses(out) == ["ok", "ok", "http_500"]
+    assert [server.hits[p] for p in paths] == [3, 2, 3]
+
+
+def test_no_retries_when_disabled_and_long_retry_after_is_not_awaited(server):
+    out, _ = run([server.url("/flaky/503/1/d")], retries=0)
+    assert statuses(out) == ["http_503"] and server.hits["/flaky/503/1/d"] == 1
+    before = server.hits["/retry-after/3600"]
+    out, seconds = run([server.url("/retry-after/3600")], retries=3)
+    assert statuses(out) == ["http_429"] and server.hits["/retry-after/3600"] == before + 1
+    assert seconds < 1.5
+
+
+def test_retry_after_past_the_deadline_stops_retrying(server):
+    out, seconds = run([server.url("/retry-after/4")], retries=3, retry_after_cap=5.0, deadline=2.0)
+    assert statuses(out) == ["http_429"]
+    assert seconds < 2.0
+
+
+def test_connection_refused_is_a_connection_error(server):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        out, _ = run([f"http://127.0.0.1:{port}/x.jpg"], retries=1)
+    assert statuses(out) == ["connection_error"]
+
+
+def test_loopback_is_refused_by_default(server):
+    port = server.base.rsplit(":", 1)[1]
+    urls = [server.url("/img/jpeg"), f"http://localhost:{port}/img/jpeg", f"http://[::1]:{port}/img/jpeg", "http://10.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/", "http://0.0.0.0/"]
+    out, _ = run(urls, allow_private_networks=False)
+    assert statuses(out) == ["blocked_address"] * len(urls)
+    assert all(v is None for v in out.column("image").to_pylist())
+
+
+def test_loopback_refusal_sends_no_request(server):
+    before = server.hits["/img/png"]
+    out, _ = run([server.url("/img/png")], allow_private_networks=False)
+    assert statuses(out) == ["blocked_address"] and server.hits["/img/png"] == before
+
+
+def test_redirect_to_a_blocked_address_is_refused(server, monkeypatch):
+    # 127.0.0.1 plays a public host here; 127.0.0.2 (also this machine) plays the private one.
+    monkeypatch.setattr(url_checks, "is_blocked", lambda address: address != "127.0.0.1")
+    port = server.base.rsplit(":", 1)[1]
+    target = f"http://127.0.0.2:{port}/img/jpeg"
+    out, _ = run([server.url(f"/redirect-to?url={target}"), server.url("/redirect/1"), server.url("/redirect-to?url=file:///etc/passwd")], allow_private_networks=False)
+    assert statuses(out) == ["blocked_address", "ok", "bad_scheme"]
+
+
+def test_opt_out_can_be_ignored(server):
+    out, _ = run([server.url("/robots/noai")], disallowed_header_directives=[])
+    assert statuses(out) == ["ok"]
+
+
+def test_image_checks_reject_with_their_reason(server):
+    urls = [server.url("/img/small"), server.url("/img/jpeg"), server.url("/img/grey")]  # 64x43, 640x428, 512x512
+    assert statuses(run(urls, min_image_size=100)[0]) == ["image_too_small", "ok", "ok"]
+    assert statuses(run(urls, max_aspect_ratio=1.4)[0]) == ["aspect_ratio_too_large", "aspect_ratio_too_large", "ok"]
+    assert statuses(run(urls, max_image_area=10_000)[0]) == ["ok", "image_area_too_large", "image_area_too_large"]
+    assert statuses(run(urls, max_pixels=10_000)[0]) == ["ok", "decompression_bomb", "decompression_bomb"]
+
+
+def test_output_formats(server):
+    for fmt, pil in (("png", "PNG"), ("webp", "WEBP")):
+        out, _ = run([server.url("/img/gif")], encode_format=fmt, resize_mode="center_crop", image_size=128)
+        row = out.to_pylist()[0]
+        im = Image.open(io.BytesIO(row["image"]))
+        assert (row["status"], row["image_format"], im.format, im.size) == ("ok", fmt, pil, (128, 128))
+
+
+def test_config_is_validated():
+    for bad in ({"resize_mode": "stretch"}, {"encode_format": "png", "encode_quality": 95}, {"deadline": 0}, {"concurrency": "many"}, {"retries": -1}):
+        with pytest.raises(UsageError):
+            Download.from_params(bad)
+    assert Download.from_params({"encode_format": "png"}).config.encode_quality == 6
+    assert Download.from_params({}).config.encode_quality == 95
