@@ -1,0 +1,104 @@
+"""Select rows by stored score columns: score once, select many.
+
+```yaml
+- select: {min: {clip_score: 0.28}, max: {nsfw_score: 0.5}}   # thresholds, shard by shard
+- select: {top_fraction: {clip_score: 0.3}}                     # DataComp: best 30% of the dataset
+```
+Thresholds are inclusive (``min: 0.28`` keeps 0.28) and compare the stored value, so re-applying a
+filter's threshold here rejects exactly the rows the filter would have. ``top_fraction`` ranks the
+kept rows of the whole dataset (after the thresholds) by the column, best first, ties broken by
+key, and keeps ``round(fraction x rows)`` of them; with it, ``select`` is a global stage. Any
+numeric column works, extra source columns (e.g. LAION's ``similarity``) included.
+
+Reasons: ``COLUMN_missing`` (null score), ``COLUMN_below_min``, ``COLUMN_above_max``,
+``COLUMN_not_top``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmcurate.errors import UsageError
+from mmcurate.stages.base import GlobalStage, Resources, Stage, decisions, reject
+
+
+@dataclass
+class SelectConfig:
+    min: dict[str, float] = field(default_factory=dict)  # column -> lowest value kept
+    max: dict[str, float] = field(default_factory=dict)  # column -> highest value kept
+    top_fraction: dict[str, float] = field(default_factory=dict)  # column -> fraction of the dataset kept
+
+    def __post_init__(self) -> None:
+        for option in ("min", "max", "top_fraction"):
+            bounds = getattr(self, option)
+            for column, value in bounds.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{option}.{column} must be a number, not {value!r}")
+                bounds[column] = float(value)
+        for column, fraction in self.top_fraction.items():
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"top_fraction.{column} must be in (0, 1], not {fraction}")
+        if not (self.min or self.max or self.top_fraction):
+            raise ValueError("give at least one of min, max or top_fraction")
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self.min, *self.max, *self.top_fraction]))
+
+
+class Select(Stage):
+    """Reject rows whose stored scores are missing or outside ``min``/``max``.
+
+    Built with a ``top_fraction``, ``Select(config)`` returns a :class:`TopFractionSelect`, the
+    global variant, so engines see a global stage exactly when one is needed.
+    """
+
+    name = "select"
+    Config = SelectConfig
+    resources = Resources(cpus=1)
+
+    def __new__(cls, config: SelectConfig | None = None) -> Select:
+        if cls is Select and config is not None and config.top_fraction:
+            cls = TopFractionSelect
+        return super().__new__(cls)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        c = self.config
+        missing = [name for name in c.columns if name not in batch.column_names]
+        if missing:
+            raise UsageError(f"select: the input has no column {missing[0]!r}; run the stage that computes it first")
+        for name in c.columns:
+            batch = reject(batch, pc.is_null(batch.column(name)), f"{name}_missing")
+        for name, bound in c.min.items():
+            batch = reject(batch, pc.less(_values(batch, name), bound), f"{name}_below_min")
+        for name, bound in c.max.items():
+            batch = reject(batch, pc.greater(_values(batch, name), bound), f"{name}_above_max")
+        return batch
+
+
+class TopFractionSelect(Select, GlobalStage):
+    """``select`` with a ``top_fraction``: thresholds per shard, then ranking over the dataset."""
+
+    def __init__(self, config: SelectConfig | None = None) -> None:
+        super().__init__(config)
+        self.global_columns = tuple(self.config.top_fraction)
+
+    def decide(self, table: pa.Table) -> pa.Table:
+        rejected: dict[str, str] = {}
+        for name, fraction in self.config.top_fraction.items():
+            order = pc.sort_indices(table, sort_keys=[(name, "descending"), ("key", "ascending")])
+            keep = math.floor(fraction * table.num_rows + 0.5)
+            for key in table.column("key").take(order[keep:]).to_pylist():
+                rejected.setdefault(key, f"{name}_not_top")
+        return decisions(list(rejected), list(rejected.values()))
+
+
+def _values(batch: pa.Table, name: str) -> pa.ChunkedArray:
+    column = batch.column(name)
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        raise UsageError(f"select: column {name!r} holds {column.type}, not numbers")
+    return column.cast(pa.float64())
