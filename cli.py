@@ -62,7 +62,7 @@ def _pipeline_from_args(args: argparse.Namespace):
     from mmcurate.pipelines.config import StageSpec, apply_overrides, load_pipeline, parse_pipeline
 
     if args.command == "run":
-        pipeline = load_pipeline(args.pipeline)
+        pipeline = load_pipeline(args.pipeline, {"input": args.input, "output": args.output})
     else:
         pipeline = parse_pipeline({"input": {"path": args.input}, "output": {"path": args.output}, "stages": []})
         pipeline.stages = [StageSpec(args.name)]

@@ -10,7 +10,7 @@ ignored). Every row gets ``clip_score``; with ``min_score`` set, rows below it a
 The model is loaded once per worker. Images are decoded and preprocessed in a thread pool, up to
 ``prefetch`` batches ahead of the model, so the model is not starved; inference runs in
 ``torch.inference_mode`` with bf16 autocast on a GPU. Rows without an image (``image_missing``),
-with an undecodable one (``image_undecodable``) or without a caption (``caption_missing``) get a
+with an undecodable one (``decode_error``) or without a caption (``caption_missing``) get a
 null score and, in filter mode, that reason.
 """
 
@@ -87,7 +87,7 @@ class ClipScore(Stage):
         if data is None:
             return "image_missing"
         image = decode_image(data, self._draft)
-        return "image_undecodable" if image is None else self._preprocess(image)
+        return "decode_error" if image is None else self._preprocess(image)
 
     def score(self, images: list[bytes | None], captions: list[str | None]) -> tuple[np.ndarray, list[str | None]]:
         """CLIP score per pair (NaN where there is none) and the reason for each missing score."""

@@ -5,7 +5,7 @@
 high only when the detector finds exposed genitalia, breasts, buttocks or anus. With ``max_score``
 set, rows above it are rejected as ``nsfw``; ``mode: score`` only tags (as LAION did).
 Rows without an image or with an undecodable one get a null score (``image_missing``,
-``image_undecodable``).
+``decode_error``).
 
 The model, ``320n.onnx`` (a YOLOv8n detector at 320 px), ships inside the ``nudenet`` wheel and
 runs offline with onnxruntime.
@@ -56,7 +56,7 @@ def _bgr(data: bytes | None) -> Any:
     if data is None:
         return "image_missing"
     image = decode_image(data, draft=(_INPUT, _INPUT))
-    return "image_undecodable" if image is None else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+    return "decode_error" if image is None else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
 
 
 class Nsfw(Stage):

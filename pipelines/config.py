@@ -93,25 +93,40 @@ def output_columns(stages: list[Stage], input_format: str) -> list[str]:
     return [n for n in BY_NAME if n in names]
 
 
-def parse_pipeline(data: Any, base: Path | None = None) -> Pipeline:
-    """Build a Pipeline from a parsed YAML mapping; relative paths are resolved against ``base``."""
+def parse_pipeline(data: Any, base: Path | None = None, paths: dict[str, str] | None = None) -> Pipeline:
+    """Build a Pipeline from a parsed YAML mapping; relative paths are resolved against ``base``.
+
+    ``paths`` (``{"input": ..., "output": ...}``, from ``--input``/``--output``) replace the YAML's
+    paths, so a preset may leave them out.
+    """
     if not isinstance(data, dict):
         raise UsageError("a pipeline is a mapping with input, output and stages")
     unknown = sorted(set(data) - {"input", "output", "stages", "engine", "workers", "description"})
     if unknown:
         raise UsageError(f"pipeline: unknown key {unknown[0]!r} (keys: input, output, stages, engine, workers)")
+    sections = {}
     for section in ("input", "output"):
-        if not isinstance(data.get(section), dict) or "path" not in data[section]:
-            raise UsageError(f"pipeline: {section} needs a path")
-    inp = build_config(InputSpec, _resolve(data["input"], base), "pipeline input")
-    out = build_config(OutputSpec, _resolve(data["output"], base), "pipeline output")
+        given = data.get(section) or {}
+        if not isinstance(given, dict):
+            raise UsageError(f"pipeline: {section} is a mapping with a path, not {given!r}")
+        if paths and paths.get(section):
+            sections[section] = {**given, "path": paths[section]}
+        elif "path" in given:
+            sections[section] = _resolve(given, base)
+        else:
+            raise UsageError(f"pipeline: {section} needs a path (in the YAML or with --{section})")
+    inp = build_config(InputSpec, sections["input"], "pipeline input")
+    out = build_config(OutputSpec, sections["output"], "pipeline output")
     stages = [_stage_spec(item) for item in data.get("stages") or []]
     extra = {k: data[k] for k in ("engine", "workers") if k in data}
     return build_config(Pipeline, {"input": inp, "output": out, "stages": stages, **extra}, "pipeline")
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Read a pipeline YAML file, or a preset by name (``mmcurate run datacomp_basic``)."""
+def load_pipeline(path: str | Path, paths: dict[str, str] | None = None) -> Pipeline:
+    """Read a pipeline YAML file, or a preset by name (``mmcurate run datacomp_basic``).
+
+    ``paths`` override the YAML's input and output paths (see :func:`parse_pipeline`).
+    """
     path = Path(path)
     if not path.exists() and (PRESETS / f"{path}.yaml").exists():
         path = PRESETS / f"{path}.yaml"
@@ -121,7 +136,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise UsageError(f"cannot read pipeline {str(path)!r}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_pipeline(data, path.parent)
+    return parse_pipeline(data, path.parent, paths)
 
 
 def _stage_spec(item: Any) -> StageSpec:
