@@ -5,7 +5,8 @@ slices. Text URL lists (csv, tsv, jsonl, txt) are parsed once at planning into P
 ``OUT/_work/input/`` so every shard reads its slice cheaply; malformed rows and invalid UTF-8 are
 kept there as rows with a ``reject_reason``, never dropped. Every table a reader returns has
 ``key``, ``url``, ``caption``, ``reject_stage`` and ``reject_reason``, plus the source's other
-columns (renamed ``source_NAME`` where a name clashes with a declared column).
+columns (renamed ``source_NAME`` where a name clashes with a declared column or starts with ``_``,
+which marks a stage's internal columns).
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec) -> pa.Tabl
     taken = {spec.url_col, spec.caption_col, "reject_reason"}
     for name in table.column_names:
         if name not in taken:
-            out[f"source_{name}" if name in BY_NAME else name] = table.column(name)
+            out[source_name(name)] = table.column(name)
     missing = pc.or_(pc.is_null(url), pc.equal(pc.utf8_trim_whitespace(url), ""))
     reasons = pc.if_else(pc.and_(pc.is_null(reasons), missing), "missing_url", reasons)
     too_long = pc.fill_null(pc.greater(pc.utf8_length(caption), spec.max_caption_chars), False)
@@ -322,6 +323,11 @@ def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec) -> pa.Tabl
     out["reject_stage"] = pc.if_else(pc.is_null(reasons), pa.scalar(None, pa.string()), READ_STAGE)
     out["reject_reason"] = reasons
     return pa.table(out)
+
+
+def source_name(name: str) -> str:
+    """The output name of a source column: ``source_NAME`` where it would pass for a declared or internal column."""
+    return f"source_{name}" if name in BY_NAME or name.startswith("_") else name
 
 
 def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -382,7 +388,7 @@ def _from_img2dataset(table: pa.Table, images: dict[str, tuple[str, bytes]]) -> 
     out["key"] = pa.array([k.replace(".", "_") for k in out["key"].to_pylist()], pa.string())
     errors = keep["error_message"].to_pylist() if "error_message" in keep else [None] * table.num_rows
     out["status"] = pa.array(["ok" if good else (err or s or "failed") for good, s, err in zip(ok, status, errors, strict=True)], pa.string())
-    out.update({(f"source_{k}" if k in BY_NAME else k): v for k, v in keep.items()})
+    out.update({source_name(k): v for k, v in keep.items()})
     result, missing = _attach_images(pa.table(out), images, ok)
     reasons = [None if good and m is None else (m or "not_downloaded") for good, m in zip(ok, missing, strict=True)]
     result = result.append_column("reject_stage", pa.array([None if r is None else READ_STAGE for r in reasons], pa.string()))
@@ -390,12 +396,17 @@ def _from_img2dataset(table: pa.Table, images: dict[str, tuple[str, bytes]]) -> 
 
 
 def _from_mmcurate(table: pa.Table, images: dict[str, tuple[str, bytes]] | None) -> pa.Table:
-    """Kept rows of an earlier mmcurate run, images from its tar when it wrote WebDataset."""
+    """Kept rows of an earlier mmcurate run, images from its tar when it wrote WebDataset.
+
+    Only rows whose ``image_format`` says the run stored an image expect one in the tar (a run on a
+    URL list stores none).
+    """
     n = table.num_rows
     reasons: list[str | None] = [None] * n
     if images is not None:
+        stored = table.column("image_format").to_pylist() if "image_format" in table.column_names else [None] * n
         table = table.drop_columns([c for c in ("image", "image_format") if c in table.column_names])
-        table, reasons = _attach_images(table, images, [True] * n)
+        table, reasons = _attach_images(table, images, [f is not None for f in stored])
     table = table.drop_columns([c for c in ("reject_stage", "reject_reason") if c in table.column_names])
     table = table.append_column("reject_stage", pa.array([None if r is None else READ_STAGE for r in reasons], pa.string()))
     return table.append_column("reject_reason", pa.array(reasons, pa.string()))

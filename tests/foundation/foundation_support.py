@@ -1,0 +1,270 @@
+"""Toy stages, output readers and a CLI launcher shared by the foundation tests.
+
+The stages are registered under test-only names (``drop_word``, ``slow``, ``caption_dedup``) by
+:func:`register`; ``python -m foundation_support ARGS`` runs the real ``mmcurate`` CLI with them
+registered, for subprocess tests that need a stage (run those with ``workers: 1``: spawned pool
+workers import the unpatched registry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmcurate.stages.base import ClusterStage, Stage, reject, set_column
+
+HERE = Path(__file__).resolve().parent
+TOY_STAGES = {
+    "drop_word": "foundation_support:DropWord",
+    "slow": "foundation_support:Slow",
+    "caption_dedup": "foundation_support:CaptionDedup",
+}
+
+
+@dataclass
+class DropWordConfig:
+    word: str = "dog"
+    mode: str = "filter"
+
+    def __post_init__(self) -> None:
+        if not self.word:
+            raise ValueError("word must not be empty")
+        if self.mode not in ("filter", "score"):
+            raise ValueError(f"mode must be filter or score, not {self.mode!r}")
+
+
+class DropWord(Stage):
+    """Rejects rows whose caption contains ``word`` (case-insensitive) as ``has_word``."""
+
+    name = "drop_word"
+    Config = DropWordConfig
+    needs = ("caption",)
+    adds = ("caption_words",)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        caption = pc.utf8_lower(pc.fill_null(table.column("caption"), ""))
+        words = pc.list_value_length(pc.utf8_split_whitespace(caption))
+        table = set_column(table, "caption_words", words, pa.int32())
+        if self.config.mode == "score":
+            return table
+        return reject(table, pc.match_substring(caption, self.config.word.lower()), "has_word")
+
+
+@dataclass
+class SlowConfig:
+    seconds: float = 0.3
+
+
+class Slow(Stage):
+    """Sleeps ``seconds`` per shard, so a test can kill a run part-way."""
+
+    name = "slow"
+    Config = SlowConfig
+
+    def process(self, table: pa.Table) -> pa.Table:
+        time.sleep(self.config.seconds)
+        return table
+
+
+class CaptionDedup(ClusterStage):
+    """Exact caption dedup through the ClusterStage machinery, with an internal signature column."""
+
+    name = "caption_dedup"
+    needs = ("caption",)
+    global_columns = ("_caption_hash",)
+    reason = "duplicate_caption"
+
+    def process(self, table: pa.Table) -> pa.Table:
+        captions = table.column("caption").to_pylist()
+        hashes = [None if c is None else int.from_bytes(hashlib.sha256(c.encode()).digest()[:8], "little", signed=True) for c in captions]
+        return set_column(table, "_caption_hash", pa.array(hashes, pa.int64()))
+
+    def group_keys(self, table: pa.Table) -> pa.Table:
+        valid = table.filter(pc.is_valid(table.column("_caption_hash")))
+        return pa.table({"key": valid.column("key"), "group": valid.column("_caption_hash")})
+
+
+def register(monkeypatch) -> None:
+    """Register the toy stages for in-process runs (``sys.path`` already holds this folder)."""
+    from mmcurate import stages
+
+    for name, target in TOY_STAGES.items():
+        monkeypatch.setitem(stages.STAGES, name, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# An img2dataset output
+
+I2D_SHARDS = 2
+I2D_ROWS = 6  # rows per img2dataset shard; the last row of each failed to download
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_img2dataset(folder: Path, photos: list[dict], photo_dir: Path, shards: int = I2D_SHARDS, rows: int = I2D_ROWS, extra_members=()) -> Path:
+    """img2dataset's webdataset layout: NNNNN.tar (KEY.jpg/txt/json), NNNNN.parquet, NNNNN_stats.json.
+
+    The last row of every shard is a failed download (in the Parquet, not in the tar).
+    ``extra_members`` are ``(shard, name, bytes)`` tar members added as given (hostile paths).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        records = []
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(rows):
+                photo = photos[shard * rows + i]
+                key = f"{shard:05d}{i:04d}"
+                url = f"https://example.com/img/{photo['file']}"
+                caption = photo["caption_if_known"] or None
+                if i == rows - 1:
+                    records.append({"key": key, "url": url, "caption": caption, "status": "failed", "error_message": "HTTP Error 404: Not Found",
+                                    "width": None, "height": None, "original_width": None, "original_height": None, "exif": None, "sha256": None})
+                    continue
+                data = (photo_dir / photo["file"]).read_bytes()
+                meta = {"url": url, "caption": caption, "key": key, "status": "success", "error_message": None,
+                        "width": int(photo["width"]), "height": int(photo["height"]), "original_width": int(photo["width"]),
+                        "original_height": int(photo["height"]), "exif": "{}", "sha256": hashlib.sha256(data).hexdigest()}
+                _member(tar, f"{key}.jpg", data)
+                _member(tar, f"{key}.txt", (caption or "").encode())
+                _member(tar, f"{key}.json", json.dumps(meta).encode())
+                records.append(meta)
+            for target, name, data in extra_members:
+                if target == shard:
+                    _member(tar, name, data)
+        (folder / f"{shard:05d}.tar").write_bytes(buf.getvalue())
+        schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
+                            ("width", pa.int64()), ("height", pa.int64()), ("original_width", pa.int64()), ("original_height", pa.int64()),
+                            ("exif", pa.string()), ("sha256", pa.string())])
+        pq.write_table(pa.Table.from_pylist(records, schema=schema), folder / f"{shard:05d}.parquet")
+        ok = sum(r["status"] == "success" for r in records)
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": rows, "successes": ok, "failed_to_download": rows - ok, "failed_to_resize": 0,
+                                                                     "status_dict": {"success": ok, "HTTP Error 404: Not Found": rows - ok}}))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the CLI
+
+
+def mmcurate_exe() -> str:
+    exe = shutil.which("mmcurate") or str(Path(sys.executable).parent / "mmcurate")
+    assert Path(exe).exists(), "the mmcurate console command is not installed"
+    return exe
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, toy: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the ``mmcurate`` console command (or, with ``toy``, the same CLI with the toy stages)."""
+    cmd = [sys.executable, "-m", "foundation_support", *args] if toy else [mmcurate_exe(), *args]
+    return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def toy_cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "foundation_support", *args]
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2 with one clear line on stderr that names each fragment, and no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mmcurate: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an output folder
+
+
+def read_folder(folder: Path) -> pa.Table:
+    """All Parquet files of ``folder`` concatenated in shard order (empty table if none)."""
+    files = sorted(folder.glob("*.parquet"))
+    tables = [pq.read_table(f) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+
+
+def kept_table(out: Path) -> pa.Table:
+    """Kept rows of an output: ``meta/`` for WebDataset output, else ``shards/*.parquet``."""
+    return read_folder(out / "meta") if (out / "meta").exists() else read_folder(out / "shards")
+
+
+def check_accounting(out: Path) -> dict:
+    """Rows in = kept + rejected, for every shard (files and ``_stats``) and for the run; return totals."""
+    totals = {"rows_in": 0, "kept": 0, "rejected": 0}
+    kept_dir = out / "meta" if (out / "meta").exists() else out / "shards"
+    ids = sorted(p.name for p in (out / "_done").iterdir())
+    assert ids == sorted(p.stem for p in (out / "_stats").glob("*.json"))
+    for shard in ids:
+        stats = json.loads((out / "_stats" / f"{shard}.json").read_text())
+        kept = pq.read_metadata(kept_dir / f"{shard}.parquet").num_rows
+        rejected = pq.read_metadata(out / "rejects" / f"{shard}.parquet").num_rows
+        assert stats["rows_in"] == stats["kept"] + stats["rejected"], stats
+        assert (stats["kept"], stats["rejected"]) == (kept, rejected), (shard, stats, kept, rejected)
+        assert stats["rejected"] == sum(s["rejected"] for s in stats["stages"])
+        for entry in stats["stages"]:
+            assert entry["rejected"] == sum(entry["reasons"].values()), entry
+        for key in totals:
+            totals[key] += stats[key]
+    run = json.loads((out / "run.json").read_text())
+    assert run["finished"] is not None
+    assert run["totals"] == totals
+    return totals
+
+
+def key_of(rel: str, row: int) -> str:
+    """The documented key recipe, written out independently of the reader."""
+    return hashlib.sha256(rel.encode() + b"\0" + str(row).encode()).hexdigest()[:16]
+
+
+def tables_equal(a: pa.Table, b: pa.Table) -> bool:
+    return a.schema.remove_metadata().equals(b.schema.remove_metadata()) and a.equals(b)
+
+
+def stats_without_seconds(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    for entry in data["stages"]:
+        entry.pop("seconds")
+    return data
+
+
+def sorted_files(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+if __name__ == "__main__":
+    from mmcurate import stages
+    from mmcurate.cli import main
+
+    stages.STAGES.update(TOY_STAGES)
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""URL-list readers: every format, configurable columns, deterministic keys, extra columns kept."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from foundation_support import assert_usage_error, check_accounting, key_of, kept_table, run_cli
+
+from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.readers import InputSpec, plan_input
+
+
+def write_url_list(path: Path, fmt: str, rows: list[dict]) -> Path:
+    """Write ``rows`` (dicts with the same keys) as a URL list of format ``fmt``."""
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif fmt in ("csv", "tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    else:
+        path.write_text("".join(r["URL"] + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_all(spec: InputSpec, out: Path, rows_per_shard: int = 1000) -> pa.Table:
+    reader = plan_input(spec, rows_per_shard, OutputDir.open(str(out)))
+    return pa.concat_tables([reader.read(p) for p in reader.shards], promote_options="permissive")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl", "txt"])
+def test_url_list_formats(tmp_path: Path, url_rows: list[dict], fmt: str) -> None:
+    rows = [{**r, "extra_id": f"id{i}"} for i, r in enumerate(url_rows)]
+    src = write_url_list(tmp_path / f"urls.{fmt}", fmt, rows)
+    spec = InputSpec(str(src), url_col="URL", caption_col=None if fmt == "txt" else "TEXT")
+    table = read_all(spec, tmp_path / "out", rows_per_shard=15)
+
+    assert table.column("url").to_pylist() == [r["URL"] for r in rows]
+    if fmt == "txt":
+        assert table.column("caption").null_count == len(rows)
+    else:
+        assert table.column("caption").to_pylist() == [r["TEXT"] for r in rows]
+        assert table.column("extra_id").to_pylist() == [r["extra_id"] for r in rows]
+        assert "URL" not in table.column_names and "TEXT" not in table.column_names
+    assert table.column("key").to_pylist() == [key_of(src.name, i) for i in range(len(rows))]
+    assert table.column("reject_reason").null_count == len(rows)
+
+
+def test_format_detected_from_extension_and_forced(tmp_path: Path, url_rows: list[dict]) -> None:
+    src = write_url_list(tmp_path / "urls.data", "jsonl", url_rows)
+    with pytest.raises(Exception, match="cannot tell the input format"):
+        read_all(InputSpec(str(src), url_col="URL", caption_col="TEXT"), tmp_path / "o1")
+    table = read_all(InputSpec(str(src), format="jsonl", url_col="URL", caption_col="TEXT"), tmp_path / "o2")
+    assert table.num_rows == len(url_rows)
+
+
+def test_keys_deterministic_across_runs_and_folders(tmp_path: Path, url_rows: list[dict]) -> None:
+    """Keys depend on the path relative to the input root and the row, not on sharding or output."""
+    root = tmp_path / "lists"
+    (root / "part").mkdir(parents=True)
+    write_url_list(root / "a.csv", "csv", url_rows[:10])
+    write_url_list(root / "part" / "b.csv", "csv", url_rows[10:25])
+    spec = InputSpec(str(root), url_col="URL", caption_col="TEXT")
+    first = read_all(spec, tmp_path / "o1", rows_per_shard=4)
+    second = read_all(spec, tmp_path / "o2", rows_per_shard=100)
+    keys = first.column("key").to_pylist()
+    assert keys == second.column("key").to_pylist()
+    assert keys == [key_of("a.csv", i) for i in range(10)] + [key_of("part/b.csv", i) for i in range(15)]
+    assert len(set(keys)) == len(keys)
+    assert all(len(k) == 16 and "." not in k for k in keys)
+
+
+def test_laion_sample_through_cli(tmp_path: Path, laion_sample: Path) -> None:
+    """The real LAION sample (columns URL/TEXT) read by the console command, twice: same keys."""
+    outs = []
+    for name in ("a", "b"):
+        result = run_cli("stage", "drop_word", "--input", str(laion_sample), "--output", str(tmp_path / name), "--url-col", "URL", "--caption-col", "TEXT",
+                         "--rows-per-shard", "400", "--workers", "1", "--no-progress", "--set", "word=wallpaper", toy=True)
+        assert result.returncode == 0, result.stderr
+        assert "1000 rows in 3 shards" in result.stdout
+        outs.append(tmp_path / name)
+    totals = check_accounting(outs[0])
+    assert totals["rows_in"] == 1000 and totals["rejected"] > 0
+    kept = [kept_table(o) for o in outs]
+    assert kept[0].column("key").equals(kept[1].column("key"))
+    source = pq.read_table(laion_sample)
+    expected = {key_of(laion_sample.name, i): (u, t) for i, (u, t) in enumerate(zip(source.column("URL").to_pylist(), source.column("TEXT").to_pylist(), strict=True))}
+    for row in kept[0].select(["key", "url", "caption"]).to_pylist():
+        assert expected[row["key"]] == (row["url"], row["caption"])
+        assert "wallpaper" not in row["caption"].lower()
+
+
+def test_extra_source_columns_carried_through_untouched(tmp_path: Path, url_rows: list[dict]) -> None:
+    """Extra columns keep their values and Arrow types; names that clash with declared or internal columns are prefixed."""
+    n = len(url_rows)
+    table = pa.table({
+        "URL": [r["URL"] for r in url_rows],
+        "TEXT": [r["TEXT"] for r in url_rows],
+        "similarity": pa.array([i / 100 for i in range(n)], pa.float64()),
+        "tags": pa.array([[f"t{i}", "x"] for i in range(n)], pa.list_(pa.string())),
+        "status": [f"s{i}" for i in range(n)],  # clashes with a declared column
+        "__index_level_0__": pa.array(range(n), pa.int64()),  # pandas index; a leading _ marks internal columns
+    })
+    pq.write_table(table, tmp_path / "urls.parquet")
+    result = run_cli("stage", "drop_word", "--input", str(tmp_path / "urls.parquet"), "--output", str(tmp_path / "out"), "--url-col", "URL",
+                     "--caption-col", "TEXT", "--output-format", "parquet", "--workers", "1", "--no-progress", "--set", "mode=score", toy=True)
+    assert result.returncode == 0, result.stderr
+    out = kept_table(tmp_path / "out")
+    assert out.num_rows == n
+    assert out.column("similarity").equals(table.column("similarity"))
+    assert out.column("tags").equals(table.column("tags"))
+    assert out.column("source_status").to_pylist() == table.column("status").to_pylist()
+    assert "status" not in out.column_names
+    assert out.column("source___index_level_0__").to_pylist() == list(range(n))
