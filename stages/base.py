@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.sparse
+import scipy.sparse.csgraph
 import yaml
 
 from mmcurate.errors import UsageError
@@ -231,23 +233,37 @@ class ClusterStage(GlobalStage):
 
 def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Key pairs ``(a, b)``, ``a < b``, of rows sharing a group: every pair in small groups, and each
-    member with the group's smallest key in groups larger than ``max_group_size``."""
-    left: list[str] = []
-    right: list[str] = []
-    grouped = groups.group_by("group").aggregate([("key", "distinct")])
-    for members in grouped.column("key_distinct").to_pylist():
-        members = sorted(members)
-        if len(members) < 2:
-            continue
-        if len(members) > max_group_size:
-            left += [members[0]] * (len(members) - 1)
-            right += members[1:]
-            continue
-        for i, a in enumerate(members):
-            left += [a] * (len(members) - i - 1)
-            right += members[i + 1 :]
-    pairs = sorted(set(zip(left, right, strict=True)))
-    return np.array([p[0] for p in pairs], dtype=object), np.array([p[1] for p in pairs], dtype=object)
+    member with the group's smallest key in groups larger than ``max_group_size``. Sorted, distinct."""
+    keys, codes = _key_codes(groups.column("key"))
+    group = groups.column("group").to_numpy()
+    order = np.lexsort((codes, group))
+    group, codes = group[order], codes[order]
+    distinct = np.ones(len(codes), bool)
+    distinct[1:] = (group[1:] != group[:-1]) | (codes[1:] != codes[:-1])
+    group, codes = group[distinct], codes[distinct]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.empty(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(group)])
+    sizes = np.repeat(lengths, lengths)
+    position = np.arange(len(group)) - np.repeat(starts, lengths)
+    # Members pair with every later member; in a large group only the first member pairs, with all.
+    partners = np.where(sizes > max_group_size, np.where(position == 0, sizes - 1, 0), sizes - 1 - position)
+    left = np.repeat(codes, partners)
+    offset = np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
+    right = codes[np.repeat(np.arange(len(codes)) + 1, partners) + offset]
+    pairs = np.unique(left * len(keys) + right)
+    return _strings(keys, pairs // max(len(keys), 1)), _strings(keys, pairs % max(len(keys), 1))
+
+
+def _key_codes(keys: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """The distinct keys in sorted order, and each key's index among them (code order = key order)."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    distinct = pc.unique(keys)
+    distinct = distinct.take(pc.sort_indices(distinct))
+    return distinct, pc.index_in(keys, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _strings(keys: pa.Array, codes: np.ndarray) -> np.ndarray:
+    return keys.take(pa.array(codes, pa.int64())).to_numpy(zero_copy_only=False).astype(object)
 
 
 def verified_edges(stage: ClusterStage, table: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,20 +280,14 @@ def verified_edges(stage: ClusterStage, table: pa.Table, left: np.ndarray, right
 
 def components(left: np.ndarray, right: np.ndarray) -> tuple[list[str], list[str]]:
     """Connected components of the edges: every non-smallest key with its component's smallest key."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        root = x
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(x, x) != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    for a, b in zip(left, right, strict=True):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            lo, hi = (ra, rb) if ra < rb else (rb, ra)
-            parent[hi] = lo
-    dups = sorted(k for k in parent if find(k) != k)
-    return dups, [find(k) for k in dups]
+    if len(left) == 0:
+        return [], []
+    keys, codes = _key_codes(pa.array(np.concatenate([left, right]), pa.string()))
+    n = len(keys)
+    graph = scipy.sparse.coo_matrix((np.ones(len(left), np.int8), (codes[: len(left)], codes[len(left) :])), shape=(n, n))
+    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1, n, np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    keeper = smallest[labels]
+    dups = np.flatnonzero(keeper != np.arange(n))
+    return keys.take(pa.array(dups)).to_pylist(), keys.take(pa.array(keeper[dups])).to_pylist()

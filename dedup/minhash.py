@@ -1,0 +1,48 @@
+"""``minhash_dedup``: caption near-duplicates by MinHash LSH (see :class:`MinhashConfig`).
+
+``process`` adds the internal ``_minhash`` signature column. Null, empty or punctuation-only
+captions get no signature and are never deduplicated here: they carry no text to compare, and
+dropping every caption-less sample as a copy of one another would remove distinct images
+(``caption_quality`` is the stage that rejects them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmcurate.dedup.config import MinhashConfig
+from mmcurate.dedup.lsh import band_groups, from_arrow, signatures, similar, to_arrow
+from mmcurate.dedup.shingles import shingle_hashes
+from mmcurate.stages.base import ClusterStage, Resources, set_column
+
+SIGNATURE = "_minhash"
+
+
+class MinhashDedup(ClusterStage):
+    name = "minhash_dedup"
+    Config = MinhashConfig
+    resources = Resources(cpus=1)
+    needs = ("caption",)
+    global_columns = (SIGNATURE,)
+    reason = "duplicate_caption"
+    config: MinhashConfig
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        hashes, counts = shingle_hashes(batch.column("caption"), self.config)
+        matrix = signatures(hashes, counts, self.config)
+        return set_column(batch, SIGNATURE, to_arrow(matrix, counts > 0))
+
+    def group_keys(self, table: pa.Table) -> pa.Table:
+        table = table.filter(pc.is_valid(table.column(SIGNATURE)))
+        rows, groups = band_groups(from_arrow(table.column(SIGNATURE), self.config.num_perm), self.config)
+        return pa.table({"key": table.column("key").take(pa.array(rows)), "group": pa.array(groups, pa.int64())})
+
+    def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
+        a, b = left.column(SIGNATURE), right.column(SIGNATURE)
+        valid = np.asarray(pc.and_(pc.is_valid(a), pc.is_valid(b)), dtype=bool)
+        ok = np.zeros(len(valid), bool)
+        n = self.config.num_perm
+        ok[valid] = similar(from_arrow(a.filter(valid), n), from_arrow(b.filter(valid), n), self.config.threshold)
+        return pa.array(ok, pa.bool_())
