@@ -1,0 +1,232 @@
+"""The Ray engine: each segment of the pipeline is one streaming Ray Data plan.
+
+```
+shard ids -> read (task) -> one map_batches per stage -> write per shard id (task)
+```
+Stages without ``setup()`` run as Ray tasks (Ray fuses consecutive ones with the read and write
+into one task per shard); stages with ``setup()`` or GPUs run as actor pools whose ``__init__`` calls
+``setup()``, sized from ``Stage.resources``. Every block is one whole shard: batches are whole blocks
+(``batch_size=None``; a stage's own ``batch_size`` slices inside :func:`engines.core.apply_stage`) and
+Ray's output-block splitting is switched off, so the writer sees whole shards and writes the same
+files, per shard id, as the local runner. Each row carries ``_shard`` and ``_rejected_at`` (the
+pipeline position of the stage that rejected it, -1 for the reader), from which the writer derives
+the shard's stats, equal to the local runner's but for timings.
+
+Global stages run as Ray shuffles over the segment's intermediate files (see :mod:`ray_global`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from tqdm import tqdm
+
+from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, kept_mask
+from mmcurate.engines.ray_global import global_decisions, shard_dataset
+from mmcurate.engines.run import RunContext, finish_run, start_run
+from mmcurate.pipelines.config import Pipeline
+from mmcurate.shards.writers import write_shard
+from mmcurate.stages.base import Stage, set_column
+
+SHARD = "_shard"
+REJECTED_AT = "_rejected_at"
+READ_POSITION = -1
+
+
+def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
+    """Run ``pipeline`` on Ray and return the run summary.
+
+    Connects to the cluster named by ``RAY_ADDRESS`` (set inside a Ray job), to an already
+    initialised Ray, or starts a local Ray with ``pipeline.workers`` CPUs.
+    """
+    ctx = start_run(pipeline, "ray")
+    started = connect(pipeline.workers)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.target_max_block_size = None  # never split a shard's block
+        context.enable_progress_bars = False
+        for index, segment in enumerate(ctx.segments):
+            todo = [p.shard_id for p in ctx.pending(index)]
+            if todo:
+                _run_segment(ctx, index, todo, progress)
+            if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
+                ctx.out.write_parquet(ctx.global_path(index), global_decisions(ctx, index))
+    finally:
+        if started:
+            ray.shutdown()
+    return finish_run(ctx)
+
+
+def connect(workers: int) -> bool:
+    """Initialise Ray unless it is; return whether this call started it."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> None:
+    segment = ctx.segments[index]
+    positions = {id(stage): position for position, stage in enumerate(ctx.stages)}
+    applies = positions[id(segment.applies)] if segment.applies is not None else None
+    ds = shard_dataset(todo).map_batches(_read, fn_kwargs={"ctx": ctx, "segment": index, "applies": applies}, batch_format="pyarrow", batch_size=None)
+    for stage in segment.stages:
+        ds = _map_stage(ds, stage, positions[id(stage)])
+    ds = ds.map_batches(_write, fn_kwargs={"ctx": ctx, "segment": index}, batch_format="pyarrow", batch_size=None)
+    label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
+    bar = tqdm(total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"ray {label}", disable=not progress or None, file=sys.stderr)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        bar.update(int(pc.sum(batch.column("rows")).as_py() or 0))
+    bar.close()
+
+
+def _map_stage(ds: ray.data.Dataset, stage: Stage, position: int) -> ray.data.Dataset:
+    """One ``map_batches`` for ``stage``: a task, or an actor pool sized from its resources."""
+    common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "udf_modifying_row_count": False}
+    if stage.resources.memory_gb:
+        common["memory"] = stage.resources.memory_gb * 2**30
+    if not needs_actor(stage):
+        return ds.map_batches(_apply, fn_kwargs={"stage": stage, "position": position}, num_cpus=stage.resources.cpus, **common)
+    size, gpus = pool_size(stage, ray.cluster_resources())
+    return ds.map_batches(
+        StageActor,
+        fn_constructor_kwargs={"stage": stage, "position": position},
+        compute=ray.data.ActorPoolStrategy(min_size=1 if not gpus else size, max_size=size),
+        num_cpus=stage.resources.cpus,
+        num_gpus=gpus,
+        **common,
+    )
+
+
+def needs_actor(stage: Stage) -> bool:
+    """Stages that load state in ``setup()`` or want a GPU keep it in a long-lived actor."""
+    return type(stage).setup is not Stage.setup or stage.resources.gpus > 0
+
+
+def pool_size(stage: Stage, cluster: dict[str, float]) -> tuple[int, float]:
+    """(actors, GPUs per actor): as many actors as the cluster's GPUs (or CPUs) fit.
+
+    A stage that asks for a GPU on a cluster without one runs on CPUs (stages pick their device).
+    """
+    gpus = stage.resources.gpus if cluster.get("GPU", 0) >= stage.resources.gpus > 0 else 0.0
+    if gpus:
+        return max(1, int(cluster["GPU"] // gpus)), gpus
+    return max(1, int(cluster.get("CPU", 1) // max(stage.resources.cpus, 1e-3))), 0.0
+
+
+class StageActor:
+    """A stage held in a Ray actor: ``setup()`` runs once, then every block goes through it."""
+
+    def __init__(self, stage: Stage, position: int) -> None:
+        stage.setup()
+        self.stage = stage
+        self.position = position
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _apply(batch, self.stage, self.position)
+
+
+def _apply(batch: pa.Table, stage: Stage, position: int) -> pa.Table:
+    """Run ``stage`` on a block; mark newly rejected rows with its position; share its time per row."""
+    start = time.perf_counter()
+    table = apply_stage(stage, batch, ShardStats(-1))
+    seconds = time.perf_counter() - start
+    processed = pc.is_null(table.column(REJECTED_AT))  # rows the stage saw (apply_stage keeps rejected ones out)
+    table = _mark(table, position)
+    n = int(pc.sum(processed).as_py() or 0)
+    return set_column(table, _seconds_column(position), pc.if_else(processed, seconds / max(n, 1), 0.0), pa.float64())
+
+
+def _mark(table: pa.Table, position: int) -> pa.Table:
+    """Set ``_rejected_at`` to ``position`` on rows rejected since it was last set."""
+    newly = pc.and_(pc.is_valid(table.column("reject_reason")), pc.is_null(table.column(REJECTED_AT)))
+    return set_column(table, REJECTED_AT, pc.if_else(newly, pa.scalar(position, pa.int16()), table.column(REJECTED_AT)), pa.int16())
+
+
+def _seconds_column(position: int) -> str:
+    return f"_seconds_{position}"
+
+
+def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -> pa.Table:
+    """The rows of the block's shards: from the reader, or the previous segment's intermediate
+    files with the decision of the previous global stage (at position ``applies``) applied."""
+    tables = []
+    for shard_id in batch.column("shard").to_pylist():
+        if segment == 0:
+            table = ctx.reader.read(ctx.reader.shards[shard_id])
+            table = set_column(table, SHARD, np.full(table.num_rows, shard_id), pa.int64())
+            table = set_column(table, REJECTED_AT, pa.nulls(table.num_rows, pa.int16()))
+            table = _mark(table, READ_POSITION)
+        else:
+            table = ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet"))
+            table = apply_decisions(ctx.segments[segment].applies, table, _decisions(ctx.global_path(segment - 1), ctx), ShardStats(shard_id))
+            table = _mark(table, applies)
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+_DECISIONS: dict[str, pa.Table] = {}
+
+
+def _decisions(path: str, ctx: RunContext) -> pa.Table:
+    """A global decision, read once per worker process."""
+    if path not in _DECISIONS:
+        _DECISIONS[path] = ctx.out.read_parquet(path)
+    return _DECISIONS[path]
+
+
+def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
+    """Write every shard of the block (final files, or the segment's intermediate files)."""
+    last = segment == len(ctx.segments) - 1
+    stages = [s.name for s in ctx.stages[: _end_position(ctx, segment)]]
+    ids = pc.unique(batch.column(SHARD)).to_pylist()
+    for shard_id in ids:
+        table = batch.filter(pc.equal(batch.column(SHARD), shard_id))
+        if table.num_rows != ctx.reader.shards[shard_id].rows:
+            raise RuntimeError(f"shard {shard_id} reached the writer in pieces ({table.num_rows} of {ctx.reader.shards[shard_id].rows} rows)")
+        stats = shard_stats(shard_id, table, stages)
+        if last:
+            kept = int(pc.sum(kept_mask(table)).as_py() or 0)
+            write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, stats.as_dict(kept))
+        else:
+            ctx.out.write_json(ctx.work_path(segment, shard_id, ".json"), stats.as_dict(0))
+            ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table)
+    return pa.table({"shard": pa.array(ids, pa.int64()), "rows": pa.array([ctx.reader.shards[i].rows for i in ids], pa.int64())})
+
+
+def _end_position(ctx: RunContext, segment: int) -> int:
+    """Pipeline position just past the last stage of ``segment``."""
+    return sum(len(s.stages) for s in ctx.segments[: segment + 1])
+
+
+def shard_stats(shard_id: int, table: pa.Table, stages: list[str]) -> ShardStats:
+    """The shard's stats from its rows: the reader's rejections, then per stage the rows it saw and
+    the rows rejected at its position (by ``process`` or, for a global stage, by its decision)."""
+    at = table.column(REJECTED_AT).to_numpy(zero_copy_only=False)
+    reasons = table.column("reject_reason").to_pylist()
+    by_position: dict[int, Counter] = {}
+    for position, reason in zip(at, reasons, strict=True):
+        if reason is not None and not np.isnan(position):
+            by_position.setdefault(int(position), Counter())[reason] += 1
+    stats = ShardStats(shard_id)
+    stats.rows_in = table.num_rows
+    stats.record("read", table.num_rows, by_position.get(READ_POSITION, Counter()), 0.0)
+    gone = sum(by_position.get(READ_POSITION, Counter()).values())
+    for position, name in enumerate(stages):
+        reasons_here = by_position.get(position, Counter())
+        column = _seconds_column(position)
+        seconds = float(pc.sum(table.column(column)).as_py() or 0.0) if column in table.column_names else 0.0
+        stats.record(name, table.num_rows - gone, reasons_here, seconds)
+        gone += sum(reasons_here.values())
+    return stats
