@@ -1,0 +1,44 @@
+"""Helpers of the filter tests: the CLI in this process and reading an output folder back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmcurate.cli import main
+from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.writers import OutputSpec, write_shard
+
+
+def run_cli(*args: str) -> int:
+    """``mmcurate ARGS`` in this process, one worker, no progress bar; the exit code."""
+    return main([*args, "--workers", "1", "--no-progress"])
+
+
+def read_parquet_folder(folder: Path) -> pa.Table:
+    files = sorted(folder.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive") if files else pa.table({})
+
+
+def kept(out: Path) -> pa.Table:
+    """Kept rows of an output (``meta/`` for WebDataset, ``shards/`` for Parquet)."""
+    return read_parquet_folder(out / "meta") if (out / "meta").exists() else read_parquet_folder(out / "shards")
+
+
+def rejects(out: Path) -> dict[str, str]:
+    """``{key: reject_reason}`` of an output's rejects."""
+    table = read_parquet_folder(out / "rejects")
+    return dict(zip(table.column("key").to_pylist(), table.column("reject_reason").to_pylist(), strict=True)) if table.num_rows else {}
+
+
+def write_dataset(folder: Path, table: pa.Table, shards: int = 2) -> Path:
+    """``table`` written as an mmcurate output (Parquet shards with image bytes) that a run can read."""
+    out = OutputDir.open(str(folder))
+    spec = OutputSpec(str(folder), format="parquet")
+    size = -(-table.num_rows // shards)
+    for shard in range(shards):
+        part = table.slice(shard * size, size)
+        write_shard(out, spec, shard, part, part.column_names, {"shard": shard, "rows_in": part.num_rows, "kept": part.num_rows, "rejected": 0, "stages": []})
+    return folder
