@@ -22,6 +22,7 @@ _SPACE = 0x20
 
 def normalise(texts: pa.Array | pa.ChunkedArray, config: MinhashConfig) -> pa.Array:
     """Lower-case, drop punctuation and symbols, collapse whitespace; nulls become ''."""
+    texts = texts.cast(pa.string())
     if config.lowercase:
         texts = pc.utf8_lower(texts)
     if config.strip_punctuation:
