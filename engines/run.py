@@ -80,16 +80,17 @@ def _comparable(config: dict) -> dict:
 
 
 def start_run(pipeline: Pipeline, engine: str) -> RunContext:
-    """Plan the run, refuse to mix two pipelines in one output folder, write ``run.json``."""
-    ctx = RunContext.create(pipeline)
-    run_json = ctx.out.path("run.json")
+    """Refuse to mix two pipelines in one output folder (before writing anything), plan the run, write ``run.json``."""
+    out = OutputDir.open(pipeline.output.path)
+    run_json = out.path("run.json")
     config = pipeline.as_dict()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if ctx.out.exists(run_json):
-        previous = ctx.out.read_json(run_json)
+    if out.exists(run_json):
+        previous = out.read_json(run_json)
         if _comparable(previous["pipeline"]) != _comparable(config):
             raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
         started = previous.get("started", started)
+    ctx = RunContext.create(pipeline)
     ctx.out.write_json(run_json, {
         "mmcurate_version": __version__,
         "schema_version": SCHEMA_VERSION,

@@ -1,0 +1,166 @@
+"""The local runner: row accounting, global stages, resume after kill -9, refusing a foreign output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from foundation_support import (
+    assert_usage_error,
+    check_accounting,
+    cli_env,
+    key_of,
+    kept_table,
+    read_folder,
+    register,
+    run_cli,
+    sorted_files,
+    stats_without_seconds,
+    tables_equal,
+    toy_cli_command,
+    write_yaml,
+)
+
+from mmcurate.engines.local import run_local
+from mmcurate.pipelines.config import Pipeline, StageSpec
+from mmcurate.shards.readers import InputSpec
+from mmcurate.shards.writers import OutputSpec
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dup_csv(tmp_path_factory, laion_sample: Path) -> Path:
+    """200 LAION rows where every 10th row repeats the caption of the row before it."""
+    rows = pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, 200).to_pylist()
+    for i in range(10, len(rows), 10):
+        rows[i]["TEXT"] = rows[i - 1]["TEXT"]
+    return write_csv(tmp_path_factory.mktemp("dup") / "urls.csv", rows)
+
+
+def pipeline(src: Path, out: Path, stages: list[StageSpec], fmt: str = "webdataset", rows_per_shard: int = 40, workers: int = 1) -> Pipeline:
+    return Pipeline(InputSpec(str(src), url_col="URL", caption_col="TEXT"), OutputSpec(str(out), fmt, rows_per_shard), stages, workers=workers)
+
+
+def test_accounting_with_filter_and_global_stage(tmp_path: Path, dup_csv: Path, monkeypatch) -> None:
+    register(monkeypatch)
+    stages = [StageSpec("drop_word", {"word": "wallpaper"}), StageSpec("caption_dedup"), StageSpec("drop_word", {"word": "the"})]
+    summary = run_local(pipeline(dup_csv, tmp_path / "out", stages), progress=False)
+    out = tmp_path / "out"
+    totals = check_accounting(out)
+    assert totals["rows_in"] == 200 and summary["rows_in"] == 200
+    assert (summary["kept"], summary["rejected"]) == (totals["kept"], totals["rejected"])
+
+    kept, rejects = kept_table(out), read_folder(out / "rejects")
+    assert sorted(kept.column("key").to_pylist() + rejects.column("key").to_pylist()) == sorted(key_of("urls.csv", i) for i in range(200))
+    assert kept.num_rows + rejects.num_rows == 200
+    assert not any(c.startswith("_") for c in kept.column_names + rejects.column_names)
+    by_stage = {(r["reject_stage"], r["reject_reason"]) for r in rejects.select(["reject_stage", "reject_reason"]).to_pylist()}
+    assert by_stage == {("drop_word", "has_word"), ("caption_dedup", "duplicate_caption")}
+    dups = [r for r in rejects.to_pylist() if r["reject_reason"] == "duplicate_caption"]
+    everything = {r["key"]: r for r in kept.to_pylist() + rejects.to_pylist()}
+    assert dups
+    for d in dups:
+        keeper = everything[d["duplicate_of"]]
+        assert keeper["caption"] == d["caption"] and keeper["key"] < d["key"]
+    # Kept captions are unique, and none holds a filtered word.
+    captions = kept.column("caption").to_pylist()
+    assert len(set(captions)) == len(captions)
+    assert not any("wallpaper" in c.lower() or "the" in c.lower() for c in captions)
+    # The stats name the same stages and reasons as the rejects.
+    stats = summary["stages"]
+    assert stats["caption_dedup"]["reasons"] == {"duplicate_caption": len(dups)}
+    assert stats["drop_word"]["rejected"] == rejects.num_rows - len(dups)
+    assert not (out / "_work").exists()
+
+
+def test_pool_of_workers_writes_the_same_files_as_one_worker(tmp_path: Path, laion_sample: Path) -> None:
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_local(pipeline(laion_sample, out, [], rows_per_shard=250, workers=workers), progress=False)
+        outs[workers] = out
+    files = sorted_files(outs[1])
+    assert files == sorted_files(outs[2]) and "shards/00003.tar" in files
+    for name in files:
+        if name != "run.json" and not name.startswith("_stats"):
+            assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+    assert check_accounting(outs[2])["kept"] == 1000
+
+
+def resume_config(tmp_path: Path, src: Path, name: str) -> Path:
+    return write_yaml(tmp_path / f"{name}.yaml", {
+        "input": {"path": str(src), "url_col": "URL", "caption_col": "TEXT"},
+        "output": {"path": str(tmp_path / name), "rows_per_shard": 20},
+        "workers": 1,
+        "stages": [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seconds": 0.25}}],
+    })
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    """Two outputs equal file by file: shards, meta and rejects byte-identical, stats but for seconds."""
+    files = sorted_files(a)
+    assert files == sorted_files(b)
+    for name in files:
+        if name.startswith("_stats/"):
+            assert stats_without_seconds(a / name) == stats_without_seconds(b / name), name
+        elif name == "run.json":
+            ra, rb = (json.loads((p / name).read_text()) for p in (a, b))
+            assert ra["totals"] == rb["totals"] and ra["pipeline"]["stages"] == rb["pipeline"]["stages"]
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path, dup_csv: Path) -> None:
+    killed = resume_config(tmp_path, dup_csv, "killed")
+    proc = subprocess.Popen(toy_cli_command("run", str(killed), "--no-progress"), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = tmp_path / "killed" / "_done"
+    deadline = time.monotonic() + 60
+    while not (done.exists() and any(done.iterdir())):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no shard finished in 60 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    finished = len(list(done.iterdir()))
+    assert 1 <= finished < 10
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["finished"] is None
+
+    again = run_cli("run", str(killed), "--no-progress", toy=True)
+    assert again.returncode == 0, again.stderr
+    whole = run_cli("run", str(resume_config(tmp_path, dup_csv, "whole")), "--no-progress", toy=True)
+    assert whole.returncode == 0, whole.stderr
+    assert_same_output(tmp_path / "killed", tmp_path / "whole")
+    assert check_accounting(tmp_path / "killed")["rows_in"] == 200
+
+
+def test_output_of_another_pipeline_is_refused(tmp_path: Path, dup_csv: Path) -> None:
+    first = run_cli("stage", "drop_word", "--input", str(dup_csv), "--output", str(tmp_path / "out"), "--url-col", "URL", "--caption-col", "TEXT",
+                    "--workers", "1", "--no-progress", toy=True)
+    assert first.returncode == 0, first.stderr
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out")}
+    other = run_cli("stage", "drop_word", "--input", str(dup_csv), "--output", str(tmp_path / "out"), "--url-col", "URL", "--caption-col", "TEXT",
+                    "--workers", "1", "--no-progress", "--set", "word=cat", toy=True)
+    assert_usage_error(other, "different pipeline")
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out")} == before
+    # The same pipeline again is a finished run: nothing to do, same files.
+    same = run_cli("stage", "drop_word", "--input", str(dup_csv), "--output", str(tmp_path / "out"), "--url-col", "URL", "--caption-col", "TEXT",
+                   "--workers", "2", "--no-progress", toy=True)
+    assert same.returncode == 0, same.stderr
+    after = {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out") if name != "run.json"}
+    assert after == {k: v for k, v in before.items() if k != "run.json"}
