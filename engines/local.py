@@ -35,13 +35,20 @@ def _init_worker(pipeline: Pipeline, reader: Reader) -> None:
 
 
 def _process_shard(plan: ShardPlan, segment_index: int) -> int:
-    """Run one segment of the pipeline on one shard; write its intermediate or final files."""
-    ctx = _CONTEXT
+    return process_shard(_CONTEXT, plan, segment_index, _READY)
+
+
+def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int, ready: set[str]) -> int:
+    """Run one segment of the pipeline on one shard; write its intermediate or final files.
+
+    ``ready`` names the stages of ``ctx`` already set up in this worker (the Spark engine runs
+    shards through this same function).
+    """
     segment = ctx.segments[segment_index]
     for stage in segment.stages:
-        if stage.name not in _READY:
+        if stage.name not in ready:
             stage.setup()
-            _READY.add(stage.name)
+            ready.add(stage.name)
     out = ctx.out
     if segment_index == 0:
         table = ctx.reader.read(plan)
