@@ -74,12 +74,13 @@ def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
     start = time.perf_counter()
     mask = kept_mask(table)
     kept, done = table.filter(mask), table.filter(pc.invert(mask))
-    if kept.num_rows == 0:
+    # A global stage runs even on no rows, so that every shard has the columns its global step reads.
+    if kept.num_rows == 0 and not isinstance(stage, GlobalStage):
         stats.record(stage.name, 0, Counter(), 0.0)
         return table
     parts = []
     size = stage.batch_size or max(kept.num_rows, 1)
-    for offset in range(0, kept.num_rows, size):
+    for offset in range(0, max(kept.num_rows, 1), size):
         batch = kept.slice(offset, size)
         result = stage.process(batch)
         if result.num_rows != batch.num_rows or not result.column("key").equals(batch.column("key")):

@@ -1,0 +1,58 @@
+"""exact_dedup and phash_dedup through the real local runner, duplicates spread over shards."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from mmcurate.cli import main
+
+
+def read(folder: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))], promote_options="permissive")
+
+
+def test_exact_then_phash_across_shards(tmp_path: Path, i2d_copies: Path, photo_rows: list[dict]) -> None:
+    out = tmp_path / "out"
+    pipeline = {
+        "input": {"path": str(i2d_copies), "format": "img2dataset"},
+        "output": {"path": str(out), "format": "parquet", "rows_per_shard": 5},
+        "workers": 1,
+        "stages": ["exact_dedup", {"phash_dedup": {"max_distance": 4}}],
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
+    assert main(["run", str(tmp_path / "p.yaml"), "--no-progress"]) == 0
+
+    kept, rejects = read(out / "shards"), read(out / "rejects")
+    shard_of = {k: int(p.stem) for folder in ("shards", "rejects") for p in (out / folder).glob("*.parquet") for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()}
+    assert len(shard_of) == kept.num_rows + rejects.num_rows == len(photo_rows)  # rows in = kept + rejected
+    assert len(set(shard_of.values())) == 5
+    summary = sum(1 for _ in (out / "_stats").glob("*.json"))
+    assert summary == 5
+
+    sha = {r["key"]: hashlib.sha256(r["image"]).hexdigest() for r in kept.to_pylist()}
+    by_key = {r["key"]: r for r in rejects.to_pylist()}
+    by_reason: dict[str, list[dict]] = {}
+    for r in by_key.values():
+        by_reason.setdefault(r["reject_reason"], []).append(r)
+    identical = sum(1 for r in photo_rows if r["kind"].startswith("copy"))
+    assert {k: len(v) for k, v in by_reason.items()} == {"duplicate_image": identical, "near_duplicate_image": 4, "undecodable_image": 1}
+    crossed = 0
+    for r in by_reason["duplicate_image"]:
+        assert r["reject_stage"] == "exact_dedup"
+        assert r["duplicate_of"] in sha and r["sha256"] == sha[r["duplicate_of"]]  # a kept row with the same bytes
+        assert r["key"] > r["duplicate_of"]
+        crossed += shard_of[r["key"]] != shard_of[r["duplicate_of"]]
+    assert crossed >= 1
+    assert all(r["sha256"] for r in by_reason["duplicate_image"])  # computed where img2dataset left it out
+    for r in by_reason["near_duplicate_image"]:
+        assert r["reject_stage"] == "phash_dedup" and r["duplicate_of"] in sha and r["phash"] is not None
+        assert r["caption"].split()[1] == next(k for k in kept.to_pylist() if k["key"] == r["duplicate_of"])["caption"].split()[1]  # same photo
+    assert by_reason["undecodable_image"][0]["reject_stage"] == "phash_dedup"
+    # One sample of each photo is kept, and nothing else.
+    assert sorted(int(c.split()[1]) for c in kept.column("caption").to_pylist()) == list(range(10))
+    assert kept.column("duplicate_of").null_count == kept.num_rows
