@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -238,6 +239,9 @@ def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> pa.Table:
     elif fmt == "jsonl":
         header, records = _jsonl_records(text)
     else:
+        # The whole file is in memory already: let a field be as long as the file (huge captions are
+        # rejected later by max_caption_chars, not by the csv module's 128 KiB default).
+        csv.field_size_limit(max(csv.field_size_limit(), len(text)))
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
         header = next(reader, None)
         if header is None:
@@ -282,6 +286,8 @@ def _jsonl_records(text: str) -> tuple[list[str], Iterator[list[str | None] | st
     names = list(header)
 
     def cell(v: object) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):  # NaN / Infinity, which Python's json accepts, are no text
+            return None
         return v if isinstance(v, str) or v is None else json.dumps(v)
 
     return names, (r if isinstance(r, str) else [cell(r.get(n)) for n in names] for r in rows)
@@ -304,9 +310,9 @@ def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec) -> pa.Tabl
     """Rename url/caption columns, add keys and read-time rejections; carry other columns through."""
     n = table.num_rows
     reasons = table.column("reject_reason") if "reject_reason" in table.column_names else pa.nulls(n, pa.string())
-    url = _as_string(table.column(spec.url_col))
+    url, bad_url = _as_string(table.column(spec.url_col))
     has_caption = spec.caption_col is not None and spec.caption_col in table.column_names
-    caption = _as_string(table.column(spec.caption_col)) if has_caption else pa.nulls(n, pa.string())
+    caption, bad_caption = _as_string(table.column(spec.caption_col)) if has_caption else (pa.nulls(n, pa.string()), [False] * n)
     out = {
         "key": pa.array([sample_key(rel, start + i) for i in range(n)], pa.string()),
         "url": url,
@@ -316,7 +322,9 @@ def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec) -> pa.Tabl
     for name in table.column_names:
         if name not in taken:
             out[source_name(name)] = table.column(name)
-    missing = pc.or_(pc.is_null(url), pc.equal(pc.utf8_trim_whitespace(url), ""))
+    bad_utf8 = pa.array([a or b for a, b in zip(bad_url, bad_caption, strict=True)], pa.bool_())
+    reasons = pc.if_else(pc.and_(pc.is_null(reasons), bad_utf8), "invalid_utf8", reasons)
+    missing = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(url), ""), True)  # null or blank
     reasons = pc.if_else(pc.and_(pc.is_null(reasons), missing), "missing_url", reasons)
     too_long = pc.fill_null(pc.greater(pc.utf8_length(caption), spec.max_caption_chars), False)
     reasons = pc.if_else(pc.and_(pc.is_null(reasons), too_long), "caption_too_long", reasons)
@@ -330,15 +338,22 @@ def source_name(name: str) -> str:
     return f"source_{name}" if name in BY_NAME or name.startswith("_") else name
 
 
-def _as_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
+def _as_string(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
+    """``column`` as text, and which values were bytes that are not UTF-8 (kept with U+FFFD in their place)."""
+    clean = [False] * len(column)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return column.cast(pa.string())
+        return column.cast(pa.string()), clean
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type) or pa.types.is_fixed_size_binary(column.type):
+        values = column.to_pylist()
+        text = [None if v is None else v.decode("utf-8", errors="replace") for v in values]
+        bad = [v is not None and t.encode() != v for v, t in zip(values, text, strict=True)]
+        return pa.chunked_array([pa.array(text, pa.string())]), bad
     if pa.types.is_floating(column.type):  # NaN is no text: treat it as missing
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     try:
-        return column.cast(pa.string())
+        return column.cast(pa.string()), clean
     except pa.ArrowException:
-        return pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())])
+        return pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())]), clean
 
 
 # ---------------------------------------------------------------------------------------------
