@@ -1,6 +1,6 @@
 """``exact_dedup``: byte-identical images, across every shard of the run.
 
-Rows are grouped by the first 64 bits of their image's sha256 (the ``sha256`` column that
+Rows are grouped by a 64-bit hash of their image's sha256 (the ``sha256`` column that
 download and the img2dataset reader set, computed here from ``image`` where it is missing) and
 confirmed by the full digest. Of each set of identical images the smallest key is kept.
 """
@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmcurate.dedup.hashing import string_hashes
 from mmcurate.stages.base import ClusterStage, Resources, reject, set_column
 
 
@@ -41,8 +42,7 @@ class ExactDedup(ClusterStage):
 
     def group_keys(self, table: pa.Table) -> pa.Table:
         table = table.filter(pc.is_valid(table.column("sha256")))
-        prefix = [int(d[:16], 16) for d in table.column("sha256").to_pylist()]
-        return pa.table({"key": table.column("key"), "group": pa.array(np.array(prefix, np.uint64).view(np.int64))})
+        return pa.table({"key": table.column("key"), "group": pa.array(string_hashes(table.column("sha256")).view(np.int64))})
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         return pc.equal(left.column("sha256"), right.column("sha256"))

@@ -1,12 +1,16 @@
-"""Vectorised 64-bit mixing shared by the dedup stages (group ids, shingle hashes)."""
+"""Vectorised 64-bit hashing shared by the dedup stages: mixing, group ids, string and span hashes."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+_BASE = 0x9E3779B97F4A7C15 | 1  # odd, so invertible modulo 2**64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -28,3 +32,28 @@ def group_ids(part: int, columns: np.ndarray) -> np.ndarray:
     for j in range(columns.shape[1]):
         h = mix64(h ^ columns[:, j])
     return h.view(np.int64)
+
+
+def span_hashes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """64-bit hash of each byte span ``data[start:end]``: mix64 of the polynomial hash
+    sum(data[k] * B**(end-1-k)) mod 2**64, all spans at once from one prefix sum."""
+    with np.errstate(over="ignore"):
+        powers = np.full(len(data) + 1, _BASE, np.uint64)
+        powers[0] = 1
+        powers = np.cumprod(powers)
+        inverse = np.full(len(data) + 1, _BASE_INV, np.uint64)
+        inverse[0] = 1
+        inverse = np.cumprod(inverse)
+        prefix = np.zeros(len(data) + 1, np.uint64)
+        np.cumsum(data.astype(np.uint64) * inverse[:-1], out=prefix[1:])
+        poly = powers[end - 1] * (prefix[end] - prefix[start])
+    return mix64(poly ^ (end - start).astype(np.uint64))
+
+
+def string_hashes(strings: pa.Array) -> np.ndarray:
+    """uint64 hash of each string's UTF-8 bytes (null hashes as the empty string)."""
+    strings = pc.fill_null(strings.cast(pa.large_string()), "")
+    strings = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + len(strings) + 1]
+    data = np.frombuffer(strings.buffers()[2] or b"", np.uint8)
+    return span_hashes(data, offsets[:-1], offsets[1:])

@@ -1,9 +1,9 @@
 """Caption normalisation and shingle hashing, vectorised over an Arrow string array.
 
 Each shingle is a byte span of the normalised text (n consecutive tokens). Its 64-bit hash is a
-polynomial hash of the span's UTF-8 bytes modulo 2**64, computed for every span at once from
-prefix sums, then mixed with :func:`~mmcurate.dedup.hashing.mix64`: no Python loop per caption,
-and the same text hashes the same in every process and engine.
+hash of the span's UTF-8 bytes (:func:`~mmcurate.dedup.hashing.span_hashes`), computed for every
+span at once: no Python loop per caption, and the same text hashes the same in every process and
+engine.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmcurate.dedup.config import MinhashConfig
-from mmcurate.dedup.hashing import mix64
+from mmcurate.dedup.hashing import span_hashes
 
-_BASE = 0x9E3779B97F4A7C15 | 1  # odd, so invertible modulo 2**64
-_BASE_INV = pow(_BASE, -1, 1 << 64)
 _SPACE = 0x20
 
 
@@ -51,7 +49,7 @@ def shingle_hashes(texts: pa.Array | pa.ChunkedArray, config: MinhashConfig) -> 
     span_end = ends[np.minimum(index + k, last)[is_start]]
     span_start = starts[is_start]
     counts = np.bincount(doc[is_start], minlength=n)
-    return _span_hashes(data, span_start, span_end), counts
+    return span_hashes(data, span_start, span_end), counts
 
 
 def _token_spans(data: np.ndarray, offsets: np.ndarray, tokens: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,18 +66,3 @@ def _token_spans(data: np.ndarray, offsets: np.ndarray, tokens: str) -> tuple[np
     end = word.copy()
     end[:-1] &= ~word[1:] | doc_start[1:-1]
     return np.flatnonzero(start), np.flatnonzero(end) + 1
-
-
-def _span_hashes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """mix64 of the polynomial hash sum(data[k] * B**(end-1-k)) mod 2**64 of each span."""
-    with np.errstate(over="ignore"):
-        powers = np.full(len(data) + 1, _BASE, np.uint64)
-        powers[0] = 1
-        powers = np.cumprod(powers)
-        inverse = np.full(len(data) + 1, _BASE_INV, np.uint64)
-        inverse[0] = 1
-        inverse = np.cumprod(inverse)
-        prefix = np.zeros(len(data) + 1, np.uint64)
-        np.cumsum(data.astype(np.uint64) * inverse[:-1], out=prefix[1:])
-        poly = powers[end - 1] * (prefix[end] - prefix[start])
-    return mix64(poly ^ (end - start).astype(np.uint64))

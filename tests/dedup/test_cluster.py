@@ -1,0 +1,77 @@
+"""The ClusterStage steps (candidate pairs, components) against plain-Python references, and exact dedup alone."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mmcurate.dedup.exact import ExactDedup
+from mmcurate.stages.base import candidate_pairs, components, reject
+
+
+def reference_pairs(keys: list[str], groups: list[int], max_group_size: int) -> list[tuple[str, str]]:
+    members: dict[int, set[str]] = defaultdict(set)
+    for k, g in zip(keys, groups, strict=True):
+        members[g].add(k)
+    pairs = set()
+    for group in members.values():
+        ordered = sorted(group)
+        if len(ordered) > max_group_size:
+            pairs |= {(ordered[0], b) for b in ordered[1:]}
+        else:
+            pairs |= {(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1 :]}
+    return sorted(pairs)
+
+
+def reference_components(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {k: find(k) for k in parent if find(k) != k}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pairs_and_components_match_references(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(0, 60)
+    keys = [f"k{rng.randint(0, 40):03d}" for _ in range(n)]
+    groups = [rng.randint(-(2**63), 2**63 - 1) if rng.random() < 0.3 else rng.randint(0, 6) for _ in range(n)]
+    max_group_size = rng.choice([2, 4, 1000])
+    left, right = candidate_pairs(pa.table({"key": pa.array(keys, pa.string()), "group": pa.array(groups, pa.int64())}), max_group_size)
+    expected = reference_pairs(keys, groups, max_group_size)
+    assert list(zip(left, right, strict=True)) == expected
+    dups, keepers = components(left, right)
+    assert dict(zip(dups, keepers, strict=True)) == reference_components(expected)
+    assert dups == sorted(dups)
+
+
+def test_large_groups_pair_with_their_smallest_key() -> None:
+    keys = [f"{i:05d}" for i in range(3000)]
+    left, right = candidate_pairs(pa.table({"key": keys, "group": pa.array([7] * 3000, pa.int64())}), 1000)
+    assert set(left) == {"00000"} and list(right) == keys[1:]
+
+
+def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None:
+    images = [b"one", b"two", b"one", None, b"two"]
+    digests = [hashlib.sha256(b"one").hexdigest(), None, None, None, "not-a-hex-digest"]
+    table = reject(pa.table({"key": ["e", "d", "c", "b", "a"], "image": pa.array(images, pa.binary()), "sha256": pa.array(digests, pa.string())}), np.zeros(5, bool), "x")
+    stage = ExactDedup()
+    processed = stage.process(table)
+    assert processed.column("sha256").to_pylist()[1:3] == [hashlib.sha256(b"two").hexdigest(), hashlib.sha256(b"one").hexdigest()]
+    assert processed.column("reject_reason").to_pylist() == [None, None, None, "image_missing", None]
+    kept = processed.filter(pa.compute.is_null(processed.column("reject_reason")))
+    decision = stage.decide(kept.select(["key", "sha256"]))
+    assert decision.to_pylist() == [{"key": "e", "reject_reason": "duplicate_image", "duplicate_of": "c"}]
