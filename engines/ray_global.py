@@ -22,31 +22,21 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
-from mmcurate.engines.core import global_input
+from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
-from mmcurate.stages.base import ClusterStage, GlobalStage, Stage, candidate_pairs, components, decisions
+from mmcurate.engines.worker_state import ready
+from mmcurate.stages.base import ClusterStage, GlobalStage, candidate_pairs, components, decisions
 
 SHARD = "_shard"
 PAIRS = pa.schema([("a", pa.string()), ("a_shard", pa.int64()), ("b", pa.string()), ("b_shard", pa.int64())])
 EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
-_READY: dict[tuple[str, str], Stage] = {}
 
 
 def shard_dataset(ids: list[int]) -> ray.data.Dataset:
     """One block per shard id: the seed of every per-shard Ray Data plan."""
     return ray.data.from_items([{"shard": i} for i in ids], override_num_blocks=max(1, len(ids)))
-
-
-def ready(stage: Stage) -> Stage:
-    """``stage`` set up once per worker process (tasks receive fresh copies of it)."""
-    key = (type(stage).__qualname__, repr(stage.config))
-    if key not in _READY:
-        stage.setup()
-        _READY[key] = stage
-    return _READY[key]
 
 
 def global_decisions(ctx: RunContext, index: int) -> pa.Table:
@@ -58,9 +48,9 @@ def global_decisions(ctx: RunContext, index: int) -> pa.Table:
     if not isinstance(stage, ClusterStage):
         rows = shard_dataset(ids).map_batches(_kept_rows, fn_kwargs=args, **kw)
         stage.setup()
-        return stage.decide(_collect(rows, _columns_schema(ctx, index, stage)))
+        return stage.decide(_collect(rows, columns_schema(ctx, index, stage)))
     partitions = max(1, min(len(ids), 2 * int(ray.cluster_resources().get("CPU", 1))))
-    schema = _columns_schema(ctx, index, stage)
+    schema = columns_schema(ctx, index, stage)
     groups = shard_dataset(ids).map_batches(_group_keys, fn_kwargs=args, **kw)
     pairs = groups.repartition(partitions, keys=["group"]).map_batches(_pairs, fn_kwargs={"max_group_size": stage.max_group_size}, **kw)
     left = pairs.repartition(partitions, keys=["a_shard"]).map_batches(_attach_left, fn_kwargs={**args, "schema": schema}, **kw)
@@ -74,26 +64,14 @@ def _collect(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([t.select(schema.names) for t in parts]) if parts else schema.empty_table()
 
 
-def _columns_schema(ctx: RunContext, index: int, stage: GlobalStage) -> pa.Schema:
-    """Arrow types of ``key`` + the stage's global columns, from an intermediate file's footer."""
-    with ctx.out.fs.open(ctx.work_path(index, ctx.reader.shards[0].shard_id, ".parquet"), "rb") as f:
-        schema = pq.ParquetFile(f).schema_arrow
-    return pa.schema([schema.field(n) for n in ("key", *stage.global_columns)])
-
-
-def _read_kept(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int) -> pa.Table:
-    path = ctx.work_path(segment, shard_id, ".parquet")
-    return global_input(ctx.out.read_parquet(path, ["key", "reject_reason", *stage.global_columns]), stage)
-
-
 def _kept_rows(batch: pa.Table, ctx: RunContext, segment: int, stage: GlobalStage) -> pa.Table:
-    return pa.concat_tables([_read_kept(ctx, segment, stage, i) for i in batch.column("shard").to_pylist()])
+    return pa.concat_tables([kept_rows(ctx, segment, stage, i) for i in batch.column("shard").to_pylist()])
 
 
 def _group_keys(batch: pa.Table, ctx: RunContext, segment: int, stage: ClusterStage) -> pa.Table:
     parts = []
     for shard_id in batch.column("shard").to_pylist():
-        groups = ready(stage).group_keys(_read_kept(ctx, segment, stage, shard_id)).select(["key", "group"])
+        groups = ready(stage).group_keys(kept_rows(ctx, segment, stage, shard_id)).select(["key", "group"])
         parts.append(groups.append_column(SHARD, pa.array(np.full(groups.num_rows, shard_id), pa.int64())))
     return pa.concat_tables(parts)
 
@@ -110,7 +88,7 @@ def _pairs(batch: pa.Table, max_group_size: int) -> pa.Table:
 
 def _side(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int, keys: pa.Array) -> pa.Table:
     """Global columns of ``keys`` (all in shard ``shard_id``), aligned with them."""
-    rows = _read_kept(ctx, segment, stage, shard_id)
+    rows = kept_rows(ctx, segment, stage, shard_id)
     return rows.select(list(stage.global_columns)).take(pc.index_in(keys, value_set=rows.column("key")))
 
 

@@ -1,0 +1,24 @@
+"""What a global step reads from a segment's intermediate files (``OUT/_work/segN/ID.parquet``):
+the kept rows' ``key`` + global columns of one shard, and their Arrow types."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmcurate.engines.core import global_input
+from mmcurate.engines.run import RunContext
+from mmcurate.stages.base import GlobalStage
+
+
+def kept_rows(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int) -> pa.Table:
+    """``key`` + ``stage.global_columns`` of the kept rows of one shard."""
+    path = ctx.work_path(segment, shard_id, ".parquet")
+    return global_input(ctx.out.read_parquet(path, ["key", "reject_reason", *stage.global_columns]), stage)
+
+
+def columns_schema(ctx: RunContext, segment: int, stage: GlobalStage) -> pa.Schema:
+    """Arrow types of ``key`` + ``stage.global_columns``, from an intermediate file's footer."""
+    with ctx.out.fs.open(ctx.work_path(segment, ctx.reader.shards[0].shard_id, ".parquet"), "rb") as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    return pa.schema([schema.field(n) for n in ("key", *stage.global_columns)])

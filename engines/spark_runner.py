@@ -1,0 +1,81 @@
+"""The Spark engine: shards are Spark tasks; global stages are Spark jobs (see :mod:`spark_global`).
+
+Each segment is one ``mapInArrow`` over a DataFrame of shard ids, one partition per shard. The
+Python worker runs the shard through the same stage objects and the same per-shard function as
+the local runner (:func:`engines.local.process_shard`): read, stages, write per shard id, so the
+files, stats and done markers are the local runner's. A shard's rows stay in the Python worker;
+only ``(shard, rows)`` goes back through Spark. Stages are set up once per Python worker process.
+
+Uses the active SparkSession (``spark-submit`` creates it: see ``jobs/spark_job.py``), or starts
+``local[workers]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from functools import partial
+
+import pyarrow as pa
+from pyspark.sql import SparkSession
+from tqdm import tqdm
+
+from mmcurate.engines.local import process_shard
+from mmcurate.engines.run import RunContext, finish_run, start_run
+from mmcurate.engines.spark_global import global_decisions, shard_frame
+from mmcurate.engines.worker_state import worker_context
+from mmcurate.pipelines.config import Pipeline
+
+DONE_SCHEMA = "shard long, rows long"
+
+
+def run_spark(pipeline: Pipeline, progress: bool = True) -> dict:
+    """Run ``pipeline`` on Spark and return the run summary."""
+    ctx = start_run(pipeline, "spark")
+    spark, started = session(pipeline.workers)
+    run_id = uuid.uuid4().hex
+    try:
+        for index, segment in enumerate(ctx.segments):
+            todo = [p.shard_id for p in ctx.pending(index)]
+            if todo:
+                _run_segment(spark, ctx, run_id, index, todo, progress)
+            if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
+                ctx.out.write_parquet(ctx.global_path(index), global_decisions(spark, ctx, index))
+    finally:
+        if started:
+            spark.stop()
+    return finish_run(ctx)
+
+
+def session(workers: int) -> tuple[SparkSession, bool]:
+    """The active SparkSession, or a new ``local[workers]`` one; whether this call started it."""
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active, False
+    spark = (
+        SparkSession.builder.master(f"local[{workers}]")
+        .appName("mmcurate")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.shuffle.partitions", str(max(2, 2 * workers)))
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark, True
+
+
+def _run_segment(spark: SparkSession, ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
+    done = shard_frame(spark, todo).mapInArrow(partial(_process, ctx, run_id, index), DONE_SCHEMA)
+    label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
+    bar = tqdm(total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"spark {label}", disable=not progress or None, file=sys.stderr)
+    for row in done.toLocalIterator():
+        bar.update(row["rows"])
+    bar.close()
+
+
+def _process(ctx: RunContext, run_id: str, segment: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    ctx, ready = worker_context(run_id, ctx)
+    for batch in batches:
+        for shard_id in batch.column("shard").to_pylist():
+            rows = process_shard(ctx, ctx.reader.shards[shard_id], segment, ready)
+            yield pa.record_batch({"shard": pa.array([shard_id], pa.int64()), "rows": pa.array([rows], pa.int64())})
