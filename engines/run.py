@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mmcurate import __version__
 from mmcurate.engines.core import Segment, segments
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline, output_columns
-from mmcurate.schemas import SCHEMA_VERSION
+from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
 from mmcurate.shards.layout import OutputDir, shard_name
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
@@ -36,7 +37,7 @@ class RunContext:
 
     def __post_init__(self) -> None:
         self.segments = segments(self.stages)
-        self.columns = output_columns(self.stages, self.reader.format)
+        self.columns = output_columns(self.stages, self.reader.format, carried_columns(self.reader))
 
     @classmethod
     def create(cls, pipeline: Pipeline, reader: Reader | None = None) -> RunContext:
@@ -62,6 +63,15 @@ class RunContext:
         if segment not in self._decisions:
             self._decisions[segment] = self.out.read_parquet(self.global_path(segment))
         return self._decisions[segment]
+
+
+def carried_columns(reader: Reader) -> tuple[str, ...]:
+    """Declared columns an mmcurate input holds (e.g. ``clip_score`` of an earlier run), so a chained
+    run writes them on instead of dropping them."""
+    if reader.format != "mmcurate" or not reader.files:
+        return ()
+    with reader.fs.open(reader.files[0].path, "rb") as f:
+        return tuple(name for name in pq.read_schema(f).names if name in BY_NAME)
 
 
 def versions() -> dict[str, str]:

@@ -87,9 +87,10 @@ def input_columns(input_format: str) -> tuple[str, ...]:
     return READER_COLUMNS + (IMAGE_COLUMNS if input_format in ("img2dataset", "mmcurate") else ())
 
 
-def output_columns(stages: list[Stage], input_format: str) -> list[str]:
-    """Declared columns of the output: the reader's, those the stages add, and the ledger's."""
-    names = {*input_columns(input_format), "duplicate_of", *(c for s in stages for c in s.adds)}
+def output_columns(stages: list[Stage], input_format: str, carried: tuple[str, ...] = ()) -> list[str]:
+    """Declared columns of the output: the reader's, those the stages add, the ledger's, and
+    ``carried``: those an mmcurate input already holds (an earlier run's scores)."""
+    names = {*input_columns(input_format), "duplicate_of", *carried, *(c for s in stages for c in s.adds)}
     return [n for n in BY_NAME if n in names]
 
 
