@@ -12,12 +12,14 @@ import functools
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mmcurate.dedup.config import MinhashConfig
 from mmcurate.dedup.hashing import group_ids
 
-SIGNATURE_TYPE = pa.list_(pa.int32())  # uint32 values stored as their signed bit pattern (Spark has no unsigned)
+# A signature is stored as num_perm little-endian uint32 in one binary value: every engine carries
+# binary (Spark has no unsigned ints), and taking binary rows is ~10x faster than taking lists.
+SIGNATURE_TYPE = pa.binary()
+_SLOT = np.dtype("<u4")
 _ROWS_PER_STEP = 1024  # captions folded per numpy call: keeps the working set in cache
 
 
@@ -55,21 +57,27 @@ def signatures(hashes: np.ndarray, counts: np.ndarray, config: MinhashConfig) ->
 
 
 def to_arrow(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """The ``_minhash`` column: one list<int32> per row, null where ``valid`` is false."""
+    """The ``_minhash`` column: each row's signature as binary, null where ``valid`` is false."""
     n, width = matrix.shape
-    values = pa.array(matrix.view(np.int32).reshape(-1))
-    offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, values, type=SIGNATURE_TYPE, mask=pa.array(~valid))
+    lengths = np.where(valid, width * _SLOT.itemsize, 0)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    data = np.ascontiguousarray(matrix[valid], dtype=_SLOT).tobytes()
+    bitmap = pa.array(valid, pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(SIGNATURE_TYPE, n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(data)], null_count=int(n - valid.sum()))
 
 
 def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
-    """The uint32 signature matrix of a ``_minhash`` column without nulls."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    if len(values) != len(column) * num_perm:
-        raise ValueError(f"_minhash signatures are not all of length {num_perm}")
-    return values.astype(np.int32, copy=False).view(np.uint32).reshape(len(column), num_perm)
+    """The uint32 signature matrix of a ``_minhash`` column without nulls (no copy per chunk)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = []
+    for chunk in chunks:
+        chunk = chunk.cast(pa.large_binary())
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        if chunk.null_count or np.any(np.diff(offsets) != num_perm * _SLOT.itemsize):
+            raise ValueError(f"_minhash signatures must all be {num_perm} slots")
+        data = np.frombuffer(chunk.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]
+        parts.append(data.view(_SLOT).reshape(len(chunk), num_perm))
+    return np.concatenate(parts).astype(np.uint32, copy=False) if parts else np.empty((0, num_perm), np.uint32)
 
 
 def band_groups(matrix: np.ndarray, config: MinhashConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,9 @@ class MinhashDedup(ClusterStage):
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         a, b = left.column(SIGNATURE), right.column(SIGNATURE)
         valid = np.asarray(pc.and_(pc.is_valid(a), pc.is_valid(b)), dtype=bool)
+        if not valid.all():
+            a, b = a.filter(valid), b.filter(valid)
         ok = np.zeros(len(valid), bool)
         n = self.config.num_perm
-        ok[valid] = similar(from_arrow(a.filter(valid), n), from_arrow(b.filter(valid), n), self.config.threshold)
+        ok[valid] = similar(from_arrow(a, n), from_arrow(b, n), self.config.threshold)
         return pa.array(ok, pa.bool_())

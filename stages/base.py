@@ -231,27 +231,40 @@ class ClusterStage(GlobalStage):
         return decisions(keys, self.reason, keepers)
 
 
+VERIFY_BATCH = 65_536  # candidate pairs handed to one verify() call: bounds memory, stays in cache
+
+
 def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Key pairs ``(a, b)``, ``a < b``, of rows sharing a group: every pair in small groups, and each
     member with the group's smallest key in groups larger than ``max_group_size``. Sorted, distinct."""
-    keys, codes = _key_codes(groups.column("key"))
     group = groups.column("group").to_numpy()
-    order = np.lexsort((codes, group))
-    group, codes = group[order], codes[order]
-    distinct = np.ones(len(codes), bool)
-    distinct[1:] = (group[1:] != group[:-1]) | (codes[1:] != codes[:-1])
-    group, codes = group[distinct], codes[distinct]
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else np.empty(0, np.int64)
-    lengths = np.diff(np.r_[starts, len(group)])
+    order = np.argsort(group)
+    run = np.cumsum(np.r_[False, group[order][1:] != group[order][:-1]]) if len(group) else np.empty(0, np.int64)
+    shared = np.bincount(run)[run] > 1 if len(run) else np.empty(0, bool)  # most groups are singletons: drop them first
+    keys, codes = _key_codes(groups.column("key").take(pa.array(order[shared])))
+    run, codes = _sorted_distinct(run[shared], codes)
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.empty(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(run)])
     sizes = np.repeat(lengths, lengths)
-    position = np.arange(len(group)) - np.repeat(starts, lengths)
+    position = np.arange(len(run)) - np.repeat(starts, lengths)
     # Members pair with every later member; in a large group only the first member pairs, with all.
     partners = np.where(sizes > max_group_size, np.where(position == 0, sizes - 1, 0), sizes - 1 - position)
     left = np.repeat(codes, partners)
     offset = np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
     right = codes[np.repeat(np.arange(len(codes)) + 1, partners) + offset]
-    pairs = np.unique(left * len(keys) + right)
-    return _strings(keys, pairs // max(len(keys), 1)), _strings(keys, pairs % max(len(keys), 1))
+    left, right = _sorted_distinct(left, right)
+    return _strings(keys, left), _strings(keys, right)
+
+
+def _sorted_distinct(major: np.ndarray, minor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``(major, minor)`` pairs of non-negative ints, sorted: one sort of the pairs packed
+    into int64, much faster than lexsort or np.unique."""
+    span = int(minor.max()) + 1 if len(minor) else 1
+    if len(major) and int(major.max()) >= np.iinfo(np.int64).max // span:
+        raise ValueError("too many candidate rows to pack into int64")
+    packed = np.sort(major.astype(np.int64) * span + minor)
+    packed = packed[np.r_[True, packed[1:] != packed[:-1]]] if len(packed) else packed
+    return packed // span, packed % span
 
 
 def _key_codes(keys: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
@@ -267,14 +280,16 @@ def _strings(keys: pa.Array, codes: np.ndarray) -> np.ndarray:
 
 
 def verified_edges(stage: ClusterStage, table: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate pairs that ``stage.verify`` confirms."""
+    """The candidate pairs that ``stage.verify`` confirms (checked in slices of ``VERIFY_BATCH`` pairs)."""
     if len(left) == 0:
         return left, right
-    keys = table.column("key")
-    cols = list(stage.global_columns)
-    a = table.select(cols).take(pc.index_in(pa.array(left, pa.string()), value_set=keys))
-    b = table.select(cols).take(pc.index_in(pa.array(right, pa.string()), value_set=keys))
-    ok = np.asarray(pc.fill_null(stage.verify(a, b), False), dtype=bool)
+    columns = table.select(list(stage.global_columns))
+    rows = pc.index_in(pa.array(np.concatenate([left, right]), pa.string()), value_set=table.column("key")).to_numpy(zero_copy_only=False)
+    a, b = rows[: len(left)], rows[len(left) :]
+    ok = np.zeros(len(left), bool)
+    for i in range(0, len(left), VERIFY_BATCH):
+        part = slice(i, i + VERIFY_BATCH)
+        ok[part] = np.asarray(pc.fill_null(stage.verify(columns.take(a[part]), columns.take(b[part])), False), dtype=bool)
     return left[ok], right[ok]
 
 

@@ -149,7 +149,13 @@ def test_decision_does_not_depend_on_shards_or_row_order(caption_corpus: dict) -
 
 def test_signature_column_round_trips() -> None:
     stage = MinhashDedup(MinhashConfig(num_perm=32))
-    processed = stage.process(reject(pa.table({"key": ["a", "b"], "caption": ["one two three four", None]}), np.zeros(2, bool), "x"))
+    captions = ["one two three four", None, "five six seven", "eight"]
+    processed = stage.process(reject(pa.table({"key": ["a", "b", "c", "d"], "caption": captions}), np.zeros(4, bool), "x"))
     column = processed.column(SIGNATURE)
-    assert column.type == pa.list_(pa.int32()) and pc.list_value_length(column).to_pylist() == [32, None]
-    assert from_arrow(column.filter(pc.is_valid(column)), 32).shape == (1, 32)
+    assert column.type == pa.binary() and pc.binary_length(column).to_pylist() == [128, None, 128, 128]
+    cfg = stage.config
+    expected = signatures(*shingle_hashes(pa.array([c for c in captions if c]), cfg), cfg)
+    chunked = pa.chunked_array([column.slice(0, 1), column.slice(2, 2)])  # sliced chunks, as after a filter
+    assert np.array_equal(from_arrow(chunked, 32), expected)
+    with pytest.raises(ValueError):
+        from_arrow(column, 32)  # a null signature
