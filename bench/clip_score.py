@@ -64,7 +64,9 @@ def naive(model_name: str, images: list[bytes], captions: list[str], device: str
 
 
 def stage(model_name: str, images: list[bytes], captions: list[str], args: argparse.Namespace) -> tuple[float, np.ndarray]:
-    clip = ClipScore.from_params({"model": model_name, "min_score": None, "batch_size": args.batch_size, "workers": args.workers, "device": args.device})
+    clip = ClipScore.from_params(
+        {"model": model_name, "min_score": None, "batch_size": args.batch_size, "workers": args.workers, "device": args.device}
+    )
     clip.setup()
     n = len(images)
     table = pa.table({"key": [str(i) for i in range(n)], "image": images, "caption": captions, "reject_reason": pa.nulls(n, pa.string())})
@@ -89,10 +91,11 @@ def main() -> None:
         stage(model_name, images[:4], captions[:4], args)
         naive_s, naive_scores = naive(model_name, images, captions, args.device)
         stage_s, stage_scores = stage(model_name, images, captions, args)
+    stage_label = f"clip_score stage (batch {args.batch_size}, {args.workers} decode threads)"
     print(f"naive open_clip loop (1 pair at a time): {args.images / naive_s:8.1f} pairs/s  ({naive_s:.1f} s)")
-    print(f"clip_score stage (batch {args.batch_size}, {args.workers} decode threads): {args.images / stage_s:8.1f} pairs/s  ({stage_s:.1f} s)")
-    print(f"speed-up: {naive_s / stage_s:.2f}x; max |score difference| {np.max(np.abs(naive_scores - stage_scores)):.4f} (JPEG draft decoding, bf16 on GPU)")
-
+    print(f"{stage_label}: {args.images / stage_s:8.1f} pairs/s  ({stage_s:.1f} s)")
+    difference = np.max(np.abs(naive_scores - stage_scores))
+    print(f"speed-up: {naive_s / stage_s:.2f}x; max |score difference| {difference:.4f} (JPEG draft decoding; bf16 on a GPU)")
 
 if __name__ == "__main__":
     main()

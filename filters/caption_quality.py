@@ -32,7 +32,9 @@ _FILENAME = re.compile(
     r"|\w+(?:[-_]\w+){2,})",  # URL slugs: three or more words joined by - or _
     re.IGNORECASE,
 )
-_URL = re.compile(r"(?:https?://|www\.)\S+|[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|edu|gov|io|co|info|biz|de|uk|ru|fr|jp|cn)(?:/\S*)?", re.IGNORECASE)
+_URL = re.compile(
+    r"(?:https?://|www\.)\S+|[\w-]+(?:\.[\w-]+)*\.(?:com|net|org|edu|gov|io|co|info|biz|de|uk|ru|fr|jp|cn)(?:/\S*)?", re.IGNORECASE
+)
 _PLACEHOLDER_WORDS = (
     "image|images|img|photo|photos|picture|pic|thumbnail|thumb|untitled|untitled image|no title|no image|no photo|"
     "no description|no description available|image not found|image not available|alt|alt text|placeholder|default|"

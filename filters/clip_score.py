@@ -79,7 +79,7 @@ class ClipScore(Stage):
         self._tokenizer = tokenizer
         self._device = torch.device(device)
         bf16 = c.precision == "bf16" or (c.precision == "auto" and self._device.type == "cuda")
-        self._autocast = dict(device_type=self._device.type, dtype=torch.bfloat16, enabled=bf16)
+        self._autocast = {"device_type": self._device.type, "dtype": torch.bfloat16, "enabled": bf16}
         self._draft = _input_size(preprocess)
 
     def _prepare(self, data: bytes | None) -> Any:

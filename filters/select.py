@@ -63,7 +63,7 @@ class Select(Stage):
 
     def __new__(cls, config: SelectConfig | None = None) -> Select:
         if cls is Select and config is not None and config.top_fraction:
-            cls = TopFractionSelect
+            return super().__new__(TopFractionSelect)
         return super().__new__(cls)
 
     def process(self, batch: pa.Table) -> pa.Table:

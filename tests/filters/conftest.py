@@ -28,20 +28,22 @@ def photos(photo_dir: Path) -> pa.Table:
         rows = sorted(csv.DictReader(f), key=lambda r: r["file"])
     n = len(rows)
     int32 = pa.int32()
-    return pa.table({
-        "key": [r["file"].rsplit(".", 1)[0] for r in rows],
-        "url": [f"https://photos.example.org/{r['file']}" for r in rows],
-        "caption": [r["caption_if_known"] or None for r in rows],
-        "image": [(photo_dir / r["file"]).read_bytes() for r in rows],
-        "image_format": ["png" if r["format"] == "PNG" else "jpg" for r in rows],
-        "width": pa.array([int(r["width"]) for r in rows], int32),
-        "height": pa.array([int(r["height"]) for r in rows], int32),
-        "original_width": pa.array([int(r["width"]) for r in rows], int32),
-        "original_height": pa.array([int(r["height"]) for r in rows], int32),
-        "status": ["ok"] * n,
-        "reject_stage": pa.nulls(n, pa.string()),
-        "reject_reason": pa.nulls(n, pa.string()),
-    })
+    return pa.table(
+        {
+            "key": [r["file"].rsplit(".", 1)[0] for r in rows],
+            "url": [f"https://photos.example.org/{r['file']}" for r in rows],
+            "caption": [r["caption_if_known"] or None for r in rows],
+            "image": [(photo_dir / r["file"]).read_bytes() for r in rows],
+            "image_format": ["png" if r["format"] == "PNG" else "jpg" for r in rows],
+            "width": pa.array([int(r["width"]) for r in rows], int32),
+            "height": pa.array([int(r["height"]) for r in rows], int32),
+            "original_width": pa.array([int(r["width"]) for r in rows], int32),
+            "original_height": pa.array([int(r["height"]) for r in rows], int32),
+            "status": ["ok"] * n,
+            "reject_stage": pa.nulls(n, pa.string()),
+            "reject_reason": pa.nulls(n, pa.string()),
+        }
+    )
 
 
 @pytest.fixture(scope="session")

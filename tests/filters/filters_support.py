@@ -40,5 +40,12 @@ def write_dataset(folder: Path, table: pa.Table, shards: int = 2) -> Path:
     size = -(-table.num_rows // shards)
     for shard in range(shards):
         part = table.slice(shard * size, size)
-        write_shard(out, spec, shard, part, part.column_names, {"shard": shard, "rows_in": part.num_rows, "kept": part.num_rows, "rejected": 0, "stages": []})
+        write_shard(
+            out,
+            spec,
+            shard,
+            part,
+            part.column_names,
+            {"shard": shard, "rows_in": part.num_rows, "kept": part.num_rows, "rejected": 0, "stages": []},
+        )
     return folder

@@ -14,7 +14,13 @@ from mmcurate.filters.caption_quality import CaptionQuality, normalize_caption
 
 
 def run(captions: list[str | None], **params) -> pa.Table:
-    t = pa.table({"key": [f"k{i}" for i in range(len(captions))], "caption": pa.array(captions, pa.string()), "reject_reason": pa.nulls(len(captions), pa.string())})
+    t = pa.table(
+        {
+            "key": [f"k{i}" for i in range(len(captions))],
+            "caption": pa.array(captions, pa.string()),
+            "reject_reason": pa.nulls(len(captions), pa.string()),
+        }
+    )
     return CaptionQuality.from_params(params).process(t)
 
 
@@ -97,7 +103,15 @@ def test_real_laion_captions(laion_sample: Path) -> None:
     out = run(captions)
     reasons = out.column("reject_reason").to_pylist()
     assert 0.9 < reasons.count(None) / len(reasons) < 1.0
-    assert set(reasons) <= {None, "caption_too_short", "caption_filename", "caption_url", "caption_placeholder", "caption_html", "caption_repeated_chars"}
+    assert set(reasons) <= {
+        None,
+        "caption_too_short",
+        "caption_filename",
+        "caption_url",
+        "caption_placeholder",
+        "caption_html",
+        "caption_repeated_chars",
+    }
     assert not any("<br>" in c or "&quot;" in c for c in out.column("caption").to_pylist())
 
 

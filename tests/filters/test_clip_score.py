@@ -61,12 +61,14 @@ def test_batch_size_does_not_change_scores(tiny_clip: str, photos: pa.Table) -> 
 
 def test_bad_rows_get_reasons_not_a_crash(clip: ClipScore, photos: pa.Table) -> None:
     good = photos.column("image")[0].as_py()
-    t = pa.table({
-        "key": ["ok", "truncated", "garbage", "no_image", "no_caption"],
-        "image": [good, good[: len(good) // 3], b"<html>not an image</html>", None, good],
-        "caption": ["A plate of food.", "A plate of food.", "A plate of food.", "A plate of food.", "  "],
-        "reject_reason": pa.nulls(5, pa.string()),
-    })
+    t = pa.table(
+        {
+            "key": ["ok", "truncated", "garbage", "no_image", "no_caption"],
+            "image": [good, good[: len(good) // 3], b"<html>not an image</html>", None, good],
+            "caption": ["A plate of food.", "A plate of food.", "A plate of food.", "A plate of food.", "  "],
+            "reject_reason": pa.nulls(5, pa.string()),
+        }
+    )
     out = clip.process(t)
     scores = out.column("clip_score").to_pylist()
     assert scores[0] is not None and scores[2:] == [None, None, None]
@@ -100,7 +102,23 @@ def test_model_errors_are_usage_errors(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table, tiny_clip: str) -> None:
     out = tmp_path / "out"
-    assert run_cli("stage", "clip_score", "--input", str(photo_dataset), "--output", str(out), "--set", f"model={tiny_clip}", "--set", "min_score=0.0", "--set", "batch_size=16") == 0
+    assert (
+        run_cli(
+            "stage",
+            "clip_score",
+            "--input",
+            str(photo_dataset),
+            "--output",
+            str(out),
+            "--set",
+            f"model={tiny_clip}",
+            "--set",
+            "min_score=0.0",
+            "--set",
+            "batch_size=16",
+        )
+        == 0
+    )
     table, rejected = kept(out), rejects(out)
     assert table.num_rows + len(rejected) == photos.num_rows
     assert table.column("clip_score").null_count == 0 and pc.min(table.column("clip_score")).as_py() >= 0.0

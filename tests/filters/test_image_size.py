@@ -14,14 +14,16 @@ from mmcurate.filters.image_size import AspectRatio, ImageSize
 
 def table(sizes: list[tuple[int | None, int | None]], stored: list[tuple[int | None, int | None]] | None = None) -> pa.Table:
     stored = stored or [(None, None)] * len(sizes)
-    return pa.table({
-        "key": [f"k{i}" for i in range(len(sizes))],
-        "original_width": pa.array([w for w, _ in sizes], pa.int32()),
-        "original_height": pa.array([h for _, h in sizes], pa.int32()),
-        "width": pa.array([w for w, _ in stored], pa.int32()),
-        "height": pa.array([h for _, h in stored], pa.int32()),
-        "reject_reason": pa.nulls(len(sizes), pa.string()),
-    })
+    return pa.table(
+        {
+            "key": [f"k{i}" for i in range(len(sizes))],
+            "original_width": pa.array([w for w, _ in sizes], pa.int32()),
+            "original_height": pa.array([h for _, h in sizes], pa.int32()),
+            "width": pa.array([w for w, _ in stored], pa.int32()),
+            "height": pa.array([h for _, h in stored], pa.int32()),
+            "reject_reason": pa.nulls(len(sizes), pa.string()),
+        }
+    )
 
 
 def reasons(stage, t: pa.Table) -> list[str | None]:
@@ -44,12 +46,21 @@ def test_image_size_reads_the_source_size_not_the_stored_one() -> None:
 
 def test_aspect_ratio_both_orientations_and_asymmetric_bounds() -> None:
     t = table([(600, 100), (601, 100), (100, 601), (300, 100), (100, 0), (None, 5)])
-    assert reasons(AspectRatio.from_params({"max_ratio": 6}), t) == [None, "extreme_aspect_ratio", "extreme_aspect_ratio", None, "image_size_unknown", "image_size_unknown"]
+    assert reasons(AspectRatio.from_params({"max_ratio": 6}), t) == [
+        None,
+        "extreme_aspect_ratio",
+        "extreme_aspect_ratio",
+        None,
+        "image_size_unknown",
+        "image_size_unknown",
+    ]
     wide_only = AspectRatio.from_params({"max_ratio": None, "min_width_ratio": 1.0})
     assert reasons(wide_only, t)[:4] == [None, None, "extreme_aspect_ratio", None]
 
 
-@pytest.mark.parametrize("params", [{"min_side": 0}, {"min_side": 500, "max_side": 100}, {"max_ratio": 0.5}, {"min_width_ratio": 2, "max_width_ratio": 1}])
+@pytest.mark.parametrize(
+    "params", [{"min_side": 0}, {"min_side": 500, "max_side": 100}, {"max_ratio": 0.5}, {"min_width_ratio": 2, "max_width_ratio": 1}]
+)
 def test_bad_options_are_usage_errors(params: dict) -> None:
     stage = ImageSize if set(params) & {"min_side", "max_side"} else AspectRatio
     with pytest.raises(UsageError):
@@ -58,15 +69,40 @@ def test_bad_options_are_usage_errors(params: dict) -> None:
 
 def test_cli_datacomp_size_rules_on_real_photos(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     """`mmcurate stage image_size` then `aspect_ratio` on the photos; decisions follow the manifest sizes."""
-    sizes = dict(zip(photos.column("key").to_pylist(), zip(photos.column("original_width").to_pylist(), photos.column("original_height").to_pylist(), strict=True), strict=True))
+    sizes = dict(
+        zip(
+            photos.column("key").to_pylist(),
+            zip(photos.column("original_width").to_pylist(), photos.column("original_height").to_pylist(), strict=True),
+            strict=True,
+        )
+    )
     small = tmp_path / "small"
-    assert run_cli("stage", "image_size", "--input", str(photo_dataset), "--output", str(small), "--output-format", "parquet", "--set", "min_side=200") == 0
+    assert (
+        run_cli(
+            "stage",
+            "image_size",
+            "--input",
+            str(photo_dataset),
+            "--output",
+            str(small),
+            "--output-format",
+            "parquet",
+            "--set",
+            "min_side=200",
+        )
+        == 0
+    )
     expected_small = {k for k, (w, h) in sizes.items() if min(w, h) < 200}
     assert expected_small and set(rejects(small)) == expected_small
     assert set(rejects(small).values()) == {"image_too_small"}
 
     ratio = tmp_path / "ratio"
-    assert run_cli("stage", "aspect_ratio", "--input", str(small), "--output", str(ratio), "--output-format", "parquet", "--set", "max_ratio=2") == 0
+    assert (
+        run_cli(
+            "stage", "aspect_ratio", "--input", str(small), "--output", str(ratio), "--output-format", "parquet", "--set", "max_ratio=2"
+        )
+        == 0
+    )
     expected_ratio = {k for k, (w, h) in sizes.items() if k not in expected_small and max(w, h) / min(w, h) > 2}
     assert expected_ratio and set(rejects(ratio)) == expected_ratio
     assert kept(ratio).num_rows == len(sizes) - len(expected_small) - len(expected_ratio)

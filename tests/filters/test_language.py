@@ -21,7 +21,13 @@ def language() -> Language:
 
 
 def table(captions: list[str | None]) -> pa.Table:
-    return pa.table({"key": [f"k{i}" for i in range(len(captions))], "caption": pa.array(captions, pa.string()), "reject_reason": pa.nulls(len(captions), pa.string())})
+    return pa.table(
+        {
+            "key": [f"k{i}" for i in range(len(captions))],
+            "caption": pa.array(captions, pa.string()),
+            "reject_reason": pa.nulls(len(captions), pa.string()),
+        }
+    )
 
 
 def test_top1_accuracy_on_6000_sentences(shared_data: Path, language: Language) -> None:
@@ -40,7 +46,15 @@ def test_top1_accuracy_on_6000_sentences(shared_data: Path, language: Language) 
 
 
 def test_filter_keep_list_threshold_and_missing(language: Language) -> None:
-    t = table(["A dog is running on the beach with a ball.", "Un chien court sur la plage avec une balle.", None, "ok", "这是一只在海滩上奔跑的狗"])
+    t = table(
+        [
+            "A dog is running on the beach with a ball.",
+            "Un chien court sur la plage avec une balle.",
+            None,
+            "ok",
+            "这是一只在海滩上奔跑的狗",
+        ]
+    )
     out = language.process(t)
     assert out.column("language").to_pylist() == ["en", "fr", None, "en", "zh"]
     assert out.column("reject_reason").to_pylist() == [None, "unwanted_language", "caption_missing", None, "unwanted_language"]
@@ -72,7 +86,9 @@ def test_codes_and_model_path(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     out = tmp_path / "out"
-    assert run_cli("stage", "language", "--input", str(photo_dataset), "--output", str(out), "--set", "keep=en", "--set", "min_score=0.3") == 0
+    assert (
+        run_cli("stage", "language", "--input", str(photo_dataset), "--output", str(out), "--set", "keep=en", "--set", "min_score=0.3") == 0
+    )
     table = kept(out)
     assert set(table.column("language").to_pylist()) == {"en"}
     assert all(s >= 0.3 for s in table.column("language_score").to_pylist())

@@ -38,7 +38,13 @@ def test_scores_only_exposed_classes(nsfw: Nsfw, photos: pa.Table, photo_dir: Pa
 
 
 def test_bad_rows_and_threshold(nsfw: Nsfw, photo_dir: Path) -> None:
-    t = pa.table({"key": ["a", "b", "c"], "image": [(photo_dir / "skimage_astronaut.png").read_bytes(), b"nope", None], "reject_reason": pa.nulls(3, pa.string())})
+    t = pa.table(
+        {
+            "key": ["a", "b", "c"],
+            "image": [(photo_dir / "skimage_astronaut.png").read_bytes(), b"nope", None],
+            "reject_reason": pa.nulls(3, pa.string()),
+        }
+    )
     out = nsfw.process(t)
     assert out.column("nsfw_score").to_pylist()[1:] == [None, None]
     assert out.column("reject_reason").to_pylist() == [None, "decode_error", "image_missing"]

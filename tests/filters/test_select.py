@@ -17,12 +17,14 @@ from mmcurate.stages.base import GlobalStage
 
 
 def scored() -> pa.Table:
-    return pa.table({
-        "key": ["a", "b", "c", "d", "e", "f"],
-        "clip_score": pa.array([0.30, 0.28, 0.10, None, 0.50, 0.30], pa.float32()),
-        "nsfw_score": pa.array([0.1, 0.9, 0.2, 0.1, 0.5, 0.0], pa.float32()),
-        "reject_reason": pa.nulls(6, pa.string()),
-    })
+    return pa.table(
+        {
+            "key": ["a", "b", "c", "d", "e", "f"],
+            "clip_score": pa.array([0.30, 0.28, 0.10, None, 0.50, 0.30], pa.float32()),
+            "nsfw_score": pa.array([0.1, 0.9, 0.2, 0.1, 0.5, 0.0], pa.float32()),
+            "reject_reason": pa.nulls(6, pa.string()),
+        }
+    )
 
 
 def test_thresholds_are_inclusive_and_missing_scores_rejected() -> None:
@@ -42,16 +44,25 @@ def test_top_fraction_is_a_global_stage() -> None:
     assert survivors.column("key").to_pylist() == ["a", "b", "e", "f"]
     decision = stage.decide(survivors)
     # Best 2 of 4: e (0.5), then the 0.30 tie broken by key: a before f.
-    assert dict(zip(decision.column("key").to_pylist(), decision.column("reject_reason").to_pylist(), strict=True)) == {"f": "clip_score_not_top", "b": "clip_score_not_top"}
+    assert dict(zip(decision.column("key").to_pylist(), decision.column("reject_reason").to_pylist(), strict=True)) == {
+        "f": "clip_score_not_top",
+        "b": "clip_score_not_top",
+    }
 
 
 def test_several_fractions_reject_independently() -> None:
     t = pa.table({"key": list("abcd"), "x": [4.0, 3.0, 2.0, 1.0], "y": [1, 2, 3, 4]})
     decision = Select.from_params({"top_fraction": {"x": 0.5, "y": 0.75}}).decide(t)
-    assert dict(zip(decision.column("key").to_pylist(), decision.column("reject_reason").to_pylist(), strict=True)) == {"c": "x_not_top", "d": "x_not_top", "a": "y_not_top"}
+    assert dict(zip(decision.column("key").to_pylist(), decision.column("reject_reason").to_pylist(), strict=True)) == {
+        "c": "x_not_top",
+        "d": "x_not_top",
+        "a": "y_not_top",
+    }
 
 
-@pytest.mark.parametrize("params", [{}, {"min": {"clip_score": "high"}}, {"top_fraction": {"clip_score": 1.5}}, {"top_fraction": {"clip_score": 0}}])
+@pytest.mark.parametrize(
+    "params", [{}, {"min": {"clip_score": "high"}}, {"top_fraction": {"clip_score": 1.5}}, {"top_fraction": {"clip_score": 0}}]
+)
 def test_bad_options(params: dict) -> None:
     with pytest.raises(UsageError):
         Select.from_params(params)
@@ -67,21 +78,67 @@ def test_missing_or_text_column_is_a_usage_error() -> None:
 def test_score_once_select_many(tmp_path: Path, photo_dataset: Path, photos: pa.Table, tiny_clip: str) -> None:
     """Score with clip_score in score mode, then select by threshold and by top fraction from the stored column."""
     scored_out = tmp_path / "scored"
-    assert run_cli("stage", "clip_score", "--input", str(photo_dataset), "--output", str(scored_out), "--output-format", "parquet", "--set", f"model={tiny_clip}", "--set", "mode=score") == 0
+    assert (
+        run_cli(
+            "stage",
+            "clip_score",
+            "--input",
+            str(photo_dataset),
+            "--output",
+            str(scored_out),
+            "--output-format",
+            "parquet",
+            "--set",
+            f"model={tiny_clip}",
+            "--set",
+            "mode=score",
+        )
+        == 0
+    )
     table = kept(scored_out)
     scores = dict(zip(table.column("key").to_pylist(), table.column("clip_score").to_pylist(), strict=True))
     assert len(scores) == photos.num_rows
 
     threshold = float(np.median([s for s in scores.values() if s is not None]))
     by_select = tmp_path / "by_select"
-    assert run_cli("stage", "select", "--input", str(scored_out), "--output", str(by_select), "--set", f"min={{clip_score: {threshold}}}") == 0
+    assert (
+        run_cli("stage", "select", "--input", str(scored_out), "--output", str(by_select), "--set", f"min={{clip_score: {threshold}}}") == 0
+    )
     by_filter = tmp_path / "by_filter"
-    assert run_cli("stage", "clip_score", "--input", str(photo_dataset), "--output", str(by_filter), "--set", f"model={tiny_clip}", "--set", f"min_score={threshold}") == 0
+    assert (
+        run_cli(
+            "stage",
+            "clip_score",
+            "--input",
+            str(photo_dataset),
+            "--output",
+            str(by_filter),
+            "--set",
+            f"model={tiny_clip}",
+            "--set",
+            f"min_score={threshold}",
+        )
+        == 0
+    )
     assert set(kept(by_select).column("key").to_pylist()) == set(kept(by_filter).column("key").to_pylist())
     assert kept(by_select).column("clip_score").null_count == 0  # the stored score travels on
 
     top = tmp_path / "top"
-    assert run_cli("stage", "select", "--input", str(scored_out), "--output", str(top), "--set", "top_fraction={clip_score: 0.3}", "--rows-per-shard", "20") == 0
+    assert (
+        run_cli(
+            "stage",
+            "select",
+            "--input",
+            str(scored_out),
+            "--output",
+            str(top),
+            "--set",
+            "top_fraction={clip_score: 0.3}",
+            "--rows-per-shard",
+            "20",
+        )
+        == 0
+    )
     valid = {k: s for k, s in scores.items() if s is not None}
     best = sorted(valid, key=lambda k: (-valid[k], k))[: round(0.3 * len(valid))]
     assert set(kept(top).column("key").to_pylist()) == set(best)
