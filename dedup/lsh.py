@@ -71,8 +71,8 @@ def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
     for chunk in chunks:
-        chunk = chunk.cast(pa.large_binary())
-        offsets = np.frombuffer(chunk.buffers()[1], np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], width)[chunk.offset : chunk.offset + len(chunk) + 1]
         if chunk.null_count or np.any(np.diff(offsets) != num_perm * _SLOT.itemsize):
             raise ValueError(f"_minhash signatures must all be {num_perm} slots")
         data = np.frombuffer(chunk.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]

@@ -25,7 +25,7 @@ def normalise(texts: pa.Array | pa.ChunkedArray, config: MinhashConfig) -> pa.Ar
         texts = pc.utf8_lower(texts)
     if config.strip_punctuation:
         texts = pc.replace_substring_regex(texts, r"[\p{P}\p{S}]+", "")
-    texts = pc.utf8_trim_whitespace(pc.replace_substring_regex(texts, r"[\s\p{Z}]+", " "))
+    texts = pc.binary_join(pc.utf8_split_whitespace(pc.utf8_trim_whitespace(texts)), " ")  # faster than a regex
     texts = pc.fill_null(texts, "")
     return texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
 
