@@ -40,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name")
     _add_io(stage, required=True)
 
+    submit = sub.add_parser("submit", help="submit a pipeline to a Ray cluster as a Ray job (Ray Jobs API)")
+    submit.add_argument("pipeline")
+    submit.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    submit.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement Ray installs for the job, e.g. 'mmcurate[ray]' (repeatable)")
+    submit.add_argument("--job-id", help="submission id (default: generated)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job, print its logs; exit 1 unless it succeeded")
+    _add_io(submit, required=False)
+
+    jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted Ray job")
+    jobs.add_argument("action", choices=("status", "logs", "stop"))
+    jobs.add_argument("job_id")
+    jobs.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+
     for name, text in (("inspect", "schema, rows, samples and null counts of a dataset"), ("validate", "check every shard against the schema"), ("stats", "rows kept and rejected by stage and reason")):
         p = sub.add_parser(name, help=text)
         p.add_argument("path")
@@ -61,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline_from_args(args: argparse.Namespace):
     from mmcurate.pipelines.config import StageSpec, apply_overrides, load_pipeline, parse_pipeline
 
-    if args.command == "run":
+    if args.command in ("run", "submit"):
         pipeline = load_pipeline(args.pipeline, {"input": args.input, "output": args.output})
     else:
         pipeline = parse_pipeline({"input": {"path": args.input}, "output": {"path": args.output}, "stages": []})
@@ -107,6 +120,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         pipeline = _pipeline_from_args(args)
         _print_summary(run_pipeline(pipeline, progress=not args.no_progress), pipeline.output.path)
         return 0
+    if args.command in ("submit", "jobs"):
+        from mmcurate.jobs.submit import command
+
+        return command(args, _pipeline_from_args(args) if args.command == "submit" else None)
     if args.command == "demo":
         from mmcurate.examples.demo import run_demo
 

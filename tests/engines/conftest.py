@@ -189,6 +189,12 @@ def _read_kept(out: OutputDir, shard_id: int) -> pa.Table:
 
 
 @pytest.fixture
+def output_of():
+    """:func:`read_output` for tests."""
+    return read_output
+
+
+@pytest.fixture
 def run_and_read():
     """Run a pipeline and return (summary, read_output(its output))."""
 
