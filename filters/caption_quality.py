@@ -5,10 +5,11 @@ decodes HTML entities, HTML tags are removed and whitespace is collapsed. Counts
 run on the normalised text, so later stages (language, CLIP) see the clean caption too.
 
 Reasons, in the order they are checked: ``caption_missing``, ``caption_url`` (a bare URL),
-``caption_filename`` (``IMG_1234.jpg``, ``DSC01234``, ``red-summer-dress-2019``), ``caption_placeholder`` (``image``, ``untitled``,
-``lorem ipsum``...), ``caption_html`` (markup left after normalisation), ``caption_repeated_chars``
-(one non-digit character ``max_repeat`` times or more in a row), ``caption_too_short``,
-``caption_too_long``.
+``caption_filename`` (``IMG_1234.jpg``, ``DSC01234``, ``red-summer-dress-2019``),
+``caption_placeholder`` (``image``, ``untitled``, ``lorem ipsum``...), ``caption_html`` (markup
+left after normalisation), ``caption_repeated_chars`` (one non-digit character ``max_repeat``
+times or more in a row), ``caption_too_short``, ``caption_too_long``. ``junk`` picks the
+pattern checks to apply (``[]``: counts and length bounds only).
 """
 
 from __future__ import annotations
