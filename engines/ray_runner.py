@@ -1,16 +1,19 @@
 """The Ray engine: each segment of the pipeline is one streaming Ray Data plan.
 
 ```
-shard ids -> read (task) -> one map_batches per stage -> write per shard id (task)
+shard ids -> [read, CPU stages] -> [GPU stage] -> [CPU stages, write per shard id]
 ```
-Stages without ``setup()`` run as Ray tasks (Ray fuses consecutive ones with the read and write
-into one task per shard); stages with ``setup()`` or GPUs run as actor pools whose ``__init__`` calls
-``setup()``, sized from ``Stage.resources``. Every block is one whole shard: batches are whole blocks
-(``batch_size=None``; a stage's own ``batch_size`` slices inside :func:`engines.core.apply_stage`) and
-Ray's output-block splitting is switched off, so the writer sees whole shards and writes the same
-files, per shard id, as the local runner. Each row carries ``_shard`` and ``_rejected_at`` (the
-pipeline position of the stage that rejected it, -1 for the reader), from which the writer derives
-the shard's stats, equal to the local runner's but for timings.
+Each bracket is one ``map_batches(batch_format="pyarrow")``: a :class:`Chain` of steps cut at GPU
+stages. A chain whose stages have no ``setup()`` runs as Ray tasks; one with ``setup()`` or a GPU
+runs as an actor pool whose ``__init__`` calls ``setup()``, sized from ``Stage.resources`` (GPU
+stages: one actor per ``gpus`` of the cluster; CPU chains: 1 to CPUs / ``cpus`` actors).
+
+Every block is one whole shard: batches are whole blocks (``batch_size=None``; a stage's own
+``batch_size`` slices inside :func:`engines.core.apply_stage`) and Ray's output-block splitting is
+off, so the writer sees whole shards and writes the same files, per shard id, as the local runner.
+Each row carries ``_shard`` and ``_rejected_at`` (the pipeline position of the stage that rejected
+it, -1 for the reader), from which the writer derives the shard's stats, equal to the local
+runner's but for timings.
 
 Global stages run as Ray shuffles over the segment's intermediate files (see :mod:`ray_global`).
 """
@@ -21,6 +24,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,13 +81,9 @@ def connect(workers: int) -> bool:
 
 
 def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> None:
-    segment = ctx.segments[index]
-    positions = {id(stage): position for position, stage in enumerate(ctx.stages)}
-    applies = positions[id(segment.applies)] if segment.applies is not None else None
-    ds = shard_dataset(todo).map_batches(_read, fn_kwargs={"ctx": ctx, "segment": index, "applies": applies}, batch_format="pyarrow", batch_size=None)
-    for stage in segment.stages:
-        ds = _map_stage(ds, stage, positions[id(stage)])
-    ds = ds.map_batches(_write, fn_kwargs={"ctx": ctx, "segment": index}, batch_format="pyarrow", batch_size=None)
+    ds = shard_dataset(todo)
+    for chain in chains(ctx, index):
+        ds = _map_chain(ds, chain)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
     bar = tqdm(total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"ray {label}", disable=not progress or None, file=sys.stderr)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -91,50 +91,97 @@ def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -
     bar.close()
 
 
-def _map_stage(ds: ray.data.Dataset, stage: Stage, position: int) -> ray.data.Dataset:
-    """One ``map_batches`` for ``stage``: a task, or an actor pool sized from its resources."""
-    common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "udf_modifying_row_count": False}
-    if stage.resources.memory_gb:
-        common["memory"] = stage.resources.memory_gb * 2**30
-    if not needs_actor(stage):
-        return ds.map_batches(_apply, fn_kwargs={"stage": stage, "position": position}, num_cpus=stage.resources.cpus, **common)
-    size, gpus = pool_size(stage, ray.cluster_resources())
-    return ds.map_batches(
-        StageActor,
-        fn_constructor_kwargs={"stage": stage, "position": position},
-        compute=ray.data.ActorPoolStrategy(min_size=1 if not gpus else size, max_size=size),
-        num_cpus=stage.resources.cpus,
-        num_gpus=gpus,
-        **common,
-    )
+@dataclass
+class Chain:
+    """Consecutive steps of a segment that run in one Ray task or actor: the read (first chain),
+    stages with their pipeline positions, the write (last chain)."""
+
+    ctx: RunContext
+    segment: int
+    stages: list[tuple[Stage, int]]
+    read: bool
+    write: bool
+    applies: int | None = None  # position of the global stage whose decision the read applies
+
+    @property
+    def gpus(self) -> float:
+        return max((s.resources.gpus for s, _ in self.stages), default=0.0)
+
+    @property
+    def cpus(self) -> float:
+        return max((s.resources.cpus for s, _ in self.stages), default=1.0)
+
+    @property
+    def stateful(self) -> bool:
+        """Stages that load state in ``setup()`` or want a GPU keep it in long-lived actors."""
+        return any(type(s).setup is not Stage.setup or s.resources.gpus > 0 for s, _ in self.stages)
+
+    def setup(self) -> None:
+        for stage, _ in self.stages:
+            stage.setup()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.read:
+            batch = _read(batch, self.ctx, self.segment, self.applies)
+        for stage, position in self.stages:
+            batch = _apply(batch, stage, position)
+        return _write(batch, self.ctx, self.segment) if self.write else batch
 
 
-def needs_actor(stage: Stage) -> bool:
-    """Stages that load state in ``setup()`` or want a GPU keep it in a long-lived actor."""
-    return type(stage).setup is not Stage.setup or stage.resources.gpus > 0
+def chains(ctx: RunContext, index: int) -> list[Chain]:
+    """Cut segment ``index`` at its GPU stages: CPU stages share a worker with the read and write
+    next to them (no hand-over through the object store, and a small cluster's CPUs are not split
+    between pools); each GPU stage gets its own actor pool."""
+    segment = ctx.segments[index]
+    positions = {id(stage): position for position, stage in enumerate(ctx.stages)}
+    runs: list[list[tuple[Stage, int]]] = [[]]
+    for stage in segment.stages:
+        if stage.resources.gpus > 0:
+            runs += [[(stage, positions[id(stage)])], []]
+        else:
+            runs[-1].append((stage, positions[id(stage)]))
+    runs = [run for i, run in enumerate(runs) if run or i in (0, len(runs) - 1)]
+    applies = positions[id(segment.applies)] if segment.applies is not None else None
+    return [Chain(ctx, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
 
 
-def pool_size(stage: Stage, cluster: dict[str, float]) -> tuple[int, float]:
+def _map_chain(ds: ray.data.Dataset, chain: Chain) -> ray.data.Dataset:
+    """One ``map_batches`` for ``chain``: Ray tasks, or an actor pool sized from its resources."""
+    common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": chain.cpus}
+    memory = max((s.resources.memory_gb for s, _ in chain.stages), default=0.0)
+    if memory:
+        common["memory"] = memory * 2**30
+    if not chain.stateful:
+        return ds.map_batches(_run_chain, fn_kwargs={"chain": chain}, **common)
+    size, gpus = pool_size(chain.cpus, chain.gpus, ray.cluster_resources())
+    pool = ray.data.ActorPoolStrategy(size=size) if gpus else ray.data.ActorPoolStrategy(min_size=1, max_size=size)
+    return ds.map_batches(ChainActor, fn_constructor_kwargs={"chain": chain}, compute=pool, num_gpus=gpus, **common)
+
+
+def pool_size(cpus: float, gpus: float, cluster: dict[str, float]) -> tuple[int, float]:
     """(actors, GPUs per actor): as many actors as the cluster's GPUs (or CPUs) fit.
 
     A stage that asks for a GPU on a cluster without one runs on CPUs (stages pick their device).
     """
-    gpus = stage.resources.gpus if cluster.get("GPU", 0) >= stage.resources.gpus > 0 else 0.0
+    gpus = gpus if cluster.get("GPU", 0) >= gpus > 0 else 0.0
     if gpus:
         return max(1, int(cluster["GPU"] // gpus)), gpus
-    return max(1, int(cluster.get("CPU", 1) // max(stage.resources.cpus, 1e-3))), 0.0
+    return max(1, int(cluster.get("CPU", 1) // max(cpus, 1e-3))), 0.0
 
 
-class StageActor:
-    """A stage held in a Ray actor: ``setup()`` runs once, then every block goes through it."""
+def _run_chain(batch: pa.Table, chain: Chain) -> pa.Table:
+    return chain(batch)
 
-    def __init__(self, stage: Stage, position: int) -> None:
-        stage.setup()
-        self.stage = stage
-        self.position = position
+
+class ChainActor:
+    """A chain held in a Ray actor: ``setup()`` of its stages runs once, then every block goes through."""
+
+    def __init__(self, chain: Chain) -> None:
+        chain.setup()
+        self.chain = chain
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _apply(batch, self.stage, self.position)
+        return self.chain(batch)
 
 
 def _apply(batch: pa.Table, stage: Stage, position: int) -> pa.Table:
