@@ -3,8 +3,8 @@
 Resize modes follow img2dataset's: ``keep_ratio`` scales the smaller side to ``image_size``,
 ``center_crop`` then crops the centre square, ``keep_ratio_largest`` scales the larger side,
 ``border`` then pads to a white square, ``no`` keeps the size. JPEGs are decoded in draft mode at the
-smallest 1/2, 1/4 or 1/8 scale that still covers the target size, which makes downscaling about
-1.5x cheaper. EXIF orientation is applied; palette, greyscale, CMYK and alpha images become RGB
+smallest 1/2, 1/4 or 1/8 scale that still covers the target size; downscaling then averages
+areas (Pillow's BOX filter, as img2dataset's INTER_AREA) and upscaling uses Lanczos. EXIF orientation is applied; palette, greyscale, CMYK and alpha images become RGB
 (alpha composited on white); animated images keep their first frame.
 """
 
@@ -94,8 +94,8 @@ def _process(im: Image.Image, opts: DownloadConfig) -> Encoded | str:
         tw, th = target
         size = (th, tw) if swapped else (tw, th)
         if size != im.size:
-            upscale = size[0] > im.size[0]
-            im = im.resize(size, Image.Resampling.LANCZOS if upscale else Image.Resampling.BICUBIC, reducing_gap=None if upscale else 2.0)
+            # img2dataset's defaults: area averaging (BOX) down, Lanczos up.
+            im = im.resize(size, Image.Resampling.LANCZOS if size[0] > im.size[0] else Image.Resampling.BOX)
     if orientation in _TRANSPOSE:
         im = im.transpose(_TRANSPOSE[orientation])
     if target is not None:
