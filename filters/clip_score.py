@@ -63,8 +63,11 @@ class ClipScore(Stage):
         self.resources = Resources(cpus=1, gpus=1.0 if on_gpu else 0.0, memory_gb=2.0)
 
     def setup(self) -> None:
-        import open_clip
-        import torch
+        try:
+            import open_clip
+            import torch
+        except ImportError as e:
+            raise UsageError(f"clip_score needs {e.name}: pip install 'mmcurate[models]'") from None
 
         c = self.config
         device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

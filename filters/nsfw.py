@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mmcurate.errors import UsageError
 from mmcurate.filters.common import Mode, check_mode, decode_image, prefetched
 from mmcurate.stages.base import Resources, Stage, reject, set_column
 
@@ -69,7 +70,10 @@ class Nsfw(Stage):
     adds = ("nsfw_score",)
 
     def setup(self) -> None:
-        from nudenet import NudeDetector
+        try:
+            from nudenet import NudeDetector
+        except ImportError as e:
+            raise UsageError(f"nsfw needs {e.name}: pip install 'mmcurate[nsfw]'") from None
 
         self._detector = NudeDetector()
         self._classes = set(self.config.classes)

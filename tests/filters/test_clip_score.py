@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,9 @@ def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table, tiny_clip: s
     assert table.column("clip_score").null_count == 0 and pc.min(table.column("clip_score")).as_py() >= 0.0
     assert set(rejected.values()) <= {"caption_missing", "low_clip_score"}
     assert list(rejected.values()).count("caption_missing") == photos.column("caption").null_count
+
+
+def test_missing_package_is_a_usage_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if the models extra were not installed
+    with pytest.raises(UsageError, match=r"pip install 'mmcurate\[models\]'"):
+        ClipScore().setup()

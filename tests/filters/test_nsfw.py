@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,9 @@ def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     table = kept(out)
     assert table.num_rows == photos.num_rows and not rejects(out)
     assert table.column("nsfw_score").null_count == 0
+
+
+def test_missing_package_is_a_usage_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "nudenet", None)  # as if the nsfw extra were not installed
+    with pytest.raises(UsageError, match=r"pip install 'mmcurate\[nsfw\]'"):
+        Nsfw().setup()
