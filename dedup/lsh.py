@@ -77,7 +77,9 @@ def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
             raise ValueError(f"_minhash signatures must all be {num_perm} slots")
         data = np.frombuffer(chunk.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]
         parts.append(data.view(_SLOT).reshape(len(chunk), num_perm))
-    return np.concatenate(parts).astype(np.uint32, copy=False) if parts else np.empty((0, num_perm), np.uint32)
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.empty((0, num_perm), _SLOT)
 
 
 def band_groups(matrix: np.ndarray, config: MinhashConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -90,4 +92,4 @@ def band_groups(matrix: np.ndarray, config: MinhashConfig) -> tuple[np.ndarray, 
 def similar(left: np.ndarray, right: np.ndarray, threshold: float) -> np.ndarray:
     """Whether the estimated Jaccard similarity (fraction of equal slots) of aligned rows reaches ``threshold``."""
     needed = int(np.ceil(threshold * left.shape[1] - 1e-9))
-    return (left == right).sum(axis=1) >= needed
+    return np.count_nonzero(left == right, axis=1) >= needed

@@ -245,6 +245,14 @@ def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, 
     run, codes = _sorted_distinct(run[shared], codes)
     starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.empty(0, np.int64)
     lengths = np.diff(np.r_[starts, len(run)])
+    # Groups with the same members (copies share every LSH band) give the same pairs: expand one of
+    # them. Member sets are compared by a 64-bit fingerprint (a collision is ~2**-64 per pair of groups).
+    fingerprint = np.add.reduceat(_scramble(codes), starts) ^ _scramble(lengths) if len(starts) else np.empty(0, np.uint64)
+    first = np.zeros(len(starts), bool)
+    first[np.unique(fingerprint, return_index=True)[1]] = True
+    run, codes = run[np.repeat(first, lengths)], codes[np.repeat(first, lengths)]
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.empty(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(run)])
     sizes = np.repeat(lengths, lengths)
     position = np.arange(len(run)) - np.repeat(starts, lengths)
     # Members pair with every later member; in a large group only the first member pairs, with all.
@@ -254,6 +262,15 @@ def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, 
     right = codes[np.repeat(np.arange(len(codes)) + 1, partners) + offset]
     left, right = _sorted_distinct(left, right)
     return _strings(keys, left), _strings(keys, right)
+
+
+def _scramble(values: np.ndarray) -> np.ndarray:
+    """A 64-bit mix of non-negative ints (splitmix64's finaliser)."""
+    with np.errstate(over="ignore"):
+        x = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _sorted_distinct(major: np.ndarray, minor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
