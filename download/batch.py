@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -20,6 +21,7 @@ from mmcurate.download.fetch import Fetcher
 from mmcurate.download.images import Encoded, process_image
 from mmcurate.download.urls import parse_url
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
@@ -51,9 +53,13 @@ async def download_batch(urls: Sequence[object], config: DownloadConfig, pool: E
             if url is None:
                 return Outcome(reason or "bad_url")
             async with hosts[url.host or ""], slots:
-                fetched = await fetcher.fetch(url)
-                if fetched.data is None:
-                    return Outcome(fetched.status)
-                return await loop.run_in_executor(pool, _decode, fetched.data, config)
+                try:
+                    fetched = await fetcher.fetch(url)
+                    if fetched.data is None:
+                        return Outcome(fetched.status)
+                    return await loop.run_in_executor(pool, _decode, fetched.data, config)
+                except Exception:  # a bug in a library must cost one row, not the shard
+                    log.warning("unexpected error downloading %s", url, exc_info=True)
+                    return Outcome("download_error")
 
         return list(await asyncio.gather(*(one(u) for u in urls)))

@@ -74,6 +74,7 @@ class Server:
     def __init__(self, images: dict[str, bytes]) -> None:
         self.images = images
         self.hits: Counter[str] = Counter()
+        self.user_agents: set[str] = set()
         self.base = ""
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -120,6 +121,7 @@ class Server:
     @web.middleware
     async def _count(self, request: web.Request, handler):
         self.hits[request.path] += 1
+        self.user_agents.add(request.headers.get("User-Agent", ""))
         return await handler(request)
 
     async def image(self, request: web.Request) -> web.Response:

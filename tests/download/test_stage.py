@@ -162,6 +162,25 @@ def test_redirect_to_a_blocked_address_is_refused(server, monkeypatch):
     assert statuses(out) == ["blocked_address", "ok", "bad_scheme"]
 
 
+def test_user_agent_is_honest_and_configurable(server):
+    server.user_agents.clear()
+    run([server.url("/img/jpeg")])
+    assert {ua.split(" ")[0].split("/")[0] for ua in server.user_agents} == {"mmcurate"}
+    run([server.url("/img/jpeg")], user_agent="mybot/1.0 (+https://example.org/bot)")
+    assert "mybot/1.0 (+https://example.org/bot)" in server.user_agents
+
+
+def test_an_unexpected_error_costs_one_row(server, monkeypatch):
+    from mmcurate.download import batch
+
+    def broken(data, config):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(batch, "process_image", broken)
+    out, _ = run([server.url("/img/jpeg"), "ftp://x/y"])
+    assert statuses(out) == ["download_error", "bad_scheme"]
+
+
 def test_opt_out_can_be_ignored(server):
     out, _ = run([server.url("/robots/noai")], disallowed_header_directives=[])
     assert statuses(out) == ["ok"]
