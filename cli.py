@@ -4,6 +4,7 @@ itself failed, 2 a usage error (one clear line, no traceback)."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import traceback
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON")
             p.add_argument("--plot", metavar="PNG", help="also draw the filter funnel to this PNG")
 
+    stages = sub.add_parser("stages", help="list the stages with their options (--markdown: the docs/stages.md reference)")
+    stages.add_argument("--markdown", action="store_true")
+
     schema = sub.add_parser("schema", help="print the declared sample schema")
     schema.add_argument("--markdown", action="store_true")
 
@@ -109,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception:  # the run itself failed: show where
         traceback.print_exc()
-        print("mmcurate: the run failed; finished shards are kept and a re-run resumes", file=sys.stderr)
+        if args.command in ("run", "stage", "demo"):
+            print("mmcurate: the run failed; finished shards are kept and a re-run resumes", file=sys.stderr)
         return 1
 
 
@@ -128,6 +133,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mmcurate.examples.demo import run_demo
 
         _print_summary(run_demo(args.output, progress=not args.no_progress), args.output)
+        return 0
+    if args.command == "stages":
+        from mmcurate.stages import STAGES
+        from mmcurate.stages.reference import markdown
+
+        if args.markdown:
+            print(markdown(), end="")
+        else:
+            from mmcurate.stages import stage_class
+
+            for name in STAGES:
+                doc = (inspect.getdoc(stage_class(name)) or "").partition("\n")[0]
+                print(f"{name:16} {doc}")
         return 0
     if args.command == "schema":
         from mmcurate import schemas

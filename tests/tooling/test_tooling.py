@@ -105,3 +105,11 @@ def test_usage_errors_are_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
     result = mmcurate("stats", str(tmp_path))
     assert result.returncode == 2 and "not an mmcurate output" in result.stderr
+
+
+def test_stage_reference_is_generated_from_the_stage_classes():
+    from mmcurate.stages.reference import markdown
+
+    assert (REPO / "docs" / "stages.md").read_text() == markdown()
+    listing = mmcurate("stages").stdout
+    assert listing.count("\n") == len(__import__("mmcurate.stages", fromlist=["STAGES"]).STAGES)
