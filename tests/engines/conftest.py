@@ -179,7 +179,8 @@ def read_output(path: str) -> dict:
         stats = out.read_json(out.shard_path("_stats", shard_id, ".json"))
         for entry in stats["stages"]:
             entry.pop("seconds")
-        result[shard_id] = {"kept": kept.to_pylist(), "columns": kept.column_names, "rejects": sorted(rejects.to_pylist(), key=lambda r: r["key"]), "stats": stats}
+        tar = out.shard_path("shards", shard_id, ".tar")
+        result[shard_id] = {"tar": hashlib.sha256(out.fs.cat(tar)).hexdigest() if out.exists(tar) else None, "kept": kept.to_pylist(), "columns": kept.column_names, "rejects": sorted(rejects.to_pylist(), key=lambda r: r["key"]), "stats": stats}
     return result
 
 

@@ -1,0 +1,140 @@
+"""Local, Ray and Spark runners give the same files per shard id: kept rows and columns, rejects
+with reasons, stats (but timings); the Ray runner resumes a killed run. One local Ray and one
+Spark session serve the whole module."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import shutil
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageOps
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("pyspark")
+
+from mmcurate.engines.spark_runner import session  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TEST_STAGES = [{"t_words": {"min_words": 5}}, "t_chars", "t_dedup", "t_longest"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spark():
+    spark, _ = session(2)
+    yield spark
+    spark.stop()
+
+
+def _assert_same(reference: dict, other: dict, engine: str) -> None:
+    assert sorted(other) == sorted(reference)
+    for shard_id in reference:
+        assert other[shard_id] == reference[shard_id], f"{engine}: shard {shard_id} differs"
+
+
+def test_engines_agree_on_every_kind_of_stage(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):
+    """Per-row filter (task), stage with setup() (actor), ClusterStage with verify, plain GlobalStage."""
+    summary, local = run_and_read(make_pipeline(caption_input, TEST_STAGES, "local"))
+    assert summary["stages"]["t_dedup"]["reasons"]["near_duplicate"] > 50
+    assert summary["stages"]["t_longest"]["rejected"] > 0 and summary["stages"]["t_chars"]["rejected"] > 0
+    for engine in ("ray", "spark"):
+        _, result = run_and_read(make_pipeline(caption_input, TEST_STAGES, engine, engine=engine))
+        _assert_same(local, result, engine)
+
+
+# --- the real stages, images downloaded from a local server -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo_server(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Real photos on 127.0.0.1 (plus mirrored copies: other bytes, same subject); yields the URL
+    list: each photo once, 8 byte-identical copies under other URLs, 8 mirrored photos with
+    near-duplicate captions, 3 missing URLs and 3 junk captions."""
+    root = tmp_path_factory.mktemp("served")
+    with open(photo_dir / "manifest.csv", newline="") as f:
+        photos = [(r["file"], r["caption_if_known"] or f"an unlabelled test photograph named {Path(r['file']).stem}") for r in csv.DictReader(f)]
+    for name, _ in photos:
+        shutil.copy(photo_dir / name, root / name)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    rows = [(f"{base}/{name}", caption) for name, caption in photos]
+    rows += [(f"{base}/{name}?copy", f"copy number {i} of a photo seen elsewhere on the web") for i, (name, _) in enumerate(photos[:8])]
+    for i, (name, caption) in enumerate(photos[8:16]):
+        mirrored = f"mirrored_{i}.jpg"
+        ImageOps.mirror(Image.open(photo_dir / name).convert("RGB")).save(root / mirrored, quality=90)
+        rows.append((f"{base}/{mirrored}", caption.rstrip(".") + " ."))
+    rows += [(f"{base}/missing_{i}.jpg", "a photo that is no longer on the server at all") for i in range(3)]
+    rows += [(f"{base}/{photos[20 + i][0]}?junk", junk) for i, junk in enumerate(["IMG_1234.jpg", "untitled", "DSC01234"])]
+    order = np.random.default_rng(1).permutation(len(rows))
+    urls = root / "urls.parquet"
+    pq.write_table(pa.table({"url": [rows[i][0] for i in order], "caption": [rows[i][1] for i in order]}), urls)
+    yield urls
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+REAL_STAGES = [
+    {"download": {"image_size": 64, "allow_private_networks": True, "retries": 0, "timeout": 5}},
+    "caption_quality",
+    {"language": {"mode": "score"}},
+    "exact_dedup",
+    {"minhash_dedup": {"threshold": 0.7}},
+]
+
+
+def test_engines_agree_on_a_real_pipeline(ray_local, spark, photo_server, make_pipeline, run_and_read):
+    summary, local = run_and_read(make_pipeline(photo_server, REAL_STAGES, "local", rows_per_shard=20, format="webdataset"))
+    reasons = {name: stage["reasons"] for name, stage in summary["stages"].items()}
+    assert reasons["exact_dedup"].get("duplicate_image", 0) >= 8
+    assert reasons["minhash_dedup"].get("duplicate_caption", 0) >= 6
+    assert sum(reasons["download"].values()) >= 3 and sum(reasons["caption_quality"].values()) >= 3
+    for engine in ("ray", "spark"):
+        _, result = run_and_read(make_pipeline(photo_server, REAL_STAGES, engine, engine=engine, rows_per_shard=20, format="webdataset"))
+        _assert_same(local, result, engine)
+
+
+def test_ray_resumes_a_killed_run(ray_local, test_stages, caption_input, make_pipeline, run_and_read, tmp_path):
+    """A run that dies in its second segment, after the global step, resumes to the same output."""
+    marker = tmp_path / "crash"
+    marker.touch()
+    stages = ["t_words", "t_dedup", {"t_crash": {"marker": str(marker)}}]
+    pipeline = make_pipeline(caption_input, stages, "resumed", engine="ray")
+    with pytest.raises(Exception, match="simulated crash"):
+        run_and_read(pipeline)
+    assert 0 < len(list((tmp_path / "resumed" / "_done").iterdir())) < 9
+    marker.unlink()
+    _, resumed = run_and_read(pipeline)
+    _, local = run_and_read(make_pipeline(caption_input, stages, "local"))
+    _assert_same(local, resumed, "ray")
+
+
+def test_spark_components_match_the_reference(spark):
+    """Min-label propagation over a chain, a star and a pair gives the reference's components."""
+    from mmcurate.engines.spark_global import components
+    from mmcurate.stages.base import components as reference
+
+    a = ["k05", "k04", "k03", "k02", "s0", "s0", "s0", "p1"]
+    b = ["k06", "k05", "k04", "k03", "s1", "s2", "s3", "p2"]
+    labels = components(spark.createDataFrame(list(zip(a, b, strict=True)), "a string, b string")).filter("node != label").orderBy("node").collect()
+    keys, keepers = reference(np.array(a, dtype=object), np.array(b, dtype=object))
+    assert [(r["node"], r["label"]) for r in labels] == list(zip(keys, keepers, strict=True))
