@@ -5,9 +5,10 @@ pretrained=None)``, saved to a temporary folder and loaded by the stage through 
 weights do not change the cost. Data: the real photos of ``shared/data/images`` (123 px to
 1411 px, JPEG and PNG) with their captions, repeated to ``--images`` pairs. The naive loop scores
 one pair at a time: Pillow decode, preprocess, encode image and caption. The stage batches pairs
-and decodes in a thread pool ahead of the model. Prints pairs/s and the ratio.
+and decodes in a thread pool ahead of the model. Prints pairs/s (best of ``--repeat`` alternating
+runs) and the ratio.
 
-    python bench/clip_score.py [--images 64] [--batch-size 32] [--workers 2] [--device cpu]
+    python bench/clip_score.py [--images 48] [--batch-size 32] [--workers 2] [--device cpu] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -77,25 +78,33 @@ def stage(model_name: str, images: list[bytes], captions: list[str], args: argpa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each; the best counts")
     args = parser.parse_args()
     images, captions = pairs(args.images)
     print(f"{args.images} image-caption pairs, ViT-B-32 (random weights), device {args.device}, torch threads {torch.get_num_threads()}")
+    naive_s, stage_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
         model_name = save_random_vit_b_32(Path(tmp))
         # Warm up both paths (first-call allocations, thread pools) on a few pairs.
         naive(model_name, images[:4], captions[:4], args.device)
         stage(model_name, images[:4], captions[:4], args)
-        naive_s, naive_scores = naive(model_name, images, captions, args.device)
-        stage_s, stage_scores = stage(model_name, images, captions, args)
+        # Alternate the two so that load from other processes hits both alike; keep each one's best.
+        for _ in range(args.repeat):
+            seconds, naive_scores = naive(model_name, images, captions, args.device)
+            naive_s.append(seconds)
+            seconds, stage_scores = stage(model_name, images, captions, args)
+            stage_s.append(seconds)
+    naive_s, stage_s = min(naive_s), min(stage_s)
     stage_label = f"clip_score stage (batch {args.batch_size}, {args.workers} decode threads)"
     print(f"naive open_clip loop (1 pair at a time): {args.images / naive_s:8.1f} pairs/s  ({naive_s:.1f} s)")
     print(f"{stage_label}: {args.images / stage_s:8.1f} pairs/s  ({stage_s:.1f} s)")
     difference = np.max(np.abs(naive_scores - stage_scores))
     print(f"speed-up: {naive_s / stage_s:.2f}x; max |score difference| {difference:.4f} (JPEG draft decoding; bf16 on a GPU)")
+
 
 if __name__ == "__main__":
     main()
