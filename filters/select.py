@@ -10,7 +10,7 @@ kept rows of the whole dataset (after the thresholds) by the column, best first,
 key, and keeps ``round(fraction x rows)`` of them; with it, ``select`` is a global stage. Any
 numeric column works, extra source columns (e.g. LAION's ``similarity``) included.
 
-Reasons: ``COLUMN_missing`` (null score), ``COLUMN_below_min``, ``COLUMN_above_max``,
+Reasons: ``COLUMN_missing`` (null or NaN score), ``COLUMN_below_min``, ``COLUMN_above_max``,
 ``COLUMN_not_top``.
 """
 
@@ -71,12 +71,13 @@ class Select(Stage):
         missing = [name for name in c.columns if name not in batch.column_names]
         if missing:
             raise UsageError(f"select: the input has no column {missing[0]!r}; run the stage that computes it first")
-        for name in c.columns:
-            batch = reject(batch, pc.is_null(batch.column(name)), f"{name}_missing")
+        values = {name: _values(batch, name) for name in c.columns}
+        for name, column in values.items():
+            batch = reject(batch, pc.or_kleene(pc.is_null(column), pc.is_nan(column)), f"{name}_missing")
         for name, bound in c.min.items():
-            batch = reject(batch, pc.less(_values(batch, name), bound), f"{name}_below_min")
+            batch = reject(batch, pc.less(values[name], bound), f"{name}_below_min")
         for name, bound in c.max.items():
-            batch = reject(batch, pc.greater(_values(batch, name), bound), f"{name}_above_max")
+            batch = reject(batch, pc.greater(values[name], bound), f"{name}_above_max")
         return batch
 
 

@@ -73,6 +73,13 @@ def test_missing_or_text_column_is_a_usage_error() -> None:
         Select.from_params({"min": {"aesthetic": 5}}).process(scored())
     with pytest.raises(UsageError, match="not numbers"):
         Select.from_params({"min": {"key": 1}}).process(scored())
+    with pytest.raises(UsageError, match="not numbers"):
+        Select.from_params({"top_fraction": {"key": 0.5}}).process(scored())
+
+
+def test_nan_counts_as_missing() -> None:
+    t = pa.table({"key": ["a", "b"], "x": [float("nan"), 1.0], "reject_reason": pa.nulls(2, pa.string())})
+    assert Select.from_params({"max": {"x": 2}}).process(t).column("reject_reason").to_pylist() == ["x_missing", None]
 
 
 def test_score_once_select_many(tmp_path: Path, photo_dataset: Path, photos: pa.Table, tiny_clip: str) -> None:
