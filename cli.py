@@ -26,6 +26,7 @@ def _add_io(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--engine", choices=("local", "ray", "spark"))
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--retry-failed", action="store_true", help="fetch again only the failed downloads of the finished run in the output folder and merge them in")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,10 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("run", "stage"):
-        from mmcurate.engines import run_pipeline
-
         pipeline = _pipeline_from_args(args)
-        _print_summary(run_pipeline(pipeline, progress=not args.no_progress), pipeline.output.path)
+        if args.retry_failed:
+            from mmcurate.download.retry import retry_failed
+
+            summary = retry_failed(pipeline)
+        else:
+            from mmcurate.engines import run_pipeline
+
+            summary = run_pipeline(pipeline, progress=not args.no_progress)
+        _print_summary(summary, pipeline.output.path)
         return 0
     if args.command in ("submit", "jobs"):
         from mmcurate.jobs.submit import command

@@ -20,7 +20,6 @@ writes lives under bench/out/download/ (gitignored).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import random
 import resource
@@ -194,7 +193,11 @@ def ensure_img2dataset() -> Path:
     python = I2D_VENV / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "img2dataset==1.47.0"], check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "img2dataset==1.47.0"],
+            check=True,
+            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+        )
     return python
 
 
@@ -243,7 +246,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="extra download option for mmcurate")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="extra download option for mmcurate"
+    )
     parser.add_argument("--autogroup-nice", type=int, help="scheduling weight of this session while the bench runs (root; -20..19)")
     args = parser.parse_args()
     autogroup = Path("/proc/self/autogroup")
@@ -270,7 +275,10 @@ def bench(args: argparse.Namespace) -> None:
         rates: dict[str, list[float]] = {"img2dataset": [], "mmcurate": []}
         cpu_ms: dict[str, list[float]] = {"img2dataset": [], "mmcurate": []}
         for round_ in range(args.repeat):
-            for name, runner in (("img2dataset", lambda: run_img2dataset(python, urls, WORK / "out-img2dataset")), ("mmcurate", lambda: run_mmcurate(urls, WORK / "out-mmcurate", args.settings))):
+            for name, runner in (
+                ("img2dataset", lambda: run_img2dataset(python, urls, WORK / "out-img2dataset")),
+                ("mmcurate", lambda: run_mmcurate(urls, WORK / "out-mmcurate", args.settings)),
+            ):
                 seconds, cpu, rss = runner()
                 ok = count_images(WORK / f"out-{name}")
                 rates[name].append(ok / seconds)
@@ -285,9 +293,13 @@ def bench(args: argparse.Namespace) -> None:
         nginx.wait(10)
     best = {k: max(v) for k, v in rates.items()}
     least = {k: min(v) for k, v in cpu_ms.items()}
-    print(f"mmcurate / img2dataset: {best['mmcurate'] / best['img2dataset']:.2f}x images/s (best of {args.repeat}; {os.cpu_count()} cores, {PROCESSES} processes each);"
-          f" {least['img2dataset'] / least['mmcurate']:.2f}x less CPU per image")
-    print(f"single-core decode+resize+encode ceiling (the stage's Pillow path, 256 px keep_ratio, q95): {ceiling(corpus):.0f} images/s of CPU time")
+    print(
+        f"mmcurate / img2dataset: {best['mmcurate'] / best['img2dataset']:.2f}x images/s (best of {args.repeat}; {os.cpu_count()} cores, {PROCESSES} processes each);"
+        f" {least['img2dataset'] / least['mmcurate']:.2f}x less CPU per image"
+    )
+    print(
+        f"single-core decode+resize+encode ceiling (the stage's Pillow path, 256 px keep_ratio, q95): {ceiling(corpus):.0f} images/s of CPU time"
+    )
 
 
 if __name__ == "__main__":

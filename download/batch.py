@@ -23,6 +23,7 @@ from mmcurate.download.urls import parse_url
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Outcome:
     """What became of one URL: ``status`` is ``ok`` or the rejection reason."""

@@ -48,7 +48,16 @@ class DownloadConfig:
     allow_private_networks: bool = False
 
     def __post_init__(self) -> None:
-        positive = ("image_size", "max_pixels", "timeout", "deadline", "max_body_bytes", "concurrency", "per_host_connections", "decode_threads")
+        positive = (
+            "image_size",
+            "max_pixels",
+            "timeout",
+            "deadline",
+            "max_body_bytes",
+            "concurrency",
+            "per_host_connections",
+            "decode_threads",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")

@@ -147,7 +147,9 @@ class Fetcher:
                     return target if target is not None else Fetched(reason or "bad_url")
                 if resp.status not in (200, 203):
                     retryable = resp.status == 429 or resp.status >= 500
-                    return Fetched(f"http_{resp.status}", retryable=retryable, retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+                    return Fetched(
+                        f"http_{resp.status}", retryable=retryable, retry_after=parse_retry_after(resp.headers.get("Retry-After"))
+                    )
                 if opted_out(resp.headers.getall("X-Robots-Tag", ()), cfg.user_agent_token, cfg.disallowed_header_directives):
                     return Fetched("opted_out")
                 if resp.content_length is not None and resp.content_length > cfg.max_body_bytes:

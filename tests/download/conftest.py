@@ -89,21 +89,23 @@ class Server:
         asyncio.set_event_loop(self.loop)
         app = web.Application()
         app.middlewares.append(self._count)
-        app.add_routes([
-            web.get("/img/{name}", self.image),
-            web.get("/status/{code}", self.status),
-            web.get("/flaky/{code}/{fails}/{id}", self.flaky),
-            web.get("/retry-after/{seconds}", self.retry_after),
-            web.get("/redirect/{n}", self.redirect),
-            web.get("/redirect-to", self.redirect_to),
-            web.get("/loop/{side}", self.loop_route),
-            web.get("/trickle", self.trickle),
-            web.get("/hang", self.hang),
-            web.get("/huge", self.huge),
-            web.get("/huge-declared", self.huge_declared),
-            web.get("/robots/{value}", self.robots),
-            web.get("/slow/{seconds}", self.slow),
-        ])
+        app.add_routes(
+            [
+                web.get("/img/{name}", self.image),
+                web.get("/status/{code}", self.status),
+                web.get("/flaky/{code}/{fails}/{id}", self.flaky),
+                web.get("/retry-after/{seconds}", self.retry_after),
+                web.get("/redirect/{n}", self.redirect),
+                web.get("/redirect-to", self.redirect_to),
+                web.get("/loop/{side}", self.loop_route),
+                web.get("/trickle", self.trickle),
+                web.get("/hang", self.hang),
+                web.get("/huge", self.huge),
+                web.get("/huge-declared", self.huge_declared),
+                web.get("/robots/{value}", self.robots),
+                web.get("/slow/{seconds}", self.slow),
+            ]
+        )
         self.runner = web.AppRunner(app, shutdown_timeout=0.2)
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)

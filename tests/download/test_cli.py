@@ -28,7 +28,13 @@ def test_run_download_pipeline_to_webdataset(server, tmp_path):
         "stages:\n"
         "  - download: {image_size: 128, deadline: 2, timeout: 5, allow_private_networks: true}\n"
     )
-    run = subprocess.run([sys.executable, "-m", "mmcurate.cli", "run", str(tmp_path / "pipeline.yaml"), "--no-progress"], capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [sys.executable, "-m", "mmcurate.cli", "run", str(tmp_path / "pipeline.yaml"), "--no-progress"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stderr
     out = tmp_path / "out"
 
@@ -48,7 +54,9 @@ def test_run_download_pipeline_to_webdataset(server, tmp_path):
     assert set(rejects.column("reject_stage").to_pylist()) == {"download"}
     assert len(urls) == len(samples) + rejects.num_rows
 
-    stats = subprocess.run([sys.executable, "-m", "mmcurate.cli", "stats", str(out), "--json"], capture_output=True, text=True, timeout=60)
+    stats = subprocess.run(
+        [sys.executable, "-m", "mmcurate.cli", "stats", str(out), "--json"], check=False, capture_output=True, text=True, timeout=60
+    )
     summary = json.loads(stats.stdout)
     assert (summary["rows_in"], summary["kept"], summary["rejected"]) == (len(urls), len(GOOD), rejects.num_rows)
     assert summary["stages"]["download"]["reasons"] == dict(expected)

@@ -86,6 +86,16 @@ def test_draft_decoding_keeps_quality_close_to_full_decode(photo_dir):
     assert diff < 4
 
 
-@pytest.mark.parametrize(("name", "reason"), [("empty", "not_an_image"), ("html", "not_an_image"), ("garbage", "not_an_image"), ("truncated", "decode_error"), ("corrupt", "decode_error"), ("bomb", "decompression_bomb")])
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("empty", "not_an_image"),
+        ("html", "not_an_image"),
+        ("garbage", "not_an_image"),
+        ("truncated", "decode_error"),
+        ("corrupt", "decode_error"),
+        ("bomb", "decompression_bomb"),
+    ],
+)
 def test_bad_bytes_get_their_reason(images, name, reason):
     assert process_image(images[name], DownloadConfig()) == reason

@@ -22,7 +22,9 @@ def run(urls: list, **params) -> tuple[pa.Table, float]:
     """Run the stage on ``urls``; the output table and the seconds it took."""
     stage = Download.from_params({**FAST, **params})
     stage.setup()
-    table = pa.table({"key": [f"k{i}" for i in range(len(urls))], "url": pa.array(urls, pa.string()), "reject_reason": pa.nulls(len(urls), pa.string())})
+    table = pa.table(
+        {"key": [f"k{i}" for i in range(len(urls))], "url": pa.array(urls, pa.string()), "reject_reason": pa.nulls(len(urls), pa.string())}
+    )
     start = time.monotonic()
     out = stage.process(table)
     return out, time.monotonic() - start
@@ -141,7 +143,14 @@ def test_connection_refused_is_a_connection_error(server):
 
 def test_loopback_is_refused_by_default(server):
     port = server.base.rsplit(":", 1)[1]
-    urls = [server.url("/img/jpeg"), f"http://localhost:{port}/img/jpeg", f"http://[::1]:{port}/img/jpeg", "http://10.0.0.1/x.jpg", "http://169.254.169.254/latest/meta-data/", "http://0.0.0.0/"]
+    urls = [
+        server.url("/img/jpeg"),
+        f"http://localhost:{port}/img/jpeg",
+        f"http://[::1]:{port}/img/jpeg",
+        "http://10.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0.0.0.0/",
+    ]
     out, _ = run(urls, allow_private_networks=False)
     assert statuses(out) == ["blocked_address"] * len(urls)
     assert all(v is None for v in out.column("image").to_pylist())
@@ -158,7 +167,10 @@ def test_redirect_to_a_blocked_address_is_refused(server, monkeypatch):
     monkeypatch.setattr(url_checks, "is_blocked", lambda address: address != "127.0.0.1")
     port = server.base.rsplit(":", 1)[1]
     target = f"http://127.0.0.2:{port}/img/jpeg"
-    out, _ = run([server.url(f"/redirect-to?url={target}"), server.url("/redirect/1"), server.url("/redirect-to?url=file:///etc/passwd")], allow_private_networks=False)
+    out, _ = run(
+        [server.url(f"/redirect-to?url={target}"), server.url("/redirect/1"), server.url("/redirect-to?url=file:///etc/passwd")],
+        allow_private_networks=False,
+    )
     assert statuses(out) == ["blocked_address", "ok", "bad_scheme"]
 
 
@@ -203,7 +215,13 @@ def test_output_formats(server):
 
 
 def test_config_is_validated():
-    for bad in ({"resize_mode": "stretch"}, {"encode_format": "png", "encode_quality": 95}, {"deadline": 0}, {"concurrency": "many"}, {"retries": -1}):
+    for bad in (
+        {"resize_mode": "stretch"},
+        {"encode_format": "png", "encode_quality": 95},
+        {"deadline": 0},
+        {"concurrency": "many"},
+        {"retries": -1},
+    ):
         with pytest.raises(UsageError):
             Download.from_params(bad)
     assert Download.from_params({"encode_format": "png"}).config.encode_quality == 6

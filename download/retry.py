@@ -1,0 +1,151 @@
+"""``mmcurate run PIPELINE --retry-failed``: fetch again only the samples an earlier run failed to
+download, run them through the pipeline's stages and merge them into the finished shards.
+
+Rows whose failure cannot change (``bad_url``, ``bad_scheme``, ``blocked_address``, ``opted_out``
+and the size checks) are not retried. Download options may differ from the earlier run (a longer
+deadline, more retries); everything else must match. A shard is rewritten whole, its done marker
+removed first, so an interrupted retry leaves the shard to be recomputed by a plain re-run rather
+than half merged. Pipelines with global stages (dedup, select) are refused: their decisions saw
+the whole dataset without the retried rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmcurate.engines.core import ShardStats, run_segment
+from mmcurate.engines.run import RunContext, finish_run
+from mmcurate.errors import UsageError
+from mmcurate.pipelines.config import Pipeline
+from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.readers import read_tar_images
+from mmcurate.shards.writers import write_shard
+
+NOT_RETRIED = frozenset(
+    {
+        "bad_url",
+        "bad_scheme",
+        "blocked_address",
+        "opted_out",
+        "image_too_small",
+        "image_area_too_large",
+        "aspect_ratio_too_large",
+        "decompression_bomb",
+    }
+)
+STAGE = "download"
+
+
+def retry_failed(pipeline: Pipeline) -> dict:
+    """Retry the failed downloads of the finished run in ``pipeline.output.path``; return the run summary."""
+    ctx = _open_finished_run(pipeline)
+    for stage in ctx.segments[0].stages:
+        stage.setup()
+    retried = recovered = 0
+    for plan in ctx.reader.shards:
+        counts = _retry_shard(ctx, plan.shard_id)
+        retried += counts[0]
+        recovered += counts[1]
+    run_json = ctx.out.path("run.json")
+    record = ctx.out.read_json(run_json)
+    at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    record.setdefault("retries", []).append(
+        {"at": at, "download": _download_params(pipeline.as_dict()), "retried": retried, "recovered": recovered}
+    )
+    ctx.out.write_json(run_json, record)
+    return finish_run(ctx)
+
+
+def _download_params(config: dict) -> dict | None:
+    return next((params for item in config["stages"] for name, params in item.items() if name == STAGE), None)
+
+
+def _open_finished_run(pipeline: Pipeline) -> RunContext:
+    out = OutputDir.open(pipeline.output.path)
+    if not out.exists(out.path("run.json")):
+        raise UsageError(f"--retry-failed needs the output of an earlier run; {pipeline.output.path} has none")
+    if not any(spec.name == STAGE for spec in pipeline.stages):
+        raise UsageError("--retry-failed needs a pipeline with a download stage")
+    previous = out.read_json(out.path("run.json"))["pipeline"]
+    current = pipeline.as_dict()
+    if _without_download(previous) != _without_download(current):
+        raise UsageError(
+            f"{pipeline.output.path} holds the output of a different pipeline (only download options may change for --retry-failed)"
+        )
+    ctx = RunContext.create(pipeline)
+    if len(ctx.segments) > 1:
+        raise UsageError("--retry-failed does not support pipelines with global stages (dedup, select): re-run them into a new output")
+    if ctx.pending():
+        raise UsageError(f"{len(ctx.pending())} shards are unfinished: run the pipeline without --retry-failed first")
+    return ctx
+
+
+def _without_download(config: dict) -> dict:
+    stages = [item if STAGE not in item else {STAGE: None} for item in config["stages"]]
+    return {"input": config["input"], "stages": stages, "output": {k: v for k, v in config["output"].items() if k != "path"}}
+
+
+def _retry_shard(ctx: RunContext, shard_id: int) -> tuple[int, int]:
+    """Retry one shard's failed downloads and rewrite it; (rows retried, rows now kept)."""
+    out = ctx.out
+    rejects = out.read_parquet(out.shard_path("rejects", shard_id, ".parquet"))
+    failed = pc.and_(
+        pc.equal(rejects.column("reject_stage"), STAGE), pc.invert(pc.is_in(rejects.column("reject_reason"), pa.array(sorted(NOT_RETRIED))))
+    )
+    failed = pc.fill_null(failed, False)
+    again = rejects.filter(failed)
+    if again.num_rows == 0:
+        return 0, 0
+    old_reasons = Counter(again.column("reject_reason").to_pylist())
+    for name in ("reject_stage", "reject_reason", "duplicate_of"):
+        if name in again.column_names:
+            again = again.set_column(again.column_names.index(name), name, pa.nulls(again.num_rows, pa.string()))
+    stats = ShardStats(shard_id, again.num_rows)
+    again = run_segment(ctx.segments[0], again, stats, None)
+    table = pa.concat_tables([_kept_rows(ctx, shard_id), rejects.filter(pc.invert(failed)), again], promote_options="permissive")
+    kept = int(pc.sum(pc.is_null(table.column("reject_reason"))).as_py() or 0)
+    merged = _merge_stats(out.read_json(out.shard_path("_stats", shard_id, ".json")), stats, old_reasons, kept)
+    out.fs.rm(out.shard_path("_done", shard_id, ""))
+    write_shard(out, ctx.pipeline.output, shard_id, table, ctx.columns, merged)
+    return again.num_rows, int(pc.sum(pc.is_null(again.column("reject_reason"))).as_py() or 0)
+
+
+def _kept_rows(ctx: RunContext, shard_id: int) -> pa.Table:
+    """The shard's kept rows as written, images included."""
+    out = ctx.out
+    if ctx.pipeline.output.format == "parquet":
+        return out.read_parquet(out.shard_path("shards", shard_id, ".parquet"))
+    meta = out.read_parquet(out.shard_path("meta", shard_id, ".parquet"))
+    tar = out.shard_path("shards", shard_id, ".tar")
+    with out.fs.open(tar, "rb") as f:
+        images = read_tar_images(f, tar)
+    found = [images.get(k) for k in meta.column("key").to_pylist()]
+    meta = meta.drop_columns([c for c in ("image", "image_format") if c in meta.column_names])
+    meta = meta.append_column("image", pa.array([f[1] if f else None for f in found], pa.binary()))
+    return meta.append_column("image_format", pa.array([f[0] if f else None for f in found], pa.string()))
+
+
+def _merge_stats(previous: dict, retry: ShardStats, old_reasons: Counter, kept: int) -> dict:
+    """The shard's stats with the retried rows' first outcome replaced by the new one."""
+    entries = {e["stage"]: dict(e) for e in previous["stages"]}
+    order = [e["stage"] for e in previous["stages"]]
+    for new in retry.stages:
+        entry = entries.get(new["stage"])
+        if entry is None:
+            entries[new["stage"]] = dict(new)
+            order.append(new["stage"])
+            continue
+        reasons = Counter(entry["reasons"]) + Counter(new["reasons"])
+        if new["stage"] == STAGE:
+            reasons -= old_reasons  # these rows were counted in rows_in already
+        else:
+            entry["rows_in"] += new["rows_in"]
+        entry["reasons"] = dict(sorted(reasons.items()))
+        entry["rejected"] = sum(reasons.values())
+        entry["seconds"] = round(entry["seconds"] + new["seconds"], 4)
+    rejected = sum(entries[name]["rejected"] for name in order)
+    return {**previous, "kept": kept, "rejected": rejected, "stages": [entries[name] for name in order]}

@@ -1,0 +1,82 @@
+"""``mmcurate run --retry-failed``: only failed downloads are fetched again and merged into the shards."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from mmcurate.cli import main
+
+
+def _pipeline(tmp_path, fmt: str, name: str = "pipeline.yaml", **download) -> str:
+    options = ", ".join(
+        f"{k}: {v}" for k, v in {"image_size": 64, "deadline": 2, "retries": 0, "allow_private_networks": "true", **download}.items()
+    )
+    path = tmp_path / name
+    path.write_text(
+        f"input: {{path: urls.parquet}}\noutput: {{path: out, format: {fmt}, rows_per_shard: 3}}\nworkers: 1\nstages:\n  - download: {{{options}}}\n"
+    )
+    return str(path)
+
+
+def _rejects(out) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "rejects").glob("*.parquet"))])
+
+
+def test_retry_failed_fetches_only_failures_and_merges_them(server, tmp_path):
+    paths = ["/img/jpeg", "/flaky/404/1/r1", "/status/500", "/flaky/503/1/r2", "/img/png"]
+    urls = [server.url(p) for p in paths] + ["ftp://127.0.0.1/x.jpg"]
+    pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet")
+    pipeline = _pipeline(tmp_path, "webdataset")
+    out = tmp_path / "out"
+
+    assert main(["run", pipeline, "--no-progress"]) == 0
+    assert Counter(_rejects(out).column("reject_reason").to_pylist()) == {"http_404": 1, "http_500": 1, "http_503": 1, "bad_scheme": 1}
+    hits = Counter(server.hits)
+
+    assert main(["run", _pipeline(tmp_path, "webdataset", "retry.yaml", deadline=3), "--retry-failed", "--no-progress"]) == 0
+    # the two flaky URLs and the 500 were fetched once more; nothing else was
+    assert {p: server.hits[p] - hits[p] for p in paths} == {
+        "/img/jpeg": 0,
+        "/flaky/404/1/r1": 1,
+        "/status/500": 1,
+        "/flaky/503/1/r2": 1,
+        "/img/png": 0,
+    }
+    rejects = _rejects(out)
+    assert Counter(rejects.column("reject_reason").to_pylist()) == {"http_500": 1, "bad_scheme": 1}
+    samples = list(
+        wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False).decode("pil").to_tuple("jpg", "json")
+    )
+    assert sorted(meta["url"] for _, meta in samples) == sorted(
+        server.url(p) for p in ("/img/jpeg", "/flaky/404/1/r1", "/flaky/503/1/r2", "/img/png")
+    )
+    assert all(min(image.size) == 64 for image, _ in samples)
+    assert len(samples) + rejects.num_rows == len(urls)
+
+    summary = {}
+    for path in sorted((out / "_stats").glob("*.json")):
+        stats = json.loads(path.read_text())
+        assert stats["rows_in"] == stats["kept"] + stats["rejected"]
+        summary.update({k: summary.get(k, 0) + stats[k] for k in ("rows_in", "kept", "rejected")})
+    assert summary == {"rows_in": 6, "kept": 4, "rejected": 2}
+    run = json.loads((out / "run.json").read_text())
+    assert run["totals"] == summary and run["retries"][0]["retried"] == 3 and run["retries"][0]["recovered"] == 2
+
+
+def test_retry_failed_keeps_parquet_output_and_refuses_other_pipelines(server, tmp_path, capsys):
+    urls = [server.url("/flaky/404/1/p1"), server.url("/img/jpeg")]
+    pq.write_table(pa.table({"url": urls, "caption": ["a", "b"]}), tmp_path / "urls.parquet")
+    pipeline = _pipeline(tmp_path, "parquet")
+    assert main(["run", pipeline, "--retry-failed", "--no-progress"]) == 2  # nothing to retry yet
+    assert main(["run", pipeline, "--no-progress"]) == 0
+    assert main(["run", _pipeline(tmp_path, "webdataset", "other.yaml"), "--retry-failed", "--no-progress"]) == 2
+    assert "different pipeline" in capsys.readouterr().err
+    assert main(["run", pipeline, "--retry-failed", "--no-progress"]) == 0
+    kept = pq.read_table(tmp_path / "out" / "shards" / "00000.parquet")
+    assert kept.column("status").to_pylist() == ["ok", "ok"] and all(kept.column("image").to_pylist())
+    assert _rejects(tmp_path / "out").num_rows == 0
