@@ -14,21 +14,20 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import random
+import string
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-os.environ.setdefault("RAYON_NUM_THREADS", "1")  # rensa: one core, like everything else here
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import random  # noqa: E402
-import string  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+from mmcurate.dedup.minhash import SIGNATURE, MinhashDedup
+from mmcurate.stages.base import reject
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from mmcurate.dedup.minhash import SIGNATURE, MinhashDedup  # noqa: E402
-from mmcurate.stages.base import reject  # noqa: E402
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # rensa (imported later): one core, like everything else here
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARD = 10_000
@@ -130,7 +129,8 @@ def main() -> None:
     args = parser.parse_args()
     docs = corpus(args.docs)
     n = len(docs)
-    print(f"{n} documents (mean {np.mean([len(d.split()) for d in docs]):.1f} words), 128 permutations, word 3-grams, threshold 0.8; docs per CPU-second")
+    words = np.mean([len(d.split()) for d in docs])
+    print(f"{n} documents (mean {words:.1f} words), 128 permutations, word 3-grams, threshold 0.8; docs per CPU-second")
 
     t_ours, (sig_s, lsh_s, removed) = best(lambda: ours(docs), args.repeat)
     t_loop, _ = best(lambda: datasketch_loop(docs[: args.loop_docs]), 1)

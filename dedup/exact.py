@@ -8,7 +8,6 @@ confirmed by the full digest. Of each set of identical images the smallest key i
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -18,14 +17,8 @@ from mmcurate.dedup.hashing import string_hashes
 from mmcurate.stages.base import ClusterStage, Resources, reject, set_column
 
 
-@dataclass
-class ExactConfig:
-    """No options: two images are duplicates when their bytes are identical."""
-
-
 class ExactDedup(ClusterStage):
     name = "exact_dedup"
-    Config = ExactConfig
     resources = Resources(cpus=1)
     needs = ("sha256",)
     adds = ("sha256",)
@@ -36,7 +29,9 @@ class ExactDedup(ClusterStage):
         n = batch.num_rows
         digests = batch.column("sha256").to_pylist() if "sha256" in batch.column_names else [None] * n
         images = batch.column("image").to_pylist() if "image" in batch.column_names else [None] * n
-        digests = [d if d else (hashlib.sha256(img).hexdigest() if img is not None else None) for d, img in zip(digests, images, strict=True)]
+        digests = [
+            d if d else (hashlib.sha256(img).hexdigest() if img is not None else None) for d, img in zip(digests, images, strict=True)
+        ]
         batch = set_column(batch, "sha256", pa.array(digests, pa.string()))
         return reject(batch, pc.is_null(batch.column("sha256")), "image_missing")
 

@@ -42,7 +42,9 @@ def signatures(hashes: np.ndarray, counts: np.ndarray, config: MinhashConfig) ->
     with np.errstate(over="ignore"):
         for group in np.split(order, cuts):
             size = counts[group[0]] if len(group) else 0
-            for step in range(0, len(group) if size else 0, _ROWS_PER_STEP):
+            if size == 0:
+                continue
+            for step in range(0, len(group), _ROWS_PER_STEP):
                 rows = group[step : step + _ROWS_PER_STEP]
                 first = starts[rows]
                 acc = np.multiply.outer(hashes[first], a)
@@ -59,11 +61,13 @@ def signatures(hashes: np.ndarray, counts: np.ndarray, config: MinhashConfig) ->
 def to_arrow(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
     """The ``_minhash`` column: each row's signature as binary, null where ``valid`` is false."""
     n, width = matrix.shape
-    lengths = np.where(valid, width * _SLOT.itemsize, 0)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.where(valid, width * _SLOT.itemsize, 0))])
+    large = offsets[-1] > np.iinfo(np.int32).max  # over 4M signatures in one batch
+    offsets = offsets.astype(np.int64 if large else np.int32)
     data = np.ascontiguousarray(matrix[valid], dtype=_SLOT).tobytes()
     bitmap = pa.array(valid, pa.bool_()).buffers()[1]
-    return pa.Array.from_buffers(SIGNATURE_TYPE, n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(data)], null_count=int(n - valid.sum()))
+    kind = pa.large_binary() if large else SIGNATURE_TYPE
+    return pa.Array.from_buffers(kind, n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(data)], null_count=int(n - valid.sum()))
 
 
 def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
@@ -86,7 +90,7 @@ def band_groups(matrix: np.ndarray, config: MinhashConfig) -> tuple[np.ndarray, 
     """``(row, group)`` for every row and band: the int64 id of (band index, band values)."""
     bands, rows = config.lsh
     groups = [group_ids(band, matrix[:, band * rows : (band + 1) * rows]) for band in range(bands)]
-    return np.tile(np.arange(len(matrix)), bands), np.concatenate(groups) if groups else np.empty(0, np.int64)
+    return np.tile(np.arange(len(matrix)), bands), np.concatenate(groups)
 
 
 def similar(left: np.ndarray, right: np.ndarray, threshold: float) -> np.ndarray:

@@ -97,8 +97,18 @@ def i2d_copies(tmp_path_factory, photo_rows: list[dict]) -> Path:
             for i, row in enumerate(photo_rows[shard : shard + per_file]):
                 key = f"{name}{i:04d}"
                 sha = None if row["kind"] == "copy_no_sha" else hashlib.sha256(row["image"]).hexdigest()
-                record = {"key": key, "url": f"https://example.com/{key}.jpg", "caption": f"photo {row['photo']} {row['kind']}", "status": "success", "sha256": sha}
-                for member, data in ((f"{key}.jpg", row["image"]), (f"{key}.txt", record["caption"].encode()), (f"{key}.json", json.dumps(record).encode())):
+                record = {
+                    "key": key,
+                    "url": f"https://example.com/{key}.jpg",
+                    "caption": f"photo {row['photo']} {row['kind']}",
+                    "status": "success",
+                    "sha256": sha,
+                }
+                for member, data in (
+                    (f"{key}.jpg", row["image"]),
+                    (f"{key}.txt", record["caption"].encode()),
+                    (f"{key}.json", json.dumps(record).encode()),
+                ):
                     info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

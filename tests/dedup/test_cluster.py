@@ -67,7 +67,11 @@ def test_large_groups_pair_with_their_smallest_key() -> None:
 def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None:
     images = [b"one", b"two", b"one", None, b"two"]
     digests = [hashlib.sha256(b"one").hexdigest(), None, None, None, "not-a-hex-digest"]
-    table = reject(pa.table({"key": ["e", "d", "c", "b", "a"], "image": pa.array(images, pa.binary()), "sha256": pa.array(digests, pa.string())}), np.zeros(5, bool), "x")
+    table = reject(
+        pa.table({"key": ["e", "d", "c", "b", "a"], "image": pa.array(images, pa.binary()), "sha256": pa.array(digests, pa.string())}),
+        np.zeros(5, bool),
+        "x",
+    )
     stage = ExactDedup()
     processed = stage.process(table)
     assert processed.column("sha256").to_pylist()[1:3] == [hashlib.sha256(b"two").hexdigest(), hashlib.sha256(b"one").hexdigest()]

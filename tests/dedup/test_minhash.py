@@ -29,13 +29,22 @@ def run_stage(stage: MinhashDedup, keys: list[str], docs: list[str | None], batc
 def test_normalise_and_shingles_match_the_reference() -> None:
     docs = ["Hello, World! The QUICK brown fox.", "two words", "x", "", None, "...", "Ünïcode – dash\u00a0nbsp  spaces", "a b c d"]
     cfg = MinhashConfig()
-    assert normalise(pa.array(docs), cfg).to_pylist() == ["hello world the quick brown fox", "two words", "x", "", "", "", "ünïcode dash nbsp spaces", "a b c d"]
+    assert normalise(pa.array(docs), cfg).to_pylist() == [
+        "hello world the quick brown fox",
+        "two words",
+        "x",
+        "",
+        "",
+        "",
+        "ünïcode dash nbsp spaces",
+        "a b c d",
+    ]
     hashes, counts = shingle_hashes(pa.array(docs), cfg)
     assert counts.tolist() == [len(reference_shingles(d)) for d in docs] == [4, 1, 1, 0, 0, 0, 2, 2]
     # A caption's shingle hashes do not depend on the rest of the batch.
     alone = np.concatenate([shingle_hashes(pa.array([d]), cfg)[0] for d in docs])
     assert np.array_equal(hashes, alone)
-    chars, char_counts = shingle_hashes(pa.array(["日本語のテキスト", "ab"]), MinhashConfig(tokens="char", ngram=5))
+    _, char_counts = shingle_hashes(pa.array(["日本語のテキスト", "ab"]), MinhashConfig(tokens="char", ngram=5))
     assert char_counts.tolist() == [4, 1]
 
 
@@ -131,7 +140,11 @@ def test_planted_copies_point_at_their_source(caption_corpus: dict) -> None:
 def test_empty_captions_are_not_deduplicated() -> None:
     stage = MinhashDedup()
     docs = [None, "", "!!!", None, "   ", "a red car", "A red car."]
-    processed = stage.process(reject(pa.table({"key": [str(i) for i in range(len(docs))], "caption": pa.array(docs, pa.string())}), np.zeros(len(docs), bool), "x"))
+    processed = stage.process(
+        reject(
+            pa.table({"key": [str(i) for i in range(len(docs))], "caption": pa.array(docs, pa.string())}), np.zeros(len(docs), bool), "x"
+        )
+    )
     assert processed.column(SIGNATURE).null_count == 5
     assert processed.column("reject_reason").null_count == len(docs)
     decision = stage.decide(processed.select(["key", SIGNATURE]))

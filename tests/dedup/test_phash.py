@@ -35,7 +35,11 @@ def table(images: list[bytes | None]) -> pa.Table:
 
 
 def test_copies_are_caught_and_distinct_photos_kept(photos: list[bytes]) -> None:
-    copies = [(i, encode(photos[i], size, fmt, q)) for i in range(0, len(photos), 3) for size, fmt, q in ((128, "JPEG", 60), (300, "WEBP", 50), (512, "PNG", 0))]
+    copies = [
+        (i, encode(photos[i], size, fmt, q))
+        for i in range(0, len(photos), 3)
+        for size, fmt, q in ((128, "JPEG", 60), (300, "WEBP", 50), (512, "PNG", 0))
+    ]
     stage = PhashDedup()
     processed = stage.process(table(photos + [c for _, c in copies]))
     assert processed.column("reject_reason").null_count == processed.num_rows

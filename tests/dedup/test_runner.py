@@ -29,7 +29,12 @@ def test_exact_then_phash_across_shards(tmp_path: Path, i2d_copies: Path, photo_
     assert main(["run", str(tmp_path / "p.yaml"), "--no-progress"]) == 0
 
     kept, rejects = read(out / "shards"), read(out / "rejects")
-    shard_of = {k: int(p.stem) for folder in ("shards", "rejects") for p in (out / folder).glob("*.parquet") for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()}
+    shard_of = {
+        k: int(p.stem)
+        for folder in ("shards", "rejects")
+        for p in (out / folder).glob("*.parquet")
+        for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()
+    }
     assert len(shard_of) == kept.num_rows + rejects.num_rows == len(photo_rows)  # rows in = kept + rejected
     assert len(set(shard_of.values())) == 5
     summary = sum(1 for _ in (out / "_stats").glob("*.json"))
@@ -52,7 +57,9 @@ def test_exact_then_phash_across_shards(tmp_path: Path, i2d_copies: Path, photo_
     assert all(r["sha256"] for r in by_reason["duplicate_image"])  # computed where img2dataset left it out
     for r in by_reason["near_duplicate_image"]:
         assert r["reject_stage"] == "phash_dedup" and r["duplicate_of"] in sha and r["phash"] is not None
-        assert r["caption"].split()[1] == next(k for k in kept.to_pylist() if k["key"] == r["duplicate_of"])["caption"].split()[1]  # same photo
+        assert (
+            r["caption"].split()[1] == next(k for k in kept.to_pylist() if k["key"] == r["duplicate_of"])["caption"].split()[1]
+        )  # same photo
     assert by_reason["undecodable_image"][0]["reject_stage"] == "phash_dedup"
     # One sample of each photo is kept, and nothing else.
     assert sorted(int(c.split()[1]) for c in kept.column("caption").to_pylist()) == list(range(10))
