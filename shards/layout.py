@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
@@ -28,6 +31,22 @@ from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
 
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
+
+
+@contextmanager
+def open_parquet(fs: AbstractFileSystem, path: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file on any fsspec filesystem; local files are opened by pyarrow itself.
+
+    Through a Python file object, Arrow's IO threads hold Python buffers that they may release while
+    the interpreter shuts down, which aborts the process ("terminate called without an active
+    exception", apache/arrow#49942) and turns a clean exit code into 134.
+    """
+    if isinstance(fs, LocalFileSystem):
+        with pq.ParquetFile(path) as pf:
+            yield pf
+    else:
+        with fs.open(path, "rb") as f, pq.ParquetFile(f) as pf:
+            yield pf
 
 
 @dataclass(frozen=True)
@@ -74,8 +93,8 @@ class OutputDir:
         self.write_bytes(path, sink.getvalue().to_pybytes())
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+        with open_parquet(self.fs, path) as pf:
+            return pf.read(columns=columns)
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
-from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.layout import OutputDir, open_parquet
 
 URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 FORMATS = (*URL_LIST_FORMATS, "img2dataset", "mmcurate")
@@ -170,8 +169,8 @@ def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: Output
 
 def _parquet_rows(fs, path: str) -> int:
     try:
-        with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).metadata.num_rows
+        with open_parquet(fs, path) as pf:
+            return pf.metadata.num_rows
     except (OSError, pa.ArrowException) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
 
@@ -179,8 +178,7 @@ def _parquet_rows(fs, path: str) -> int:
 def _read_rows(fs, path: str, start: int, stop: int) -> pa.Table:
     """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
     try:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with open_parquet(fs, path) as pf:
             if stop <= start:
                 return pf.schema_arrow.empty_table()
             groups, first, offset = [], None, 0

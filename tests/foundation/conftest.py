@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # foundation_support, for tests and spawned workers
 
-from foundation_support import write_img2dataset  # noqa: E402
+from foundation_support import write_img2dataset
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from mmcurate.stages.base import ClusterStage, Stage, reject, set_column
 
 HERE = Path(__file__).resolve().parent
@@ -112,17 +111,25 @@ I2D_SHARDS = 2
 I2D_ROWS = 6  # rows per img2dataset shard; the last row of each failed to download
 
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
+def _member(tar: tarfile.TarFile, name: str, data: bytes, hostile: str | None = None) -> None:
+    if hostile and hostile.startswith("->"):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = tarfile.SYMTYPE, hostile[2:]
+        tar.addfile(info)
+        return
+    info = tarfile.TarInfo(hostile or name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_img2dataset(folder: Path, photos: list[dict], photo_dir: Path, shards: int = I2D_SHARDS, rows: int = I2D_ROWS, extra_members=()) -> Path:
+def write_img2dataset(
+    folder: Path, photos: list[dict], photo_dir: Path, shards: int = I2D_SHARDS, rows: int = I2D_ROWS, hostile: dict[str, str] | None = None
+) -> Path:
     """img2dataset's webdataset layout: NNNNN.tar (KEY.jpg/txt/json), NNNNN.parquet, NNNNN_stats.json.
 
     The last row of every shard is a failed download (in the Parquet, not in the tar).
-    ``extra_members`` are ``(shard, name, bytes)`` tar members added as given (hostile paths).
+    ``hostile`` maps an image member (``KEY.jpg``) to the name it is stored under instead (an absolute
+    or ``..`` path), or, written ``"->TARGET"``, to a symbolic link to TARGET.
     """
     folder.mkdir(parents=True, exist_ok=True)
     for shard in range(shards):
@@ -135,28 +142,69 @@ def write_img2dataset(folder: Path, photos: list[dict], photo_dir: Path, shards:
                 url = f"https://example.com/img/{photo['file']}"
                 caption = photo["caption_if_known"] or None
                 if i == rows - 1:
-                    records.append({"key": key, "url": url, "caption": caption, "status": "failed", "error_message": "HTTP Error 404: Not Found",
-                                    "width": None, "height": None, "original_width": None, "original_height": None, "exif": None, "sha256": None})
+                    records.append(
+                        {
+                            "key": key,
+                            "url": url,
+                            "caption": caption,
+                            "status": "failed",
+                            "error_message": "HTTP Error 404: Not Found",
+                            "width": None,
+                            "height": None,
+                            "original_width": None,
+                            "original_height": None,
+                            "exif": None,
+                            "sha256": None,
+                        }
+                    )
                     continue
                 data = (photo_dir / photo["file"]).read_bytes()
-                meta = {"url": url, "caption": caption, "key": key, "status": "success", "error_message": None,
-                        "width": int(photo["width"]), "height": int(photo["height"]), "original_width": int(photo["width"]),
-                        "original_height": int(photo["height"]), "exif": "{}", "sha256": hashlib.sha256(data).hexdigest()}
-                _member(tar, f"{key}.jpg", data)
+                meta = {
+                    "url": url,
+                    "caption": caption,
+                    "key": key,
+                    "status": "success",
+                    "error_message": None,
+                    "width": int(photo["width"]),
+                    "height": int(photo["height"]),
+                    "original_width": int(photo["width"]),
+                    "original_height": int(photo["height"]),
+                    "exif": "{}",
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+                _member(tar, f"{key}.jpg", data, (hostile or {}).get(f"{key}.jpg"))
                 _member(tar, f"{key}.txt", (caption or "").encode())
                 _member(tar, f"{key}.json", json.dumps(meta).encode())
                 records.append(meta)
-            for target, name, data in extra_members:
-                if target == shard:
-                    _member(tar, name, data)
         (folder / f"{shard:05d}.tar").write_bytes(buf.getvalue())
-        schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()), ("error_message", pa.string()),
-                            ("width", pa.int64()), ("height", pa.int64()), ("original_width", pa.int64()), ("original_height", pa.int64()),
-                            ("exif", pa.string()), ("sha256", pa.string())])
+        schema = pa.schema(
+            [
+                ("key", pa.string()),
+                ("url", pa.string()),
+                ("caption", pa.string()),
+                ("status", pa.string()),
+                ("error_message", pa.string()),
+                ("width", pa.int64()),
+                ("height", pa.int64()),
+                ("original_width", pa.int64()),
+                ("original_height", pa.int64()),
+                ("exif", pa.string()),
+                ("sha256", pa.string()),
+            ]
+        )
         pq.write_table(pa.Table.from_pylist(records, schema=schema), folder / f"{shard:05d}.parquet")
         ok = sum(r["status"] == "success" for r in records)
-        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": rows, "successes": ok, "failed_to_download": rows - ok, "failed_to_resize": 0,
-                                                                     "status_dict": {"success": ok, "HTTP Error 404: Not Found": rows - ok}}))
+        (folder / f"{shard:05d}_stats.json").write_text(
+            json.dumps(
+                {
+                    "count": rows,
+                    "successes": ok,
+                    "failed_to_download": rows - ok,
+                    "failed_to_resize": 0,
+                    "status_dict": {"success": ok, "HTTP Error 404: Not Found": rows - ok},
+                }
+            )
+        )
     return folder
 
 
@@ -179,7 +227,7 @@ def cli_env() -> dict[str, str]:
 def run_cli(*args: str, cwd: Path | str | None = None, toy: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the ``mmcurate`` console command (or, with ``toy``, the same CLI with the toy stages)."""
     cmd = [sys.executable, "-m", "foundation_support", *args] if toy else [mmcurate_exe(), *args]
-    return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def toy_cli_command(*args: str) -> list[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from foundation_support import I2D_ROWS, I2D_SHARDS, check_accounting, kept_table, read_folder, run_cli, tables_equal
-
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
 
@@ -36,7 +35,21 @@ def test_img2dataset_reader_keeps_keys_rejects_failures_attaches_images(tmp_path
 
 def run_stage(tmp_path: Path, src: Path, name: str, fmt: str, *extra: str) -> Path:
     out = tmp_path / name
-    result = run_cli("stage", "drop_word", "--input", str(src), "--output", str(out), "--output-format", fmt, "--workers", "1", "--no-progress", *extra, toy=True)
+    result = run_cli(
+        "stage",
+        "drop_word",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--output-format",
+        fmt,
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+        toy=True,
+    )
     assert result.returncode == 0, result.stderr
     return out
 
@@ -81,7 +94,20 @@ def image_bytes(out: Path, fmt: str) -> dict[str, bytes]:
 
 def test_chaining_a_url_only_run_keeps_its_rows(tmp_path: Path, laion_sample: Path) -> None:
     """A run without images (URL list in) chained into another: no row is taken for a missing image."""
-    first = run_stage(tmp_path, laion_sample, "first", "webdataset", "--url-col", "URL", "--caption-col", "TEXT", "--rows-per-shard", "500", "--set", "mode=score")
+    first = run_stage(
+        tmp_path,
+        laion_sample,
+        "first",
+        "webdataset",
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--rows-per-shard",
+        "500",
+        "--set",
+        "mode=score",
+    )
     second = run_stage(tmp_path, first, "second", "webdataset", "--set", "mode=score")
     assert check_accounting(second)["kept"] == 1000
     a, b = kept_table(first), kept_table(second)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import assert_usage_error, check_accounting, key_of, kept_table, run_cli
-
+from foundation_support import check_accounting, kept_table, key_of, run_cli
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
 
@@ -82,8 +81,26 @@ def test_laion_sample_through_cli(tmp_path: Path, laion_sample: Path) -> None:
     """The real LAION sample (columns URL/TEXT) read by the console command, twice: same keys."""
     outs = []
     for name in ("a", "b"):
-        result = run_cli("stage", "drop_word", "--input", str(laion_sample), "--output", str(tmp_path / name), "--url-col", "URL", "--caption-col", "TEXT",
-                         "--rows-per-shard", "400", "--workers", "1", "--no-progress", "--set", "word=wallpaper", toy=True)
+        result = run_cli(
+            "stage",
+            "drop_word",
+            "--input",
+            str(laion_sample),
+            "--output",
+            str(tmp_path / name),
+            "--url-col",
+            "URL",
+            "--caption-col",
+            "TEXT",
+            "--rows-per-shard",
+            "400",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--set",
+            "word=wallpaper",
+            toy=True,
+        )
         assert result.returncode == 0, result.stderr
         assert "1000 rows in 3 shards" in result.stdout
         outs.append(tmp_path / name)
@@ -92,7 +109,10 @@ def test_laion_sample_through_cli(tmp_path: Path, laion_sample: Path) -> None:
     kept = [kept_table(o) for o in outs]
     assert kept[0].column("key").equals(kept[1].column("key"))
     source = pq.read_table(laion_sample)
-    expected = {key_of(laion_sample.name, i): (u, t) for i, (u, t) in enumerate(zip(source.column("URL").to_pylist(), source.column("TEXT").to_pylist(), strict=True))}
+    expected = {
+        key_of(laion_sample.name, i): (u, t)
+        for i, (u, t) in enumerate(zip(source.column("URL").to_pylist(), source.column("TEXT").to_pylist(), strict=True))
+    }
     for row in kept[0].select(["key", "url", "caption"]).to_pylist():
         assert expected[row["key"]] == (row["url"], row["caption"])
         assert "wallpaper" not in row["caption"].lower()
@@ -101,17 +121,37 @@ def test_laion_sample_through_cli(tmp_path: Path, laion_sample: Path) -> None:
 def test_extra_source_columns_carried_through_untouched(tmp_path: Path, url_rows: list[dict]) -> None:
     """Extra columns keep their values and Arrow types; names that clash with declared or internal columns are prefixed."""
     n = len(url_rows)
-    table = pa.table({
-        "URL": [r["URL"] for r in url_rows],
-        "TEXT": [r["TEXT"] for r in url_rows],
-        "similarity": pa.array([i / 100 for i in range(n)], pa.float64()),
-        "tags": pa.array([[f"t{i}", "x"] for i in range(n)], pa.list_(pa.string())),
-        "status": [f"s{i}" for i in range(n)],  # clashes with a declared column
-        "__index_level_0__": pa.array(range(n), pa.int64()),  # pandas index; a leading _ marks internal columns
-    })
+    table = pa.table(
+        {
+            "URL": [r["URL"] for r in url_rows],
+            "TEXT": [r["TEXT"] for r in url_rows],
+            "similarity": pa.array([i / 100 for i in range(n)], pa.float64()),
+            "tags": pa.array([[f"t{i}", "x"] for i in range(n)], pa.list_(pa.string())),
+            "status": [f"s{i}" for i in range(n)],  # clashes with a declared column
+            "__index_level_0__": pa.array(range(n), pa.int64()),  # pandas index; a leading _ marks internal columns
+        }
+    )
     pq.write_table(table, tmp_path / "urls.parquet")
-    result = run_cli("stage", "drop_word", "--input", str(tmp_path / "urls.parquet"), "--output", str(tmp_path / "out"), "--url-col", "URL",
-                     "--caption-col", "TEXT", "--output-format", "parquet", "--workers", "1", "--no-progress", "--set", "mode=score", toy=True)
+    result = run_cli(
+        "stage",
+        "drop_word",
+        "--input",
+        str(tmp_path / "urls.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--output-format",
+        "parquet",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--set",
+        "mode=score",
+        toy=True,
+    )
     assert result.returncode == 0, result.stderr
     out = kept_table(tmp_path / "out")
     assert out.num_rows == n

@@ -16,18 +16,16 @@ from foundation_support import (
     assert_usage_error,
     check_accounting,
     cli_env,
-    key_of,
     kept_table,
+    key_of,
     read_folder,
     register,
     run_cli,
     sorted_files,
     stats_without_seconds,
-    tables_equal,
     toy_cli_command,
     write_yaml,
 )
-
 from mmcurate.engines.local import run_local
 from mmcurate.pipelines.config import Pipeline, StageSpec
 from mmcurate.shards.readers import InputSpec
@@ -51,8 +49,12 @@ def dup_csv(tmp_path_factory, laion_sample: Path) -> Path:
     return write_csv(tmp_path_factory.mktemp("dup") / "urls.csv", rows)
 
 
-def pipeline(src: Path, out: Path, stages: list[StageSpec], fmt: str = "webdataset", rows_per_shard: int = 40, workers: int = 1) -> Pipeline:
-    return Pipeline(InputSpec(str(src), url_col="URL", caption_col="TEXT"), OutputSpec(str(out), fmt, rows_per_shard), stages, workers=workers)
+def pipeline(
+    src: Path, out: Path, stages: list[StageSpec], fmt: str = "webdataset", rows_per_shard: int = 40, workers: int = 1
+) -> Pipeline:
+    return Pipeline(
+        InputSpec(str(src), url_col="URL", caption_col="TEXT"), OutputSpec(str(out), fmt, rows_per_shard), stages, workers=workers
+    )
 
 
 def test_accounting_with_filter_and_global_stage(tmp_path: Path, dup_csv: Path, monkeypatch) -> None:
@@ -102,12 +104,15 @@ def test_pool_of_workers_writes_the_same_files_as_one_worker(tmp_path: Path, lai
 
 
 def resume_config(tmp_path: Path, src: Path, name: str) -> Path:
-    return write_yaml(tmp_path / f"{name}.yaml", {
-        "input": {"path": str(src), "url_col": "URL", "caption_col": "TEXT"},
-        "output": {"path": str(tmp_path / name), "rows_per_shard": 20},
-        "workers": 1,
-        "stages": [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seconds": 0.25}}],
-    })
+    return write_yaml(
+        tmp_path / f"{name}.yaml",
+        {
+            "input": {"path": str(src), "url_col": "URL", "caption_col": "TEXT"},
+            "output": {"path": str(tmp_path / name), "rows_per_shard": 20},
+            "workers": 1,
+            "stages": [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seconds": 0.25}}],
+        },
+    )
 
 
 def assert_same_output(a: Path, b: Path) -> None:
@@ -127,7 +132,9 @@ def assert_same_output(a: Path, b: Path) -> None:
 @pytest.mark.slow
 def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path, dup_csv: Path) -> None:
     killed = resume_config(tmp_path, dup_csv, "killed")
-    proc = subprocess.Popen(toy_cli_command("run", str(killed), "--no-progress"), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        toy_cli_command("run", str(killed), "--no-progress"), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     done = tmp_path / "killed" / "_done"
     deadline = time.monotonic() + 60
     while not (done.exists() and any(done.iterdir())):
@@ -150,17 +157,61 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path, dup_csv: P
 
 
 def test_output_of_another_pipeline_is_refused(tmp_path: Path, dup_csv: Path) -> None:
-    first = run_cli("stage", "drop_word", "--input", str(dup_csv), "--output", str(tmp_path / "out"), "--url-col", "URL", "--caption-col", "TEXT",
-                    "--workers", "1", "--no-progress", toy=True)
+    first = run_cli(
+        "stage",
+        "drop_word",
+        "--input",
+        str(dup_csv),
+        "--output",
+        str(tmp_path / "out"),
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--workers",
+        "1",
+        "--no-progress",
+        toy=True,
+    )
     assert first.returncode == 0, first.stderr
     before = {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out")}
-    other = run_cli("stage", "drop_word", "--input", str(dup_csv), "--output", str(tmp_path / "out"), "--url-col", "URL", "--caption-col", "TEXT",
-                    "--workers", "1", "--no-progress", "--set", "word=cat", toy=True)
+    other = run_cli(
+        "stage",
+        "drop_word",
+        "--input",
+        str(dup_csv),
+        "--output",
+        str(tmp_path / "out"),
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--set",
+        "word=cat",
+        toy=True,
+    )
     assert_usage_error(other, "different pipeline")
     assert {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out")} == before
     # The same pipeline again is a finished run: nothing to do, same files.
-    same = run_cli("stage", "drop_word", "--input", str(dup_csv), "--output", str(tmp_path / "out"), "--url-col", "URL", "--caption-col", "TEXT",
-                   "--workers", "2", "--no-progress", toy=True)
+    same = run_cli(
+        "stage",
+        "drop_word",
+        "--input",
+        str(dup_csv),
+        "--output",
+        str(tmp_path / "out"),
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--workers",
+        "2",
+        "--no-progress",
+        toy=True,
+    )
     assert same.returncode == 0, same.stderr
     after = {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out") if name != "run.json"}
     assert after == {k: v for k, v in before.items() if k != "run.json"}

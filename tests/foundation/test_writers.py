@@ -10,15 +10,21 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from foundation_support import check_accounting, kept_table, read_folder, run_cli, tables_equal, write_yaml
-
 from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
 
 
 def convert(tmp_path: Path, src: Path, name: str, fmt: str, rows_per_shard: int = 4) -> Path:
     """A run with no stages through the console command: a pure format conversion."""
     out = tmp_path / name
-    pipeline = write_yaml(tmp_path / f"{name}.yaml", {"input": {"path": str(src)}, "output": {"path": name, "format": fmt, "rows_per_shard": rows_per_shard},
-                                                      "workers": 1, "stages": []})
+    pipeline = write_yaml(
+        tmp_path / f"{name}.yaml",
+        {
+            "input": {"path": str(src)},
+            "output": {"path": name, "format": fmt, "rows_per_shard": rows_per_shard},
+            "workers": 1,
+            "stages": [],
+        },
+    )
     result = run_cli("run", str(pipeline), "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return out
@@ -64,7 +70,7 @@ def test_webdataset_shards_load_with_webdataset_library(round_trip: dict[str, Pa
 
 def test_tar_members_and_bytes_are_deterministic(round_trip: dict[str, Path], tmp_path: Path) -> None:
     out = round_trip["w2"]
-    tar_path = sorted((out / "shards").glob("*.tar"))[0]
+    tar_path = min((out / "shards").glob("*.tar"))
     with tarfile.open(tar_path) as tar:
         members = tar.getmembers()
     keys = pq.read_table(out / "meta" / f"{tar_path.stem}.parquet").column("key").to_pylist()

@@ -1,0 +1,285 @@
+"""Bad input: a clear one-line usage error (exit 2, no traceback) or a recorded rejection; never a lost
+row, never a file written outside the output folder."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from foundation_support import (
+    assert_usage_error,
+    check_accounting,
+    kept_table,
+    key_of,
+    read_folder,
+    register,
+    run_cli,
+    sorted_files,
+    write_img2dataset,
+    write_yaml,
+)
+from mmcurate.cli import main
+
+
+class Sandbox:
+    """An input folder, an empty working directory and a base pipeline; every call checks that nothing
+    was written outside the output folder. Calls run in-process through ``mmcurate.cli.main`` (the
+    console command's entry point, toy stages registered), or with ``real=True`` as a subprocess."""
+
+    def __init__(self, tmp_path: Path, capsys, url_rows: list[dict]) -> None:
+        self.tmp, self.capsys = tmp_path, capsys
+        self.inputs, self.cwd, self.out = tmp_path / "in", tmp_path / "cwd", tmp_path / "out"
+        self.inputs.mkdir()
+        self.cwd.mkdir()
+        pq.write_table(pa.Table.from_pylist(url_rows), self.inputs / "urls.parquet")
+        self.base = write_yaml(
+            self.inputs / "base.yaml",
+            {
+                "input": {"path": "urls.parquet", "url_col": "URL", "caption_col": "TEXT"},
+                "output": {"path": str(self.out)},
+                "workers": 1,
+                "stages": [{"drop_word": {"word": "dog"}}],
+            },
+        )
+
+    def cli(self, args: list[str], real: bool = False) -> subprocess.CompletedProcess:
+        before = {p: (self.inputs / p).read_bytes() for p in sorted_files(self.inputs)}
+        if real:
+            result = run_cli(*args, cwd=self.cwd, toy=True)
+        else:
+            self.capsys.readouterr()
+            code = main(args)
+            captured = self.capsys.readouterr()
+            result = subprocess.CompletedProcess(args, code, captured.out, captured.err)
+        assert sorted_files(self.cwd) == [], "a file was written into the working directory"
+        assert {p: (self.inputs / p).read_bytes() for p in sorted_files(self.inputs)} == before, "the input folder changed"
+        assert {p.name for p in self.tmp.iterdir()} <= {"cwd", "in", "out"}, "a file was written beside the output"
+        return result
+
+    def usage(self, args: list[str], *fragments: str, real: bool = False) -> None:
+        assert_usage_error(self.cli(args, real), *fragments)
+
+    def stage(self, src: Path, *args: str) -> list[str]:
+        return ["stage", "drop_word", "--input", str(src), "--output", str(self.out), "--workers", "1", "--no-progress", *args]
+
+    def run_ok(self, src: Path, *args: str) -> Path:
+        result = self.cli(self.stage(src, *args))
+        assert result.returncode == 0, result.stderr
+        return self.out
+
+
+@pytest.fixture
+def box(tmp_path: Path, url_rows: list[dict], capsys, monkeypatch) -> Sandbox:
+    register(monkeypatch)
+    sandbox = Sandbox(tmp_path, capsys, url_rows)
+    monkeypatch.chdir(sandbox.cwd)
+    return sandbox
+
+
+def test_misnamed_columns(box: Sandbox) -> None:
+    box.usage(["run", str(box.base), "--url-col", "link"], "no url column 'link'", "URL, TEXT", real=True)
+    box.usage(["run", str(box.base), "--caption-col", "alt"], "no caption column 'alt'")
+    (box.inputs / "links.csv").write_text("link,caption\nhttp://a/1.jpg,a cat\n")
+    box.usage(box.stage(box.inputs / "links.csv"), "no url column 'url'", "link, caption")
+
+
+@pytest.mark.parametrize(
+    "name, content, fragment",
+    [
+        ("missing.parquet", None, "does not exist"),
+        ("broken.parquet", b"PAR1 this is not parquet", "cannot read"),
+        ("empty.csv", b"", "empty file"),
+        ("notes.data", b"http://a/1.jpg\n", "cannot tell the input format"),
+    ],
+)
+def test_unreadable_inputs(box: Sandbox, name: str, content: bytes | None, fragment: str) -> None:
+    if content is not None:
+        (box.inputs / name).write_bytes(content)
+    box.usage(box.stage(box.inputs / name), fragment)
+
+
+def test_corrupt_img2dataset_tar(box: Sandbox, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    i2d = write_img2dataset(box.inputs / "i2d", jpeg_photos, photo_dir, shards=1)
+    (i2d / "00000.tar").write_bytes((i2d / "00000.tar").read_bytes()[:700])  # truncated mid-member
+    box.usage(box.stage(i2d), "not a readable tar")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--set", "colour=red"], ("stage drop_word", "unknown option 'colour'", "word")),
+        (["--set", "word="], ("word must not be empty",)),
+        (["--set", "mode=fast"], ("mode must be filter or score",)),
+        (["--set", "output.colour=red"], ("pipeline output", "unknown option 'colour'")),
+        (["--set", "output.rows_per_shard=many"], ("rows_per_shard", "must be an integer")),
+        (["--set", "output.format=zip"], ("format", "webdataset")),
+        (["--set", "input.max_caption_chars=1.5"], ("max_caption_chars", "must be an integer")),
+        (["--set", "workers=0"], ("workers must be at least 1",)),
+        (["--set", "nothing"], ("KEY=VALUE",)),
+        (["--rows-per-shard", "0"], ("rows_per_shard must be at least 1",)),
+    ],
+)
+def test_bad_options(box: Sandbox, args: list[str], fragments: tuple[str, ...]) -> None:
+    box.usage(box.stage(box.inputs / "urls.parquet", "--url-col", "URL", *args), *fragments)
+
+
+def test_bad_options_through_the_console_command(box: Sandbox) -> None:
+    box.usage(box.stage(box.inputs / "urls.parquet", "--url-col", "URL", "--set", "seconds=1"), "unknown option 'seconds'", real=True)
+
+
+def test_unknown_stage_name(box: Sandbox) -> None:
+    box.usage(
+        ["stage", "nosuch", "--input", str(box.inputs / "urls.parquet"), "--output", str(box.out), "--url-col", "URL"],
+        "unknown stage 'nosuch'",
+        "download",
+        real=True,
+    )
+    box.usage(["run", str(box.base), "--set", "slow.seconds=1"], "no stage 'slow'")
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("input: [unclosed\n", "not valid YAML"),
+        ("- input\n- output\n", "a pipeline is a mapping"),
+        ("input: {path: urls.parquet}\nstages: []\n", "output needs a path"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstage: []\n", "unknown key 'stage'"),
+        ("input: {path: urls.parquet, url_col: URL}\noutput: {path: ../out}\nstages: [nosuch]\n", "unknown stage 'nosuch'"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{drop_word: [dog]}]\n", "a stage is a name or a mapping"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nengine: warp\n", "engine must be one of"),
+    ],
+)
+def test_bad_yaml(box: Sandbox, text: str, fragment: str) -> None:
+    (box.inputs / "bad.yaml").write_text(text)
+    box.usage(["run", str(box.inputs / "bad.yaml")], fragment, real=fragment == "not valid YAML")
+
+
+def test_missing_pipeline_file(box: Sandbox) -> None:
+    box.usage(["run", str(box.inputs / "nope.yaml")], "cannot read pipeline")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorded rejections: the run finishes (exit 0) and every input row is accounted for.
+
+
+def reasons_by_key(out: Path) -> dict[str, str | None]:
+    """Every row of the output (kept: None) with its reason; read-time rejections carry stage ``read``."""
+    rejects = read_folder(out / "rejects")
+    found = {k: None for k in kept_table(out).column("key").to_pylist()}
+    for row in rejects.select(["key", "reject_stage", "reject_reason"]).to_pylist():
+        assert row["key"] not in found
+        found[row["key"]] = row["reject_reason"]
+        assert row["reject_stage"] == ("drop_word" if row["reject_reason"] == "has_word" else "read")
+    return found
+
+
+def test_bad_csv_rows_are_recorded(box: Sandbox) -> None:
+    huge = "x" * 200_000  # over the default max_caption_chars and over the csv module's field limit
+    lines = [
+        b"URL,TEXT,extra",
+        b"http://a/0.jpg,a fine caption,e0",
+        b"http://a/1.jpg,too,many,fields",
+        b"http://a/2.jpg",
+        b"http://a/3.jpg,caf\xe9 latin-1,e3",
+        b",no url,e4",
+        b"  ,blank url,e5",
+        f"http://a/6.jpg,{huge},e6".encode(),
+        b"http://a/7.jpg,,e7",
+        b'http://a/8.jpg,"quoted, with comma",e8',
+        b"http://a/9.jpg,a dog,e9",
+    ]
+    (box.inputs / "bad.csv").write_bytes(b"\n".join(lines) + b"\n")
+    out = box.run_ok(box.inputs / "bad.csv", "--url-col", "URL", "--caption-col", "TEXT")
+    expected = [
+        None,
+        "malformed_row",
+        "malformed_row",
+        "invalid_utf8",
+        "missing_url",
+        "missing_url",
+        "caption_too_long",
+        None,
+        None,
+        "has_word",
+    ]
+    assert reasons_by_key(out) == {key_of("bad.csv", i): r for i, r in enumerate(expected)}
+    assert check_accounting(out) == {"rows_in": 10, "kept": 3, "rejected": 7}
+    rows = {r["key"]: r for r in read_folder(out / "rejects").to_pylist() + kept_table(out).to_pylist()}
+    assert rows[key_of("bad.csv", 3)]["caption"] == "caf\ufffd latin-1"  # repaired for the audit, not silently kept
+    assert rows[key_of("bad.csv", 1)]["url"] == "http://a/1.jpg"  # a malformed row keeps what could be read
+    assert rows[key_of("bad.csv", 7)]["caption"] == "" and rows[key_of("bad.csv", 8)]["caption"] == "quoted, with comma"
+
+
+def test_bad_jsonl_lines_are_recorded(box: Sandbox) -> None:
+    lines = [
+        b'{"url": "http://a/0.jpg", "caption": "ok", "n": 1}',
+        b'{"url": "http://a/1.jpg", "caption": "cut',
+        b"[1, 2]",
+        b'{"url": null, "caption": "x"}',
+        b'{"url": NaN, "caption": "x"}',
+        b'{"url": "http://a/5.jpg", "caption": NaN}',
+        b'{"url": "http://a/6.jpg", "caption": "\xff\xfe"}',
+        b"",
+        b'{"url": "http://a/7.jpg"}',
+    ]
+    (box.inputs / "bad.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    out = box.run_ok(box.inputs / "bad.jsonl")
+    expected = [None, "malformed_row", "malformed_row", "missing_url", "missing_url", None, "invalid_utf8", None]
+    assert reasons_by_key(out) == {key_of("bad.jsonl", i): r for i, r in enumerate(expected)}
+    assert check_accounting(out)["rows_in"] == 8
+    kept = {r["key"]: r for r in kept_table(out).to_pylist()}
+    assert kept[key_of("bad.jsonl", 5)]["caption"] is None and kept[key_of("bad.jsonl", 7)]["caption"] is None
+    assert kept[key_of("bad.jsonl", 0)]["n"] == "1"  # non-text values are kept as JSON text
+
+
+def test_nulls_nan_and_bytes_in_parquet_are_recorded(box: Sandbox) -> None:
+    table = pa.table(
+        {
+            "url": pa.array([b"http://a/0.jpg", None, b"", b"http://a/\xff.jpg", b"http://a/4.jpg", b"http://a/5.jpg"], pa.binary()),
+            "caption": pa.array([1.5, 2.0, 3.0, 4.0, math.nan, None], pa.float64()),
+        }
+    )
+    pq.write_table(table, box.inputs / "odd.parquet")
+    out = box.run_ok(box.inputs / "odd.parquet")
+    expected = [None, "missing_url", "missing_url", "invalid_utf8", None, None]
+    assert reasons_by_key(out) == {key_of("odd.parquet", i): r for i, r in enumerate(expected)}
+    kept = {r["key"]: r for r in kept_table(out).to_pylist()}
+    assert kept[key_of("odd.parquet", 0)]["caption"] == "1.5" and kept[key_of("odd.parquet", 4)]["caption"] is None
+
+
+def test_max_caption_chars_is_an_option(box: Sandbox) -> None:
+    out = box.run_ok(
+        box.inputs / "urls.parquet",
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--set",
+        "input.max_caption_chars=30",
+        "--set",
+        "word=zzzz",
+    )
+    source = pq.read_table(box.inputs / "urls.parquet").column("TEXT").to_pylist()
+    expected = [("caption_too_long" if len(c) > 30 else None) for c in source]
+    assert reasons_by_key(out) == {key_of("urls.parquet", i): r for i, r in enumerate(expected)}
+    assert 0 < sum(r is not None for r in expected) < len(expected)
+
+
+def test_hostile_tar_members_are_never_extracted(box: Sandbox, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    escape = box.tmp / "escaped.jpg"
+    hostile = {
+        "000000000.jpg": str(escape),
+        "000000001.jpg": "../../000000001.jpg",
+        "000000002.jpg": "->/etc/passwd",
+        "000000003.jpg": "sub/../../000000003.jpg",
+    }
+    i2d = write_img2dataset(box.inputs / "i2d", jpeg_photos, photo_dir, shards=1, hostile=hostile)
+    out = box.run_ok(i2d, "--output-format", "parquet", "--set", "mode=score")
+    expected = ["image_missing"] * 4 + [None, "not_downloaded"]
+    assert reasons_by_key(out) == {f"00000{i:04d}": r for i, r in enumerate(expected)}
+    assert not escape.exists() and not (box.tmp.parent / "000000001.jpg").exists()
+    assert kept_table(out).column("image").to_pylist() == [(photo_dir / jpeg_photos[4]["file"]).read_bytes()]
