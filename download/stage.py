@@ -23,12 +23,29 @@ _COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 
 
 class Download(Stage):
-    """Fetch every row's ``url`` (async HTTP), decode, resize and re-encode the image.
+    """Fetch every row's ``url``; store the image decoded, resized and re-encoded (img2dataset's options).
 
-    Every row gets ``status``: ``ok`` or the reason it failed (``http_404``, ``timeout``,
-    ``too_large``, ``not_an_image``, ``decode_error``, ``decompression_bomb``, ``opted_out``,
-    ``bad_url``, ``bad_scheme``, ``blocked_address``, ``redirect_loop``, ...); failed rows are
-    rejected with the same reason.
+    Async HTTP with ``concurrency`` downloads in flight per worker, at most
+    ``per_host_connections`` of them to one host; decoding runs in ``decode_threads`` threads beside
+    the event loop. ``timeout`` bounds connecting and each read; ``deadline`` bounds everything one
+    URL may take: redirects (at most ``max_redirects``) and ``retries`` with exponential backoff on
+    429, 5xx and connection errors, honouring Retry-After up to ``retry_after_cap``. Bodies larger
+    than ``max_body_bytes`` are cut off while streaming. Only http(s) URLs are fetched, and
+    loopback, private, link-local, multicast and reserved addresses are refused, after every
+    redirect too, unless ``allow_private_networks``. An ``X-Robots-Tag`` with one of
+    ``disallowed_header_directives``, for every agent or for ``user_agent_token``, refuses the sample.
+    JPEGs are decoded in draft mode when downscaling; images of more than ``max_pixels`` (read from
+    the header) are refused before decoding; EXIF orientation is applied; alpha is composited on
+    white; animated images keep their first frame. ``encode_quality`` defaults to 95 (jpg, webp)
+    or zlib level 6 (png).
+
+    Every row gets ``status``: ``ok`` or the reason it failed (``bad_url``, ``bad_scheme``,
+    ``blocked_address``, ``dns_error``, ``connection_error``, ``ssl_error``, ``timeout``,
+    ``http_404``-style codes, ``too_many_redirects``, ``redirect_loop``, ``opted_out``,
+    ``too_large``, ``not_an_image``, ``decode_error``, ``decompression_bomb``, ``image_too_small``,
+    ``image_area_too_large``, ``aspect_ratio_too_large``, ``bad_response``, ``download_error``);
+    failed rows are rejected with the same reason. ``mmcurate run PIPELINE --retry-failed`` fetches
+    the failed rows of a finished run again.
     """
 
     name = "download"
@@ -41,6 +58,9 @@ class Download(Stage):
     def __init__(self, config: DownloadConfig | None = None) -> None:
         super().__init__(config)
         self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # threads do not travel to another process
 
     def setup(self) -> None:
         self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="mmcurate-decode")
