@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.errors import UsageError
-from mmcurate.filters.common import Mode, check_mode, decode_image, prefetched
-from mmcurate.stages.base import Resources, Stage, reject, set_column
+from mmcurate.filters.common import Mode, check_mode, decode_image, prepared_batches, store_scores
+from mmcurate.stages.base import Resources, Stage, reject
 
 
 @dataclass
@@ -98,13 +98,10 @@ class ClipScore(Stage):
         n = len(images)
         scores = np.full(n, np.nan, dtype=np.float32)
         reasons: list[str | None] = [None] * n
-        size = self.config.batch_size
         with ThreadPoolExecutor(self.config.workers) as pool:
-            prepared = prefetched(pool, self._prepare, images, depth=size * self.config.prefetch)
-            for start in range(0, n, size):
+            for batch in prepared_batches(pool, self._prepare, images, self.config.batch_size, self.config.prefetch):
                 rows, tensors, texts = [], [], []
-                for i in range(start, min(start + size, n)):
-                    item = next(prepared)
+                for i, item in batch:
                     caption = captions[i].strip() if captions[i] else ""
                     if isinstance(item, str) or not caption:
                         reasons[i] = item if isinstance(item, str) else "caption_missing"
@@ -127,11 +124,8 @@ class ClipScore(Stage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         scores, reasons = self.score(batch.column("image").to_pylist(), batch.column("caption").to_pylist())
-        batch = set_column(batch, "clip_score", pa.array(scores, pa.float32(), mask=np.isnan(scores)))
-        if self.config.mode == "score":
-            return batch
-        batch = reject(batch, pa.array(reasons, pa.string()).is_valid(), pa.array(reasons, pa.string()))
-        if self.config.min_score is not None:
+        batch = store_scores(batch, "clip_score", scores, reasons, self.config.mode)
+        if self.config.mode == "filter" and self.config.min_score is not None:
             # Compare the stored float32 value, as `select` does when it re-applies the threshold.
             batch = reject(batch, scores.astype(np.float64) < self.config.min_score, "low_clip_score")
         return batch

@@ -1,5 +1,5 @@
-"""Helpers the filter stages share: the filter/score mode, source image sizes, image decoding and
-bounded prefetching of per-row work in a thread pool."""
+"""Helpers the filter stages share: the filter/score mode, source image sizes, image decoding,
+bounded prefetching of per-row work in a thread pool, storing a score column."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
+
+from mmcurate.stages.base import reject, set_column
 
 Mode = Literal["filter", "score"]  # "score": add the score columns, reject nothing
 MODES = ("filter", "score")
@@ -71,3 +73,20 @@ def prefetched(executor: Executor, fn: Callable[[T], R], items: Iterable[T], dep
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def prepared_batches(executor: Executor, prepare: Callable[[T], R], items: list[T], size: int, ahead: int) -> Iterator[list[tuple[int, R]]]:
+    """``prepare`` every item in ``executor``, up to ``ahead`` batches in advance of the consumer;
+    yield ``(index, result)`` pairs in batches of ``size``, in order."""
+    results = prefetched(executor, prepare, items, depth=size * ahead)
+    for start in range(0, len(items), size):
+        yield [(i, next(results)) for i in range(start, min(start + size, len(items)))]
+
+
+def store_scores(batch: pa.Table, column: str, scores: np.ndarray, reasons: list[str | None], mode: str) -> pa.Table:
+    """Set ``column`` (NaN stored as null) and, unless in score mode, reject the rows with a reason."""
+    batch = set_column(batch, column, pa.array(scores, pa.float32(), mask=np.isnan(scores)))
+    if mode == "score":
+        return batch
+    reasons_array = pa.array(reasons, pa.string())
+    return reject(batch, reasons_array.is_valid(), reasons_array)

@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.errors import UsageError
-from mmcurate.filters.common import Mode, check_mode, decode_image, prefetched
-from mmcurate.stages.base import Resources, Stage, reject, set_column
+from mmcurate.filters.common import Mode, check_mode, decode_image, prepared_batches, store_scores
+from mmcurate.stages.base import Resources, Stage, reject
 
 EXPOSED = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
 _INPUT = 320  # the detector's input size
@@ -83,28 +83,22 @@ class Nsfw(Stage):
         n = len(images)
         scores = np.full(n, np.nan, dtype=np.float32)
         reasons: list[str | None] = [None] * n
-        size = self.config.batch_size
         with ThreadPoolExecutor(self.config.workers) as pool:
-            prepared = prefetched(pool, _bgr, images, depth=2 * size)
-            for start in range(0, n, size):
-                rows, arrays = [], []
-                for i in range(start, min(start + size, n)):
-                    item = next(prepared)
+            for batch in prepared_batches(pool, _bgr, images, self.config.batch_size, ahead=2):
+                decoded = []
+                for i, item in batch:
                     if isinstance(item, str):
                         reasons[i] = item
                     else:
-                        rows.append(i)
-                        arrays.append(item)
-                for i, found in zip(rows, self._detector.detect_batch(arrays, batch_size=size), strict=True):
-                    scores[i] = max((d["score"] for d in found if d["class"] in self._classes), default=0.0)
+                        decoded.append((i, item))
+                found = self._detector.detect_batch([item for _, item in decoded], batch_size=self.config.batch_size) if decoded else []
+                for (i, _), detections in zip(decoded, found, strict=True):
+                    scores[i] = max((d["score"] for d in detections if d["class"] in self._classes), default=0.0)
         return scores, reasons
 
     def process(self, batch: pa.Table) -> pa.Table:
         scores, reasons = self.score(batch.column("image").to_pylist())
-        batch = set_column(batch, "nsfw_score", pa.array(scores, pa.float32(), mask=np.isnan(scores)))
-        if self.config.mode == "score":
-            return batch
-        batch = reject(batch, pa.array(reasons, pa.string()).is_valid(), pa.array(reasons, pa.string()))
-        if self.config.max_score is not None:
+        batch = store_scores(batch, "nsfw_score", scores, reasons, self.config.mode)
+        if self.config.mode == "filter" and self.config.max_score is not None:
             batch = reject(batch, scores.astype(np.float64) > self.config.max_score, "nsfw")
         return batch

@@ -49,6 +49,9 @@ def test_bad_rows_and_threshold(nsfw: Nsfw, photo_dir: Path) -> None:
     out = nsfw.process(t)
     assert out.column("nsfw_score").to_pylist()[1:] == [None, None]
     assert out.column("reject_reason").to_pylist() == [None, "decode_error", "image_missing"]
+    one_by_one = Nsfw.from_params({"batch_size": 1})  # batches holding no decodable image at all
+    one_by_one.setup()
+    assert one_by_one.process(t).column("nsfw_score").to_pylist() == out.column("nsfw_score").to_pylist()
     strict = Nsfw.from_params({"classes": ["FACE_FEMALE"], "max_score": 0.2})
     strict.setup()
     assert strict.process(t).column("reject_reason").to_pylist()[0] == "nsfw"
