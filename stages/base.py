@@ -224,11 +224,12 @@ class ClusterStage(GlobalStage):
         return pa.array(np.ones(left.num_rows, dtype=bool))
 
     def decide(self, table: pa.Table) -> pa.Table:
-        groups = self.group_keys(table)
-        left, right = candidate_pairs(groups, self.max_group_size)
-        edges = verified_edges(self, table, left, right)
-        keys, keepers = components(*edges)
-        return decisions(keys, self.reason, keepers)
+        # candidate_pairs -> verified_edges -> components, on integer key codes rather than strings.
+        keys, left, right = _pair_codes(self.group_keys(table), self.max_group_size)
+        rows = pc.index_in(keys, value_set=table.column("key")).to_numpy(zero_copy_only=False)
+        ok = _verify_rows(self, table, rows[left], rows[right])
+        dups, keepers = _component_codes(len(keys), left[ok], right[ok])
+        return decisions(keys.take(pa.array(dups)), self.reason, keys.take(pa.array(keepers)))
 
 
 VERIFY_BATCH = 65_536  # candidate pairs handed to one verify() call: bounds memory, stays in cache
@@ -237,6 +238,12 @@ VERIFY_BATCH = 65_536  # candidate pairs handed to one verify() call: bounds mem
 def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Key pairs ``(a, b)``, ``a < b``, of rows sharing a group: every pair in small groups, and each
     member with the group's smallest key in groups larger than ``max_group_size``. Sorted, distinct."""
+    keys, left, right = _pair_codes(groups, max_group_size)
+    return _strings(keys, left), _strings(keys, right)
+
+
+def _pair_codes(groups: pa.Table, max_group_size: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """:func:`candidate_pairs` as ``(sorted distinct keys, left codes, right codes)``, codes indexing the keys."""
     group = groups.column("group").to_numpy()
     order = np.argsort(group)
     run = np.cumsum(np.r_[False, group[order][1:] != group[order][:-1]]) if len(group) else np.empty(0, np.int64)
@@ -261,7 +268,7 @@ def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, 
     offset = np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
     right = codes[np.repeat(np.arange(len(codes)) + 1, partners) + offset]
     left, right = _sorted_distinct(left, right)
-    return _strings(keys, left), _strings(keys, right)
+    return keys, left, right
 
 
 def _scramble(values: np.ndarray) -> np.ndarray:
@@ -297,17 +304,22 @@ def _strings(keys: pa.Array, codes: np.ndarray) -> np.ndarray:
 
 
 def verified_edges(stage: ClusterStage, table: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate pairs that ``stage.verify`` confirms (checked in slices of ``VERIFY_BATCH`` pairs)."""
+    """The candidate pairs that ``stage.verify`` confirms."""
     if len(left) == 0:
         return left, right
-    columns = table.select(list(stage.global_columns))
     rows = pc.index_in(pa.array(np.concatenate([left, right]), pa.string()), value_set=table.column("key")).to_numpy(zero_copy_only=False)
-    a, b = rows[: len(left)], rows[len(left) :]
-    ok = np.zeros(len(left), bool)
-    for i in range(0, len(left), VERIFY_BATCH):
+    ok = _verify_rows(stage, table, rows[: len(left)], rows[len(left) :])
+    return left[ok], right[ok]
+
+
+def _verify_rows(stage: ClusterStage, table: pa.Table, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``stage.verify`` on the pairs of rows ``(a[i], b[i])`` of ``table``, in slices of ``VERIFY_BATCH`` pairs."""
+    columns = table.select(list(stage.global_columns))
+    ok = np.zeros(len(a), bool)
+    for i in range(0, len(a), VERIFY_BATCH):
         part = slice(i, i + VERIFY_BATCH)
         ok[part] = np.asarray(pc.fill_null(stage.verify(columns.take(a[part]), columns.take(b[part])), False), dtype=bool)
-    return left[ok], right[ok]
+    return ok
 
 
 def components(left: np.ndarray, right: np.ndarray) -> tuple[list[str], list[str]]:
@@ -315,11 +327,18 @@ def components(left: np.ndarray, right: np.ndarray) -> tuple[list[str], list[str
     if len(left) == 0:
         return [], []
     keys, codes = _key_codes(pa.array(np.concatenate([left, right]), pa.string()))
-    n = len(keys)
-    graph = scipy.sparse.coo_matrix((np.ones(len(left), np.int8), (codes[: len(left)], codes[len(left) :])), shape=(n, n))
+    dups, keepers = _component_codes(len(keys), codes[: len(left)], codes[len(left) :])
+    return keys.take(pa.array(dups)).to_pylist(), keys.take(pa.array(keepers)).to_pylist()
+
+
+def _component_codes(n: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`components` on key codes ``0..n-1`` (code order = key order): ``(duplicates, their keepers)``."""
+    if len(left) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    graph = scipy.sparse.coo_matrix((np.ones(len(left), np.int8), (left, right)), shape=(n, n))
     _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
     smallest = np.full(labels.max() + 1, n, np.int64)
     np.minimum.at(smallest, labels, np.arange(n))
     keeper = smallest[labels]
     dups = np.flatnonzero(keeper != np.arange(n))
-    return keys.take(pa.array(dups)).to_pylist(), keys.take(pa.array(keeper[dups])).to_pylist()
+    return dups, keeper[dups]

@@ -79,3 +79,17 @@ def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None
     kept = processed.filter(pa.compute.is_null(processed.column("reject_reason")))
     decision = stage.decide(kept.select(["key", "sha256"]))
     assert decision.to_pylist() == [{"key": "e", "reject_reason": "duplicate_image", "duplicate_of": "c"}]
+
+
+def test_decide_equals_the_public_steps_engines_use(caption_corpus: dict) -> None:
+    """decide() runs on key codes; the string-keyed steps the Ray and Spark engines reuse must agree."""
+    from mmcurate.dedup.minhash import SIGNATURE, MinhashDedup
+    from mmcurate.stages.base import decisions, verified_edges
+
+    stage = MinhashDedup.from_params({"threshold": 0.6})
+    captions = pa.table({"key": caption_corpus["keys"], "caption": pa.array(caption_corpus["docs"], pa.string())})
+    table = stage.process(reject(captions, np.zeros(captions.num_rows, bool), "x")).select(["key", SIGNATURE])
+    left, right = candidate_pairs(stage.group_keys(table), stage.max_group_size)
+    dups, keepers = components(*verified_edges(stage, table, left, right))
+    assert len(dups) > 300
+    assert stage.decide(table).equals(decisions(dups, stage.reason, keepers))
