@@ -99,7 +99,8 @@ def apply_decisions(stage: GlobalStage, table: pa.Table, decisions: pa.Table, st
     """Reject the kept rows whose key a global stage's decision names (removal by key, never position)."""
     start = time.perf_counter()
     index = pc.index_in(table.column("key"), value_set=decisions.column("key"))
-    hit = pc.and_(pc.is_valid(index), kept_mask(table))
+    kept = kept_mask(table)
+    hit = pc.and_(pc.is_valid(index), kept)
     picked = {name: pc.take(decisions.column(name), index) for name in ("reject_reason", "duplicate_of")}
     columns = {
         "reject_reason": pc.if_else(hit, picked["reject_reason"], table.column("reject_reason")),
@@ -121,7 +122,7 @@ def apply_decisions(stage: GlobalStage, table: pa.Table, decisions: pa.Table, st
             entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 4)
             break
     else:
-        stats.record(stage.name, int(pc.sum(kept_mask(table)).as_py() or 0), reasons, time.perf_counter() - start)
+        stats.record(stage.name, int(pc.sum(kept).as_py() or 0), reasons, time.perf_counter() - start)
     return table
 
 

@@ -1,6 +1,6 @@
 """Toy stages, output readers and a CLI launcher shared by the foundation tests.
 
-The stages are registered under test-only names (``drop_word``, ``slow``, ``caption_dedup``) by
+The stages are registered under test-only names (``drop_word``, ``slow``, ``caption_dedup``, ``boom``) by
 :func:`register`; ``python -m foundation_support ARGS`` runs the real ``mmcurate`` CLI with them
 registered, for subprocess tests that need a stage (run those with ``workers: 1``: spawned pool
 workers import the unpatched registry).
@@ -30,6 +30,7 @@ TOY_STAGES = {
     "drop_word": "foundation_support:DropWord",
     "slow": "foundation_support:Slow",
     "caption_dedup": "foundation_support:CaptionDedup",
+    "boom": "foundation_support:Boom",
 }
 
 
@@ -75,6 +76,23 @@ class Slow(Stage):
 
     def process(self, table: pa.Table) -> pa.Table:
         time.sleep(self.config.seconds)
+        return table
+
+
+@dataclass
+class BoomConfig:
+    word: str = "boom"
+
+
+class Boom(Stage):
+    """A stage with a bug: raises on a shard holding a caption with ``word``."""
+
+    name = "boom"
+    Config = BoomConfig
+
+    def process(self, table: pa.Table) -> pa.Table:
+        if any(self.config.word in (c or "") for c in table.column("caption").to_pylist()):
+            raise RuntimeError("boom")
         return table
 
 

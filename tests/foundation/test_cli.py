@@ -1,0 +1,137 @@
+"""The console command: exit codes, fsspec URLs, schema printing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from foundation_support import check_accounting, kept_table, run_cli, write_yaml
+from mmcurate import __version__, schemas
+
+
+def test_exit_0_when_the_run_finishes_with_rejections(tmp_path: Path, laion_sample: Path) -> None:
+    result = run_cli(
+        "stage",
+        "drop_word",
+        "--input",
+        str(laion_sample),
+        "--output",
+        str(tmp_path / "out"),
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--workers",
+        "1",
+        "--no-progress",
+        "--set",
+        "word=e",
+        toy=True,
+    )
+    assert result.returncode == 0, result.stderr
+    totals = check_accounting(tmp_path / "out")
+    assert totals["rejected"] > 900
+    assert f"1000 rows in 1 shards: {totals['kept']} kept, {totals['rejected']} rejected" in result.stdout
+    assert f"drop_word: {totals['rejected']} rejected (has_word {totals['rejected']})" in result.stdout
+
+
+def test_exit_1_when_the_run_itself_fails(tmp_path: Path, url_rows: list[dict]) -> None:
+    """A stage that crashes: exit 1 with the traceback and a resume hint; finished shards stay done."""
+    rows = [{**r, "TEXT": "boom" if i == 25 else r["TEXT"]} for i, r in enumerate(url_rows)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    result = run_cli(
+        "stage",
+        "boom",
+        "--input",
+        str(tmp_path / "urls.parquet"),
+        "--output",
+        str(tmp_path / "out"),
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--rows-per-shard",
+        "10",
+        "--workers",
+        "1",
+        "--no-progress",
+        toy=True,
+    )
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "RuntimeError: boom" in result.stderr
+    assert result.stderr.rstrip().endswith("mmcurate: the run failed; finished shards are kept and a re-run resumes")
+    assert sorted(p.name for p in (tmp_path / "out" / "_done").iterdir()) == ["00000", "00001"]
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["finished"] is None
+
+
+def test_exit_2_on_command_line_mistakes(tmp_path: Path) -> None:
+    for args in (["stage", "drop_word"], ["frobnicate"], ["stage", "x", "--input", "a", "--output", "b", "--output-format", "zip"], []):
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "error:" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_schema(tmp_path: Path) -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"mmcurate {__version__}"
+    markdown = run_cli("schema", "--markdown")
+    assert markdown.returncode == 0 and markdown.stdout == schemas.markdown()
+    plain = run_cli("schema")
+    assert plain.returncode == 0
+    assert [line.split(":")[0] for line in plain.stdout.splitlines() if not line.startswith(" ")] == [f.name for f in schemas.FIELDS]
+
+
+def test_file_urls_for_input_and_output(tmp_path: Path, laion_sample: Path, i2d_dir: Path) -> None:
+    """fsspec ``file://`` URLs work for input and output, on the command line and in a pipeline YAML."""
+    out_url = (tmp_path / "via_flags").as_uri()
+    result = run_cli(
+        "stage",
+        "drop_word",
+        "--input",
+        laion_sample.as_uri(),
+        "--output",
+        out_url,
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--rows-per-shard",
+        "600",
+        "--workers",
+        "1",
+        "--no-progress",
+        toy=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert check_accounting(tmp_path / "via_flags")["rows_in"] == 1000
+    assert json.loads((tmp_path / "via_flags" / "run.json").read_text())["pipeline"]["output"]["path"] == out_url
+
+    pipeline = write_yaml(
+        tmp_path / "p.yaml",
+        {
+            "input": {"path": i2d_dir.as_uri()},
+            "output": {"path": (tmp_path / "via_yaml").as_uri(), "format": "parquet"},
+            "workers": 1,
+            "stages": [],
+        },
+    )
+    result = run_cli("run", str(pipeline), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    kept = kept_table(tmp_path / "via_yaml")
+    assert kept.num_rows == 10 and kept.column("image").null_count == 0
+    # A run chained on a file:// output.
+    result = run_cli(
+        "run",
+        str(pipeline),
+        "--input",
+        (tmp_path / "via_yaml").as_uri(),
+        "--output",
+        (tmp_path / "chained").as_uri(),
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert kept_table(tmp_path / "chained").equals(kept)

@@ -1,0 +1,183 @@
+"""Schema, stage protocol helpers and the engine-neutral core, in process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pyarrow as pa
+import pytest
+from foundation_support import DropWord
+from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, record_read
+from mmcurate.errors import UsageError
+from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, conform
+from mmcurate.stages import STAGES, stage_class
+from mmcurate.stages.base import ClusterStage, Stage, build_config, candidate_pairs, components, decisions, reject
+
+
+def test_fields_are_unique_and_keys_not_nullable() -> None:
+    names = [f.name for f in FIELDS]
+    assert len(names) == len(set(names))
+    assert not BY_NAME["key"].arrow().nullable and BY_NAME["url"].arrow().nullable
+
+
+def test_conform_orders_casts_fills_and_drops_internal_columns() -> None:
+    table = pa.table({"extra": [1, 2], "_signature": [3, 4], "width": pa.array([5, 6], pa.int64()), "key": ["a", "b"]})
+    out = conform(table, ["key", "url", "width"])
+    assert out.column_names == ["key", "url", "width", "extra"]
+    assert out.schema.field("width").type == pa.int32() and out.schema.field("url").type == pa.string()
+    assert out.column("url").null_count == 2 and out.column("extra").to_pylist() == [1, 2]
+    assert out.schema.metadata[METADATA_KEY] == SCHEMA_VERSION.encode()
+
+
+def test_every_registered_stage_loads_and_declares_its_columns() -> None:
+    for name in STAGES:
+        cls = stage_class(name)
+        assert cls.name == name
+        assert set(cls.adds) <= set(BY_NAME), (name, cls.adds)
+    with pytest.raises(UsageError, match="unknown stage 'nope'"):
+        stage_class("nope")
+
+
+def test_reject_keeps_earlier_reasons_and_ignores_null_mask() -> None:
+    table = pa.table({"key": ["a", "b", "c", "d"], "reject_reason": pa.array([None, "old", None, None], pa.string())})
+    out = reject(table, pa.array([True, True, None, False]), "new")
+    assert out.column("reject_reason").to_pylist() == ["new", "old", None, None]
+    out = reject(table, [False, False, True, True], ["x", "y", "z", "w"])
+    assert out.column("reject_reason").to_pylist() == [None, "old", "z", "w"]
+
+
+@dataclass
+class Options:
+    keep: tuple[str, ...] = ("en",)
+    min_score: float = 0.5
+    limit: int | None = None
+    enabled: bool = True
+    mode: Literal["filter", "score"] = "filter"
+    name: str = "x"
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"keep": "en,de"}, {"keep": ("en", "de")}),
+        ({"keep": ["fr"]}, {"keep": ("fr",)}),
+        ({"min_score": "1"}, {"min_score": 1.0}),
+        ({"limit": "null"}, {"limit": None}),
+        ({"limit": "7"}, {"limit": 7}),
+        ({"enabled": "false"}, {"enabled": False}),
+        ({"mode": "score"}, {"mode": "score"}),
+        ({"name": "123"}, {"name": "123"}),  # a string option keeps digits as text
+    ],
+)
+def test_build_config_coerces_set_strings(params: dict, expected: dict) -> None:
+    config = build_config(Options, params, "stage t")
+    for name, value in expected.items():
+        assert getattr(config, name) == value
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"nope": 1}, "unknown option 'nope'"),
+        ({"min_score": "high"}, "must be a number"),
+        ({"limit": "1.5"}, "must be an integer"),
+        ({"enabled": "maybe"}, "must be true or false"),
+        ({"mode": "fast"}, "must be one of filter, score"),
+    ],
+)
+def test_build_config_errors_are_usage_errors(params: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        build_config(Options, params, "stage t")
+
+
+def test_components_keep_the_smallest_key() -> None:
+    groups = pa.table({"key": ["d", "b", "a", "c", "e", "f"], "group": pa.array([1, 1, 2, 2, 3, 4], pa.int64())})
+    left, right = candidate_pairs(groups, max_group_size=10)
+    assert list(zip(left, right, strict=True)) == [("a", "c"), ("b", "d")]
+    dups, keepers = components(["a", "b", "c"], ["b", "c", "d"])  # a chain: one component
+    assert (dups, keepers) == (["b", "c", "d"], ["a", "a", "a"])
+    big = pa.table({"key": list("edcba"), "group": pa.array([0] * 5, pa.int64())})
+    left, right = candidate_pairs(big, max_group_size=3)
+    assert list(zip(left, right, strict=True)) == [("a", k) for k in "bcde"]
+
+
+class Echo(Stage):
+    name = "echo"
+    batch_size = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[str]] = []
+
+    def process(self, table: pa.Table) -> pa.Table:
+        self.seen.append(table.column("key").to_pylist())
+        return reject(table, [k == "k4" for k in table.column("key").to_pylist()], "four")
+
+
+def shard(n: int, rejected: dict[int, str] | None = None) -> pa.Table:
+    rejected = rejected or {}
+    return pa.table(
+        {
+            "key": [f"k{i}" for i in range(n)],
+            "caption": [f"caption {i}" for i in range(n)],
+            "reject_stage": pa.array(["read" if i in rejected else None for i in range(n)], pa.string()),
+            "reject_reason": pa.array([rejected.get(i) for i in range(n)], pa.string()),
+        }
+    )
+
+
+def test_apply_stage_batches_kept_rows_and_accounts() -> None:
+    stats = ShardStats(0)
+    table = shard(8, {1: "malformed_row"})
+    record_read(table, stats)
+    stage = Echo()
+    out = apply_stage(stage, table, stats)
+    assert stage.seen == [["k0", "k2", "k3"], ["k4", "k5", "k6"], ["k7"]]  # rejected rows skip the stage
+    assert out.num_rows == 8 and sorted(out.column("key").to_pylist()) == sorted(table.column("key").to_pylist())
+    reasons = dict(
+        zip(
+            out.column("key").to_pylist(),
+            zip(out.column("reject_stage").to_pylist(), out.column("reject_reason").to_pylist(), strict=True),
+            strict=True,
+        )
+    )
+    assert reasons["k1"] == ("read", "malformed_row") and reasons["k4"] == ("echo", "four") and reasons["k0"] == (None, None)
+    summary = stats.as_dict(kept=6)
+    assert summary["rows_in"] == 8 and summary["rejected"] == 2
+    assert [(s["stage"], s["rows_in"], s["reasons"]) for s in summary["stages"]] == [
+        ("read", 8, {"malformed_row": 1}),
+        ("echo", 7, {"four": 1}),
+    ]
+
+
+def test_apply_stage_refuses_a_stage_that_changes_rows() -> None:
+    class Dropper(Stage):
+        name = "dropper"
+
+        def process(self, table: pa.Table) -> pa.Table:
+            return table.slice(1)
+
+    with pytest.raises(RuntimeError, match="returned other rows"):
+        apply_stage(Dropper(), shard(3), ShardStats(0))
+
+
+def test_apply_stage_on_a_shard_with_no_kept_rows() -> None:
+    out = apply_stage(DropWord(), shard(2, {0: "a", 1: "b"}), ShardStats(0))
+    assert out.column("reject_reason").to_pylist() == ["a", "b"]
+
+
+def test_apply_decisions_rejects_by_key_and_only_kept_rows() -> None:
+    class Dedup(ClusterStage):
+        name = "dedup"
+
+    stats = ShardStats(0)
+    table = shard(4, {2: "malformed_row"})
+    out = apply_decisions(Dedup(), table, decisions(["k3", "k2", "zz"], "duplicate", ["k0", "k0", "k0"]), stats)
+    rows = {r["key"]: r for r in out.to_pylist()}
+    assert (rows["k3"]["reject_stage"], rows["k3"]["reject_reason"], rows["k3"]["duplicate_of"]) == ("dedup", "duplicate", "k0")
+    assert (rows["k2"]["reject_stage"], rows["k2"]["reject_reason"], rows["k2"]["duplicate_of"]) == ("read", "malformed_row", None)
+    assert rows["k0"]["reject_reason"] is None and rows["k1"]["reject_reason"] is None
+    assert stats.stages == [
+        {"stage": "dedup", "rows_in": 3, "rejected": 1, "reasons": {"duplicate": 1}, "seconds": stats.stages[0]["seconds"]}
+    ]
