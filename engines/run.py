@@ -100,6 +100,7 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
         if _comparable(previous["pipeline"]) != _comparable(config):
             raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
         started = previous.get("started", started)
+        out.remove_partial_writes()
     ctx = RunContext.create(pipeline)
     ctx.out.write_json(run_json, {
         "mmcurate_version": __version__,

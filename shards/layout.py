@@ -76,6 +76,11 @@ class OutputDir:
             f.write(data)
         self.fs.mv(tmp, path)
 
+    def remove_partial_writes(self) -> None:
+        """Delete the temporary files of writes that a killed run left unfinished."""
+        for path in self.fs.glob(self.path("**", ".tmp-*")):
+            self.fs.rm(path)
+
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 

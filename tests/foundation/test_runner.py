@@ -217,3 +217,16 @@ def test_output_of_another_pipeline_is_refused(tmp_path: Path, dup_csv: Path) ->
     assert same.returncode == 0, same.stderr
     after = {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out") if name != "run.json"}
     assert after == {k: v for k, v in before.items() if k != "run.json"}
+
+
+def test_resume_removes_half_written_files(tmp_path: Path, laion_sample: Path) -> None:
+    """The state kill -9 leaves in the middle of a shard's writes: files done, a temporary file, no marker."""
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    run_local(pipeline(laion_sample, whole, [], rows_per_shard=400), progress=False)
+    run_local(pipeline(laion_sample, out, [], rows_per_shard=400), progress=False)
+    (out / "_done" / "00001").unlink()
+    (out / "rejects" / "00001.parquet").unlink()
+    (out / "rejects" / ".tmp-0123456789abcdef-00001.parquet").write_bytes(b"PAR1 half")
+    (out / "meta" / "00001.parquet").write_bytes(b"stale")
+    run_local(pipeline(laion_sample, out, [], rows_per_shard=400), progress=False)
+    assert_same_output(out, whole)
