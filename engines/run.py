@@ -95,13 +95,15 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
     run_json = out.path("run.json")
     config = pipeline.as_dict()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if out.exists(run_json):
-        previous = out.read_json(run_json)
+    previous = out.read_json(run_json) if out.exists(run_json) else None
+    if previous is not None:
         if _comparable(previous["pipeline"]) != _comparable(config):
             raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
         started = previous.get("started", started)
         out.remove_partial_writes()
     ctx = RunContext.create(pipeline)
+    if previous is not None and previous["shards"] != len(ctx.reader.shards):
+        raise UsageError(f"the input changed since {pipeline.output.path} was started ({previous['shards']} shards then, {len(ctx.reader.shards)} now); use a new output folder")
     ctx.out.write_json(run_json, {
         "mmcurate_version": __version__,
         "schema_version": SCHEMA_VERSION,

@@ -109,7 +109,7 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     if rows_per_shard < 1:
         raise UsageError("output rows_per_shard must be at least 1")
     fs, root = fsspec.core.url_to_fs(spec.path)
-    fmt, paths = _discover(fs, root.rstrip("/"), spec.format)
+    fmt, paths = _discover(fs, root.rstrip("/"), spec.format, out.root)
     base = root.rstrip("/") if fs.isdir(root) else root.rsplit("/", 1)[0]
     files: list[SourceFile] = []
     for index, path in enumerate(paths):
@@ -120,16 +120,21 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     return reader
 
 
-def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None) -> tuple[str, list[str]]:
+def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output: str) -> tuple[str, list[str]]:
+    """The input format and files. Hidden and ``_`` files and folders, and the output folder (which
+    may lie inside the input folder), are no input."""
     if any(c in root for c in "*?["):
-        paths = sorted(fs.glob(root))
+        paths = sorted(p for p in fs.glob(root) if not _within(p, output))
     elif fs.isdir(root):
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
         if fmt in (None, "mmcurate") and ("run.json" in names or "_done" in names):
             return "mmcurate", _mmcurate_files(fs, root)
-        paths = sorted(p for p in fs.find(root) if not p.rsplit("/", 1)[-1].startswith((".", "_")))
-        if fmt in (None, "img2dataset") and any(p.endswith(".tar") for p in paths):
-            return "img2dataset", [p for p in paths if p.endswith(".parquet") and p[: -len(".parquet")] + ".tar" in paths]
+        paths = sorted(p for p in fs.find(root) if not _within(p, output) and not any(part.startswith((".", "_")) for part in p[len(root) + 1 :].split("/")))
+        if fmt in (None, "img2dataset"):
+            tars = {p for p in paths if p.endswith(".tar")}
+            pairs = [p for p in paths if p.endswith(".parquet") and p[: -len(".parquet")] + ".tar" in tars]
+            if pairs or fmt == "img2dataset":
+                fmt, paths = "img2dataset", pairs
     elif fs.exists(root):
         paths = [root]
     else:
@@ -143,6 +148,10 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None) -> tupl
     if not paths:
         raise UsageError(f"no {fmt} files found at {root!r}")
     return fmt, paths
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + "/")
 
 
 def _mmcurate_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

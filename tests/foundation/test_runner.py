@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from foundation_support import (
@@ -28,7 +29,8 @@ from foundation_support import (
 )
 from mmcurate.engines.local import run_local
 from mmcurate.pipelines.config import Pipeline, StageSpec
-from mmcurate.shards.readers import InputSpec
+from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.readers import InputSpec, plan_input
 from mmcurate.shards.writers import OutputSpec
 
 
@@ -230,3 +232,67 @@ def test_resume_removes_half_written_files(tmp_path: Path, laion_sample: Path) -
     (out / "meta" / "00001.parquet").write_bytes(b"stale")
     run_local(pipeline(laion_sample, out, [], rows_per_shard=400), progress=False)
     assert_same_output(out, whole)
+
+
+def test_output_inside_the_input_folder_is_no_input(tmp_path: Path, laion_sample: Path) -> None:
+    """A resumed run whose output lies in its input folder reads the same input, not its own files."""
+    data = tmp_path / "data"
+    data.mkdir()
+    source = pq.read_table(laion_sample)
+    pq.write_table(source.slice(0, 500), data / "a.parquet")
+    pq.write_table(source.slice(500), data / "b.parquet")
+    (data / "_SUCCESS.parquet").write_bytes(b"")  # a marker file, not input
+    config = write_yaml(
+        tmp_path / "p.yaml",
+        {
+            "input": {"path": "data", "url_col": "URL", "caption_col": "TEXT"},
+            "output": {"path": "data/out", "rows_per_shard": 300},
+            "workers": 1,
+        },
+    )
+    assert run_cli("run", str(config), "--no-progress").returncode == 0
+    (data / "out" / "_done" / "00003").unlink()
+    again = run_cli("run", str(config), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert check_accounting(data / "out")["rows_in"] == 1000
+    assert json.loads((data / "out" / "run.json").read_text())["shards"] == 4
+
+
+def test_resume_refuses_a_changed_input(tmp_path: Path, dup_csv: Path) -> None:
+    src = tmp_path / "urls.csv"
+    src.write_bytes(dup_csv.read_bytes())
+    args = (
+        "stage",
+        "drop_word",
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "out"),
+        "--url-col",
+        "URL",
+        "--caption-col",
+        "TEXT",
+        "--rows-per-shard",
+        "50",
+        "--workers",
+        "1",
+        "--no-progress",
+    )
+    assert run_cli(*args, toy=True).returncode == 0
+    with open(src, "a") as f:
+        f.write("".join(f"http://example.com/{i}.jpg,more rows {i}\n" for i in range(60)))
+    assert_usage_error(run_cli(*args, toy=True), "the input changed", "4 shards then, 6 now")
+
+
+def test_img2dataset_format_without_pairs_is_an_error(tmp_path: Path, url_rows: list[dict]) -> None:
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(url_rows), folder / "00000.parquet")
+    (folder / "unrelated.tar").write_bytes(b"")
+    result = run_cli(
+        "stage", "drop_word", "--input", str(folder), "--output", str(tmp_path / "out"), "--input-format", "img2dataset", toy=True
+    )
+    assert_usage_error(result, "no img2dataset files found")
+    # Without the format, a stray tar beside Parquet URL lists does not make the folder img2dataset output.
+    reader = plan_input(InputSpec(str(folder), url_col="URL", caption_col="TEXT"), 100, OutputDir.open(str(tmp_path / "out2")))
+    assert reader.format == "parquet" and reader.shards[0].rows == len(url_rows)
