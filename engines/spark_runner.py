@@ -57,6 +57,7 @@ def session(workers: int) -> tuple[SparkSession, bool]:
         SparkSession.builder.master(f"local[{workers}]")
         .appName("mmcurate")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", str(max(2, 2 * workers)))
         .getOrCreate()
     )
