@@ -211,16 +211,28 @@ def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -
     tables = []
     for shard_id in batch.column("shard").to_pylist():
         if segment == 0:
-            table = ctx.reader.read(ctx.reader.shards[shard_id])
-            table = set_column(table, SHARD, np.full(table.num_rows, shard_id), pa.int64())
-            table = set_column(table, REJECTED_AT, pa.nulls(table.num_rows, pa.int16()))
-            table = _mark(table, READ_POSITION)
+            table = _bookkeeping(ctx.reader.read(ctx.reader.shards[shard_id]), shard_id, ctx.stages)
         else:
-            table = ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet"))
+            table = _bookkeeping(ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet")), shard_id, ctx.stages)
             table = apply_decisions(ctx.segments[segment].applies, table, _decisions(ctx.global_path(segment - 1), ctx), ShardStats(shard_id))
             table = _mark(table, applies)
         tables.append(table)
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _bookkeeping(table: pa.Table, shard_id: int, stages: list[Stage]) -> pa.Table:
+    """Add ``_shard`` and ``_rejected_at`` where missing: to rows fresh from the reader, or from
+    intermediate files another engine wrote (position of the first stage named ``reject_stage``)."""
+    if SHARD not in table.column_names:
+        table = set_column(table, SHARD, np.full(table.num_rows, shard_id), pa.int64())
+    if REJECTED_AT not in table.column_names:
+        positions = {"read": READ_POSITION}
+        for position, stage in reversed(list(enumerate(stages))):
+            positions[stage.name] = position
+        names = table.column("reject_stage").to_pylist()
+        reasons = table.column("reject_reason").to_pylist()
+        table = set_column(table, REJECTED_AT, [None if r is None else positions[n] for n, r in zip(names, reasons, strict=True)], pa.int16())
+    return table
 
 
 _DECISIONS: dict[str, pa.Table] = {}

@@ -113,17 +113,18 @@ def test_engines_agree_on_a_real_pipeline(ray_local, spark, photo_server, make_p
         _assert_same(local, result, engine)
 
 
-def test_ray_resumes_a_killed_run(ray_local, test_stages, caption_input, make_pipeline, run_and_read, tmp_path):
-    """A run that dies in its second segment, after the global step, resumes to the same output."""
+@pytest.mark.parametrize("first", ["ray", "local"])
+def test_ray_resumes_a_killed_run(first, ray_local, test_stages, caption_input, make_pipeline, run_and_read, tmp_path):
+    """A run that dies in its second segment, after the global step, resumes on Ray to the output
+    of an uninterrupted run, also when the killed run was the local runner's."""
     marker = tmp_path / "crash"
     marker.touch()
     stages = ["t_words", "t_dedup", {"t_crash": {"marker": str(marker)}}]
-    pipeline = make_pipeline(caption_input, stages, "resumed", engine="ray")
     with pytest.raises(Exception, match="simulated crash"):
-        run_and_read(pipeline)
+        run_and_read(make_pipeline(caption_input, stages, "resumed", engine=first))
     assert 0 < len(list((tmp_path / "resumed" / "_done").iterdir())) < 9
     marker.unlink()
-    _, resumed = run_and_read(pipeline)
+    _, resumed = run_and_read(make_pipeline(caption_input, stages, "resumed", engine="ray"))
     _, local = run_and_read(make_pipeline(caption_input, stages, "local"))
     _assert_same(local, resumed, "ray")
 
