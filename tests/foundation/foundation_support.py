@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from mmcurate.stages.base import ClusterStage, Stage, reject, set_column
 
 HERE = Path(__file__).resolve().parent
+LAION = ("--url-col", "URL", "--caption-col", "TEXT")  # column options of the LAION sample
 TOY_STAGES = {
     "drop_word": "foundation_support:DropWord",
     "slow": "foundation_support:Slow",
@@ -246,6 +247,11 @@ def run_cli(*args: str, cwd: Path | str | None = None, toy: bool = False, timeou
     """Run the ``mmcurate`` console command (or, with ``toy``, the same CLI with the toy stages)."""
     cmd = [sys.executable, "-m", "foundation_support", *args] if toy else [mmcurate_exe(), *args]
     return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def toy_stage(stage: str, src: Path | str, out: Path | str, *extra: str, cwd: Path | str | None = None) -> subprocess.CompletedProcess:
+    """``mmcurate stage STAGE --input SRC --output OUT --workers 1 --no-progress EXTRA`` with the toy stages registered."""
+    return run_cli("stage", stage, "--input", str(src), "--output", str(out), "--workers", "1", "--no-progress", *extra, cwd=cwd, toy=True)
 
 
 def toy_cli_command(*args: str) -> list[str]:

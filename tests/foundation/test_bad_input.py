@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from foundation_support import (
+    LAION,
     assert_usage_error,
     check_accounting,
     kept_table,
@@ -193,7 +194,7 @@ def test_bad_csv_rows_are_recorded(box: Sandbox) -> None:
         b"http://a/9.jpg,a dog,e9",
     ]
     (box.inputs / "bad.csv").write_bytes(b"\n".join(lines) + b"\n")
-    out = box.run_ok(box.inputs / "bad.csv", "--url-col", "URL", "--caption-col", "TEXT")
+    out = box.run_ok(box.inputs / "bad.csv", *LAION)
     expected = [
         None,
         "malformed_row",
@@ -252,17 +253,7 @@ def test_nulls_nan_and_bytes_in_parquet_are_recorded(box: Sandbox) -> None:
 
 
 def test_max_caption_chars_is_an_option(box: Sandbox) -> None:
-    out = box.run_ok(
-        box.inputs / "urls.parquet",
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--set",
-        "input.max_caption_chars=30",
-        "--set",
-        "word=zzzz",
-    )
+    out = box.run_ok(box.inputs / "urls.parquet", *LAION, "--set", "input.max_caption_chars=30", "--set", "word=zzzz")
     source = pq.read_table(box.inputs / "urls.parquet").column("TEXT").to_pylist()
     expected = [("caption_too_long" if len(c) > 30 else None) for c in source]
     assert reasons_by_key(out) == {key_of("urls.parquet", i): r for i, r in enumerate(expected)}

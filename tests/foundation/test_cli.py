@@ -7,29 +7,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from foundation_support import check_accounting, kept_table, run_cli, write_yaml
+from foundation_support import LAION, check_accounting, kept_table, run_cli, toy_stage, write_yaml
 from mmcurate import __version__, schemas
 
 
 def test_exit_0_when_the_run_finishes_with_rejections(tmp_path: Path, laion_sample: Path) -> None:
-    result = run_cli(
-        "stage",
-        "drop_word",
-        "--input",
-        str(laion_sample),
-        "--output",
-        str(tmp_path / "out"),
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--workers",
-        "1",
-        "--no-progress",
-        "--set",
-        "word=e",
-        toy=True,
-    )
+    result = toy_stage("drop_word", laion_sample, tmp_path / "out", *LAION, "--set", "word=e")
     assert result.returncode == 0, result.stderr
     totals = check_accounting(tmp_path / "out")
     assert totals["rejected"] > 900
@@ -41,24 +24,7 @@ def test_exit_1_when_the_run_itself_fails(tmp_path: Path, url_rows: list[dict]) 
     """A stage that crashes: exit 1 with the traceback and a resume hint; finished shards stay done."""
     rows = [{**r, "TEXT": "boom" if i == 25 else r["TEXT"]} for i, r in enumerate(url_rows)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
-    result = run_cli(
-        "stage",
-        "boom",
-        "--input",
-        str(tmp_path / "urls.parquet"),
-        "--output",
-        str(tmp_path / "out"),
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--rows-per-shard",
-        "10",
-        "--workers",
-        "1",
-        "--no-progress",
-        toy=True,
-    )
+    result = toy_stage("boom", tmp_path / "urls.parquet", tmp_path / "out", *LAION, "--rows-per-shard", "10")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "RuntimeError: boom" in result.stderr
     assert result.stderr.rstrip().endswith("mmcurate: the run failed; finished shards are kept and a re-run resumes")
@@ -87,24 +53,7 @@ def test_version_and_schema(tmp_path: Path) -> None:
 def test_file_urls_for_input_and_output(tmp_path: Path, laion_sample: Path, i2d_dir: Path) -> None:
     """fsspec ``file://`` URLs work for input and output, on the command line and in a pipeline YAML."""
     out_url = (tmp_path / "via_flags").as_uri()
-    result = run_cli(
-        "stage",
-        "drop_word",
-        "--input",
-        laion_sample.as_uri(),
-        "--output",
-        out_url,
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--rows-per-shard",
-        "600",
-        "--workers",
-        "1",
-        "--no-progress",
-        toy=True,
-    )
+    result = toy_stage("drop_word", laion_sample.as_uri(), out_url, *LAION, "--rows-per-shard", "600")
     assert result.returncode == 0, result.stderr
     assert check_accounting(tmp_path / "via_flags")["rows_in"] == 1000
     assert json.loads((tmp_path / "via_flags" / "run.json").read_text())["pipeline"]["output"]["path"] == out_url
@@ -123,15 +72,7 @@ def test_file_urls_for_input_and_output(tmp_path: Path, laion_sample: Path, i2d_
     kept = kept_table(tmp_path / "via_yaml")
     assert kept.num_rows == 10 and kept.column("image").null_count == 0
     # A run chained on a file:// output.
-    result = run_cli(
-        "run",
-        str(pipeline),
-        "--input",
-        (tmp_path / "via_yaml").as_uri(),
-        "--output",
-        (tmp_path / "chained").as_uri(),
-        "--no-progress",
-        cwd=tmp_path,
-    )
+    chained = ("--input", (tmp_path / "via_yaml").as_uri(), "--output", (tmp_path / "chained").as_uri())
+    result = run_cli("run", str(pipeline), *chained, "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert kept_table(tmp_path / "chained").equals(kept)

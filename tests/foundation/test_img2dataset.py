@@ -33,25 +33,12 @@ def test_img2dataset_reader_keeps_keys_rejects_failures_attaches_images(tmp_path
             assert r["status"] == "HTTP Error 404: Not Found" and r["image"] is None
 
 
-def run_stage(tmp_path: Path, src: Path, name: str, fmt: str, *extra: str) -> Path:
-    out = tmp_path / name
-    result = run_cli(
-        "stage",
-        "drop_word",
-        "--input",
-        str(src),
-        "--output",
-        str(out),
-        "--output-format",
-        fmt,
-        "--workers",
-        "1",
-        "--no-progress",
-        *extra,
-        toy=True,
-    )
+def run_stage(tmp_path: Path, src: Path, name: str, fmt: str, *extra: str, stage: str = "drop_word") -> Path:
+    """Run one toy stage through the CLI from ``src`` into ``tmp_path / name``."""
+    args = ["stage", stage, "--input", str(src), "--output", str(tmp_path / name), "--output-format", fmt, "--workers", "1", "--no-progress"]
+    result = run_cli(*args, *extra, toy=True)
     assert result.returncode == 0, result.stderr
-    return out
+    return tmp_path / name
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
@@ -92,23 +79,13 @@ def image_bytes(out: Path, fmt: str) -> dict[str, bytes]:
     return found
 
 
-def test_chaining_a_url_only_run_keeps_its_rows(tmp_path: Path, laion_sample: Path) -> None:
-    """A run without images (URL list in) chained into another: no row is taken for a missing image."""
-    first = run_stage(
-        tmp_path,
-        laion_sample,
-        "first",
-        "webdataset",
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--rows-per-shard",
-        "500",
-        "--set",
-        "mode=score",
-    )
-    second = run_stage(tmp_path, first, "second", "webdataset", "--set", "mode=score")
+def test_chaining_a_url_only_run_keeps_its_rows_and_scores(tmp_path: Path, laion_sample: Path) -> None:
+    """A run without images (URL list in) chained into another: no row is taken for a missing image,
+    and the first run's scores are carried through a stage that does not recompute them."""
+    columns = ["--url-col", "URL", "--caption-col", "TEXT", "--rows-per-shard", "500"]
+    first = run_stage(tmp_path, laion_sample, "first", "webdataset", *columns, "--set", "mode=score")
+    second = run_stage(tmp_path, first, "second", "webdataset", "--set", "seconds=0", stage="slow")
     assert check_accounting(second)["kept"] == 1000
     a, b = kept_table(first), kept_table(second)
-    assert tables_equal(a.select(["key", "url", "caption"]), b.select(["key", "url", "caption"]))
+    assert tables_equal(a.select(["key", "url", "caption", "caption_words"]), b.select(["key", "url", "caption", "caption_words"]))
+    assert a.column("caption_words").null_count == 0

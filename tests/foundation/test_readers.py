@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import check_accounting, kept_table, key_of, run_cli
+from foundation_support import LAION, check_accounting, kept_table, key_of, toy_stage
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
 
@@ -81,26 +81,7 @@ def test_laion_sample_through_cli(tmp_path: Path, laion_sample: Path) -> None:
     """The real LAION sample (columns URL/TEXT) read by the console command, twice: same keys."""
     outs = []
     for name in ("a", "b"):
-        result = run_cli(
-            "stage",
-            "drop_word",
-            "--input",
-            str(laion_sample),
-            "--output",
-            str(tmp_path / name),
-            "--url-col",
-            "URL",
-            "--caption-col",
-            "TEXT",
-            "--rows-per-shard",
-            "400",
-            "--workers",
-            "1",
-            "--no-progress",
-            "--set",
-            "word=wallpaper",
-            toy=True,
-        )
+        result = toy_stage("drop_word", laion_sample, tmp_path / name, *LAION, "--rows-per-shard", "400", "--set", "word=wallpaper")
         assert result.returncode == 0, result.stderr
         assert "1000 rows in 3 shards" in result.stdout
         outs.append(tmp_path / name)
@@ -132,26 +113,7 @@ def test_extra_source_columns_carried_through_untouched(tmp_path: Path, url_rows
         }
     )
     pq.write_table(table, tmp_path / "urls.parquet")
-    result = run_cli(
-        "stage",
-        "drop_word",
-        "--input",
-        str(tmp_path / "urls.parquet"),
-        "--output",
-        str(tmp_path / "out"),
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--output-format",
-        "parquet",
-        "--workers",
-        "1",
-        "--no-progress",
-        "--set",
-        "mode=score",
-        toy=True,
-    )
+    result = toy_stage("drop_word", tmp_path / "urls.parquet", tmp_path / "out", *LAION, "--output-format", "parquet", "--set", "mode=score")
     assert result.returncode == 0, result.stderr
     out = kept_table(tmp_path / "out")
     assert out.num_rows == n

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from foundation_support import (
+    LAION,
     assert_usage_error,
     check_accounting,
     cli_env,
@@ -25,6 +26,7 @@ from foundation_support import (
     sorted_files,
     stats_without_seconds,
     toy_cli_command,
+    toy_stage,
     write_yaml,
 )
 from mmcurate.engines.local import run_local
@@ -161,61 +163,14 @@ def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path, dup_csv: P
 
 
 def test_output_of_another_pipeline_is_refused(tmp_path: Path, dup_csv: Path) -> None:
-    first = run_cli(
-        "stage",
-        "drop_word",
-        "--input",
-        str(dup_csv),
-        "--output",
-        str(tmp_path / "out"),
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--workers",
-        "1",
-        "--no-progress",
-        toy=True,
-    )
+    first = toy_stage("drop_word", dup_csv, tmp_path / "out", *LAION)
     assert first.returncode == 0, first.stderr
     before = {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out")}
-    other = run_cli(
-        "stage",
-        "drop_word",
-        "--input",
-        str(dup_csv),
-        "--output",
-        str(tmp_path / "out"),
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--workers",
-        "1",
-        "--no-progress",
-        "--set",
-        "word=cat",
-        toy=True,
-    )
+    other = toy_stage("drop_word", dup_csv, tmp_path / "out", *LAION, "--set", "word=cat")
     assert_usage_error(other, "different pipeline")
     assert {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out")} == before
     # The same pipeline again is a finished run: nothing to do, same files.
-    same = run_cli(
-        "stage",
-        "drop_word",
-        "--input",
-        str(dup_csv),
-        "--output",
-        str(tmp_path / "out"),
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--workers",
-        "2",
-        "--no-progress",
-        toy=True,
-    )
+    same = toy_stage("drop_word", dup_csv, tmp_path / "out", *LAION, "--workers", "2")
     assert same.returncode == 0, same.stderr
     after = {name: (tmp_path / "out" / name).read_bytes() for name in sorted_files(tmp_path / "out") if name != "run.json"}
     assert after == {k: v for k, v in before.items() if k != "run.json"}
@@ -261,27 +216,11 @@ def test_output_inside_the_input_folder_is_no_input(tmp_path: Path, laion_sample
 def test_resume_refuses_a_changed_input(tmp_path: Path, dup_csv: Path) -> None:
     src = tmp_path / "urls.csv"
     src.write_bytes(dup_csv.read_bytes())
-    args = (
-        "stage",
-        "drop_word",
-        "--input",
-        str(src),
-        "--output",
-        str(tmp_path / "out"),
-        "--url-col",
-        "URL",
-        "--caption-col",
-        "TEXT",
-        "--rows-per-shard",
-        "50",
-        "--workers",
-        "1",
-        "--no-progress",
-    )
-    assert run_cli(*args, toy=True).returncode == 0
+    args = ("drop_word", src, tmp_path / "out", *LAION, "--rows-per-shard", "50")
+    assert toy_stage(*args).returncode == 0
     with open(src, "a") as f:
         f.write("".join(f"http://example.com/{i}.jpg,more rows {i}\n" for i in range(60)))
-    assert_usage_error(run_cli(*args, toy=True), "the input changed", "4 shards then, 6 now")
+    assert_usage_error(toy_stage(*args), "the input changed", "4 shards then, 6 now")
 
 
 def test_img2dataset_format_without_pairs_is_an_error(tmp_path: Path, url_rows: list[dict]) -> None:
@@ -289,9 +228,7 @@ def test_img2dataset_format_without_pairs_is_an_error(tmp_path: Path, url_rows: 
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(url_rows), folder / "00000.parquet")
     (folder / "unrelated.tar").write_bytes(b"")
-    result = run_cli(
-        "stage", "drop_word", "--input", str(folder), "--output", str(tmp_path / "out"), "--input-format", "img2dataset", toy=True
-    )
+    result = toy_stage("drop_word", folder, tmp_path / "out", "--input-format", "img2dataset")
     assert_usage_error(result, "no img2dataset files found")
     # Without the format, a stray tar beside Parquet URL lists does not make the folder img2dataset output.
     reader = plan_input(InputSpec(str(folder), url_col="URL", caption_col="TEXT"), 100, OutputDir.open(str(tmp_path / "out2")))
