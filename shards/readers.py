@@ -110,7 +110,7 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
         raise UsageError("output rows_per_shard must be at least 1")
     fs, root = fsspec.core.url_to_fs(spec.path)
     fmt, paths = _discover(fs, root.rstrip("/"), spec.format, out.root)
-    base = root.rstrip("/") if fs.isdir(root) else root.rsplit("/", 1)[0]
+    base = _key_base(fs, root.rstrip("/"))
     files: list[SourceFile] = []
     for index, path in enumerate(paths):
         rel = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
@@ -120,11 +120,22 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     return reader
 
 
+def _key_base(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """The folder that keys' relative paths start from: the input folder, a file's folder, or a
+    glob's folder before its first wildcard (so ``a/x.csv`` and ``b/x.csv`` get different keys)."""
+    if any(c in root for c in "*?["):
+        parts = root.split("/")
+        return "/".join(parts[: next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))])
+    return root if fs.isdir(root) else root.rsplit("/", 1)[0]
+
+
 def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output: str) -> tuple[str, list[str]]:
     """The input format and files. Hidden and ``_`` files and folders, and the output folder (which
     may lie inside the input folder), are no input."""
     if any(c in root for c in "*?["):
         paths = sorted(p for p in fs.glob(root) if not _within(p, output))
+        if not paths:
+            raise UsageError(f"no files match {root!r}")
     elif fs.isdir(root):
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
         if fmt in (None, "mmcurate") and ("run.json" in names or "_done" in names):

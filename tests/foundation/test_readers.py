@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from foundation_support import LAION, check_accounting, kept_table, key_of, toy_stage
+from mmcurate.errors import UsageError
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
 
@@ -122,3 +123,17 @@ def test_extra_source_columns_carried_through_untouched(tmp_path: Path, url_rows
     assert out.column("source_status").to_pylist() == table.column("status").to_pylist()
     assert "status" not in out.column_names
     assert out.column("source___index_level_0__").to_pylist() == list(range(n))
+
+
+def test_glob_inputs_key_by_path_below_the_wildcard(tmp_path: Path, url_rows: list[dict]) -> None:
+    """Files of the same name in different folders get different keys, the same as for a folder input."""
+    root = tmp_path / "lists"
+    for i, part in enumerate(("a", "b")):
+        (root / part).mkdir(parents=True)
+        write_url_list(root / part / "urls.csv", "csv", url_rows[i * 5 : i * 5 + 5])
+    expected = [key_of("a/urls.csv", i) for i in range(5)] + [key_of("b/urls.csv", i) for i in range(5)]
+    for n, pattern in enumerate((f"{root}/*/urls.csv", f"{root}/**/*.csv", str(root))):
+        table = read_all(InputSpec(pattern, url_col="URL", caption_col="TEXT"), tmp_path / f"out{n}")
+        assert table.column("key").to_pylist() == expected, pattern
+    with pytest.raises(UsageError, match="no files match"):
+        read_all(InputSpec(f"{root}/*.tsv"), tmp_path / "none")
