@@ -56,7 +56,7 @@ def test_url_list_formats(tmp_path: Path, url_rows: list[dict], fmt: str) -> Non
 
 def test_format_detected_from_extension_and_forced(tmp_path: Path, url_rows: list[dict]) -> None:
     src = write_url_list(tmp_path / "urls.data", "jsonl", url_rows)
-    with pytest.raises(Exception, match="cannot tell the input format"):
+    with pytest.raises(UsageError, match="cannot tell the input format"):
         read_all(InputSpec(str(src), url_col="URL", caption_col="TEXT"), tmp_path / "o1")
     table = read_all(InputSpec(str(src), format="jsonl", url_col="URL", caption_col="TEXT"), tmp_path / "o2")
     assert table.num_rows == len(url_rows)
