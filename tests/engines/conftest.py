@@ -65,6 +65,18 @@ class Chars(Stage):
         return reject(batch, [self.word in c.lower() for c in captions], "pizza")
 
 
+class OnGpu(Stage):
+    """Declares a GPU (it runs on CPUs where there is none): cuts a Ray segment into three chains."""
+
+    name = "t_gpu"
+    resources = Resources(cpus=1, gpus=1)
+    needs = ("caption",)
+    batch_size = 16
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        return reject(batch, [(c or "").endswith("?") for c in batch.column("caption").to_pylist()], "question")
+
+
 class CaptionDedup(ClusterStage):
     """Candidates share their first three words; verified when lengths differ by at most 3."""
 
@@ -123,7 +135,7 @@ class Crash(Stage):
         return batch
 
 
-TEST_STAGES = {cls.name: f"{__name__}:{cls.__name__}" for cls in (Words, Chars, CaptionDedup, Longest, Crash)}
+TEST_STAGES = {cls.name: f"{__name__}:{cls.__name__}" for cls in (Words, Chars, OnGpu, CaptionDedup, Longest, Crash)}
 for _pickler in ("ray.cloudpickle", "pyspark.cloudpickle"):
     importlib.import_module(_pickler).register_pickle_by_value(sys.modules[__name__])
 

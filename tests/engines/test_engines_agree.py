@@ -24,7 +24,7 @@ from mmcurate.engines.spark_runner import session  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TEST_STAGES = [{"t_words": {"min_words": 5}}, "t_chars", "t_dedup", "t_longest"]
+TEST_STAGES = [{"t_words": {"min_words": 5}}, "t_chars", "t_gpu", "t_dedup", "t_longest"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def _assert_same(reference: dict, other: dict, engine: str) -> None:
 
 
 def test_engines_agree_on_every_kind_of_stage(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):
-    """Per-row filter (task), stage with setup() (actor), ClusterStage with verify, plain GlobalStage."""
+    """Per-row filter, stage with setup() (actor), GPU stage (its own pool: shards cross Ray
+    operators), ClusterStage with verify, plain GlobalStage."""
     summary, local = run_and_read(make_pipeline(caption_input, TEST_STAGES, "local"))
     assert summary["stages"]["t_dedup"]["reasons"]["near_duplicate"] > 50
     assert summary["stages"]["t_longest"]["rejected"] > 0 and summary["stages"]["t_chars"]["rejected"] > 0
