@@ -181,12 +181,13 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, flo
     return seconds, cpu, monitor
 
 
-def count_images(folder: Path) -> int:
-    total = 0
+def stored_images(folder: Path) -> tuple[int, float]:
+    """Images in the tars under ``folder`` and their mean size in KiB (both tools should store alike)."""
+    sizes = []
     for tar in folder.rglob("*.tar"):
         with tarfile.open(tar) as t:
-            total += sum(1 for m in t.getmembers() if m.name.endswith(".jpg"))
-    return total
+            sizes += [m.size for m in t.getmembers() if m.name.endswith(".jpg")]
+    return len(sizes), sum(sizes) / max(len(sizes), 1) / 1024
 
 
 def ensure_img2dataset() -> Path:
@@ -280,11 +281,11 @@ def bench(args: argparse.Namespace) -> None:
                 ("mmcurate", lambda: run_mmcurate(urls, WORK / "out-mmcurate", args.settings)),
             ):
                 seconds, cpu, rss = runner()
-                ok = count_images(WORK / f"out-{name}")
+                ok, kib = stored_images(WORK / f"out-{name}")
                 rates[name].append(ok / seconds)
                 cpu_ms[name].append(1000 * cpu / max(ok, 1))
                 print(
-                    f"[{round_ + 1}] {name:12s} {ok}/{args.images} images in {seconds:5.1f} s = {ok / seconds:6.1f} images/s, {cpu_ms[name][-1]:.2f} CPU ms/image;"
+                    f"[{round_ + 1}] {name:12s} {ok}/{args.images} images in {seconds:5.1f} s = {ok / seconds:6.1f} images/s, {cpu_ms[name][-1]:.2f} CPU ms/image, {kib:.1f} KiB/image;"
                     f" peak RSS {rss.peak_process / mib:4.0f} MiB largest process, {rss.peak_tree / mib:4.0f} MiB tree",
                     flush=True,
                 )
