@@ -99,3 +99,9 @@ def test_draft_decoding_keeps_quality_close_to_full_decode(photo_dir):
 )
 def test_bad_bytes_get_their_reason(images, name, reason):
     assert process_image(images[name], DownloadConfig()) == reason
+
+
+def test_a_thin_strip_is_not_upscaled_into_a_memory_bomb():
+    data = io.BytesIO()
+    Image.new("RGB", (1, 400_000), (0, 0, 0)).save(data, "PNG")
+    assert process_image(data.getvalue(), DownloadConfig()) == "aspect_ratio_too_large"
