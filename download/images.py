@@ -78,7 +78,7 @@ def _process(im: Image.Image, opts: DownloadConfig) -> Encoded | str:
         return "decode_error"
     if raw_w * raw_h > opts.max_pixels:
         return "decompression_bomb"
-    orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if "exif" in im.info or im.format == "TIFF" else 1
+    orientation = _orientation(im)
     swapped = orientation in (5, 6, 7, 8)
     width, height = (raw_h, raw_w) if swapped else (raw_w, raw_h)
     reason = _check_size(width, height, opts)
@@ -109,6 +109,17 @@ def _process(im: Image.Image, opts: DownloadConfig) -> Encoded | str:
     else:
         im.save(out, fmt, quality=opts.encode_quality)
     return Encoded(out.getvalue(), opts.encode_format, im.width, im.height, width, height)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 when absent or unreadable: broken EXIF must not cost the image)."""
+    if "exif" not in im.info and im.format != "TIFF":
+        return 1
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # Pillow raises many types on malformed EXIF
+        return 1
+    return value if isinstance(value, int) else 1
 
 
 def _check_size(width: int, height: int, opts: DownloadConfig) -> str | None:

@@ -105,3 +105,11 @@ def test_a_thin_strip_is_not_upscaled_into_a_memory_bomb():
     data = io.BytesIO()
     Image.new("RGB", (1, 400_000), (0, 0, 0)).save(data, "PNG")
     assert process_image(data.getvalue(), DownloadConfig()) == "aspect_ratio_too_large"
+
+
+def test_broken_exif_does_not_cost_the_image(images):
+    jpeg = images["exif"]
+    start = jpeg.index(b"Exif\x00\x00") + 6
+    broken = jpeg[:start] + b"\xff" * 16 + jpeg[start + 16 :]  # garbage TIFF header inside APP1
+    result = process_image(broken, DownloadConfig())
+    assert isinstance(result, Encoded) and (result.original_width, result.original_height) == (640, 428)
