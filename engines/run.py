@@ -9,14 +9,13 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmcurate import __version__
 from mmcurate.engines.core import Segment, segments
 from mmcurate.errors import UsageError
-from mmcurate.pipelines.config import Pipeline, output_columns
+from mmcurate.pipelines.config import Pipeline, check_columns, output_columns
 from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
-from mmcurate.shards.layout import OutputDir, shard_name
+from mmcurate.shards.layout import OutputDir, open_parquet, shard_name
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
 
@@ -42,8 +41,10 @@ class RunContext:
     @classmethod
     def create(cls, pipeline: Pipeline, reader: Reader | None = None) -> RunContext:
         out = OutputDir.open(pipeline.output.path)
+        stages = pipeline.build_stages()  # before planning writes parsed URL lists into the output folder
         reader = reader or plan_input(pipeline.input, pipeline.output.rows_per_shard, out)
-        return cls(pipeline, reader, pipeline.build_stages(reader.format), out)
+        check_columns(stages, reader.format)
+        return cls(pipeline, reader, stages, out)
 
     def work_path(self, segment: int, shard_id: int, ext: str) -> str:
         return self.out.path("_work", f"seg{segment}", shard_name(shard_id) + ext)
@@ -70,8 +71,8 @@ def carried_columns(reader: Reader) -> tuple[str, ...]:
     run writes them on instead of dropping them."""
     if reader.format != "mmcurate" or not reader.files:
         return ()
-    with reader.fs.open(reader.files[0].path, "rb") as f:
-        return tuple(name for name in pq.read_schema(f).names if name in BY_NAME)
+    with open_parquet(reader.fs, reader.files[0].path) as pf:
+        return tuple(name for name in pf.schema_arrow.names if name in BY_NAME)
 
 
 def versions() -> dict[str, str]:

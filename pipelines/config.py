@@ -70,16 +70,19 @@ class Pipeline:
             "stages": [{s.name: dict(s.params)} for s in self.stages],
         }
 
-    def build_stages(self, input_format: str) -> list[Stage]:
-        """Instantiate every stage and check that each finds the columns it needs."""
-        stages = [spec.build() for spec in self.stages]
-        available = set(input_columns(input_format))
-        for stage in stages:
-            missing = [c for c in stage.needs if c not in available]
-            if missing:
-                raise UsageError(f"stage {stage.name} needs column {missing[0]!r}, which neither an earlier stage nor the {input_format} input provides")
-            available |= set(stage.adds)
-        return stages
+    def build_stages(self) -> list[Stage]:
+        """Instantiate every stage (unknown names and bad options raise UsageError)."""
+        return [spec.build() for spec in self.stages]
+
+
+def check_columns(stages: list[Stage], input_format: str) -> None:
+    """Check that each stage finds the columns it needs in the input or an earlier stage's."""
+    available = set(input_columns(input_format))
+    for stage in stages:
+        missing = [c for c in stage.needs if c not in available]
+        if missing:
+            raise UsageError(f"stage {stage.name} needs column {missing[0]!r}, which neither an earlier stage nor the {input_format} input provides")
+        available |= set(stage.adds)
 
 
 def input_columns(input_format: str) -> tuple[str, ...]:

@@ -140,6 +140,11 @@ def test_unknown_stage_name(box: Sandbox) -> None:
         real=True,
     )
     box.usage(["run", str(box.base), "--set", "slow.seconds=1"], "no stage 'slow'")
+    # Stage names and options are checked before a URL list is parsed into the output folder.
+    (box.inputs / "urls.csv").write_text("url,caption\nhttp://a/1.jpg,a cat\n")
+    box.usage(["stage", "nosuch", "--input", str(box.inputs / "urls.csv"), "--output", str(box.out)], "unknown stage 'nosuch'")
+    box.usage(box.stage(box.inputs / "urls.csv", "--set", "mode=fast"), "mode must be filter or score")
+    assert not box.out.exists()
 
 
 @pytest.mark.parametrize(
