@@ -86,7 +86,7 @@ def _process(im: Image.Image, opts: DownloadConfig) -> Encoded | str:
         return reason
     target = resized_size(width, height, opts)
     if target is not None and target[0] * target[1] > opts.max_pixels:
-        return "aspect_ratio_too_large"  # a 1 x 100000 strip scaled to 256 px on its short side
+        return "decompression_bomb"  # e.g. a 1 x 100000 strip scaled to 256 px on its short side
     if target is not None and im.format == "JPEG":
         tw, th = target
         im.draft("RGB", (th, tw) if swapped else (tw, th))
