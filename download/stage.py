@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
@@ -68,8 +69,19 @@ class Download(Stage):
     def process(self, batch: pa.Table) -> pa.Table:
         if self._pool is None:
             self.setup()
-        outcomes = asyncio.run(download_batch(batch.column("url").to_pylist(), self.config, self._pool))
-        return add_outcomes(batch, outcomes)
+        run = functools.partial(asyncio.run, download_batch(batch.column("url").to_pylist(), self.config, self._pool))
+        if _loop_running():  # called from async code (a notebook): run the batch's own loop in a thread
+            with ThreadPoolExecutor(1) as runner:
+                return add_outcomes(batch, runner.submit(run).result())
+        return add_outcomes(batch, run())
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def add_outcomes(batch: pa.Table, outcomes: list[Outcome]) -> pa.Table:

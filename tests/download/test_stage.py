@@ -226,3 +226,12 @@ def test_config_is_validated():
             Download.from_params(bad)
     assert Download.from_params({"encode_format": "png"}).config.encode_quality == 6
     assert Download.from_params({}).config.encode_quality == 95
+
+
+def test_process_works_when_called_from_async_code(server):
+    import asyncio
+
+    async def notebook_cell() -> pa.Table:
+        return run([server.url("/img/jpeg")])[0]
+
+    assert statuses(asyncio.run(notebook_cell())) == ["ok"]
