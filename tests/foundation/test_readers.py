@@ -137,3 +137,16 @@ def test_glob_inputs_key_by_path_below_the_wildcard(tmp_path: Path, url_rows: li
         assert table.column("key").to_pylist() == expected, pattern
     with pytest.raises(UsageError, match="no files match"):
         read_all(InputSpec(f"{root}/*.tsv"), tmp_path / "none")
+
+
+def test_shards_cut_across_parquet_row_groups(tmp_path: Path) -> None:
+    """Shard boundaries inside row groups, and dictionary-encoded (pandas categorical) captions."""
+    n = 40
+    table = pa.table({"url": [f"http://x/{i}.jpg" for i in range(n)], "caption": pa.array([f"c{i % 3}" for i in range(n)]).dictionary_encode()})
+    pq.write_table(table, tmp_path / "rg.parquet", row_group_size=7)
+    reader = plan_input(InputSpec(str(tmp_path / "rg.parquet")), 15, OutputDir.open(str(tmp_path / "out")))
+    assert [p.rows for p in reader.shards] == [15, 15, 10]
+    out = pa.concat_tables([reader.read(p) for p in reader.shards])
+    assert out.column("url").to_pylist() == table.column("url").to_pylist()
+    assert out.column("caption").to_pylist() == [f"c{i % 3}" for i in range(n)]
+    assert out.column("key").to_pylist() == [key_of("rg.parquet", i) for i in range(n)]
