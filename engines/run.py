@@ -19,7 +19,7 @@ from mmcurate.shards.layout import OutputDir, open_parquet, shard_name
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
 
-_VERSIONED = ("pyarrow", "numpy", "pillow", "ray", "pyspark", "torch", "open_clip_torch", "transformers", "datasketch", "rensa")
+_VERSIONED = ("pyarrow", "numpy", "pillow", "aiohttp", "ray", "pyspark", "torch", "open_clip_torch", "transformers", "onnxruntime")
 
 
 @dataclass
