@@ -11,16 +11,16 @@ import tarfile
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS, METADATA_KEY
 from mmcurate.shards.inspect import detect_layout
+from mmcurate.shards.layout import open_parquet
 
 
 def _read(fs, path: str, problems: list[str]) -> pa.Table | None:
     try:
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f)
+        with open_parquet(fs, path) as pf:
+            return pf.read()
     except (OSError, pa.ArrowException) as e:
         problems.append(f"{path}: unreadable Parquet ({e})")
         return None

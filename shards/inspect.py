@@ -7,10 +7,10 @@ from collections import Counter
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY
+from mmcurate.shards.layout import open_parquet
 
 
 def detect_layout(fs: fsspec.AbstractFileSystem, root: str) -> str:
@@ -29,8 +29,8 @@ def detect_layout(fs: fsspec.AbstractFileSystem, root: str) -> str:
 def _tables(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
     tables = []
     for path in paths:
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+        with open_parquet(fs, path) as pf:
+            tables.append(pf.read(columns=columns))
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
 

@@ -7,9 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
-from mmcurate.shards.layout import OutputDir  # noqa: E402
+from mmcurate.shards.layout import OutputDir, open_parquet  # noqa: E402
 
 SCORE_COLUMNS = ("clip_score", "language_score", "nsfw_score", "caption_words")
 
@@ -21,8 +20,8 @@ def score_table(out: OutputDir) -> pa.Table:
         for shard_id in out.shard_ids(folder):
             path = out.shard_path(folder, shard_id, ".parquet")
             if out.exists(path):
-                with out.fs.open(path, "rb") as f:
-                    names = pq.ParquetFile(f).schema_arrow.names
+                with open_parquet(out.fs, path) as pf:
+                    names = pf.schema_arrow.names
                 wanted = [c for c in SCORE_COLUMNS if c in names]
                 if wanted:
                     tables.append(out.read_parquet(path, wanted))
