@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +96,22 @@ class OutputDir:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         self.write_bytes(path, sink.getvalue().to_pybytes())
+
+    def write_parquet_stream(self, path: str, tables: Iterable[pa.Table]) -> None:
+        """Write a stream of same-schema tables (at least one) as one Parquet file, atomically."""
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+        writer = None
+        with self.fs.open(tmp, "wb") as f:
+            for table in tables:
+                if writer is None:
+                    schema = table.schema.with_metadata({**(table.schema.metadata or {}), METADATA_KEY: SCHEMA_VERSION.encode()})
+                    writer = pq.ParquetWriter(f, schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema))
+            if writer is not None:
+                writer.close()
+        self.fs.mv(tmp, path)
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with open_parquet(self.fs, path) as pf:

@@ -17,7 +17,8 @@ import io
 import json
 import math
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import fsspec
@@ -31,6 +32,7 @@ from mmcurate.shards.layout import OutputDir, open_parquet
 URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 FORMATS = (*URL_LIST_FORMATS, "img2dataset", "mmcurate")
 READ_STAGE = "read"
+PARSE_CHUNK_ROWS = 100_000  # rows of a text URL list parsed and written at a time
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 # img2dataset columns with a declared counterpart.
 _I2D_COLUMNS = ("key", "url", "caption", "width", "height", "original_width", "original_height", "sha256", "status")
@@ -183,8 +185,15 @@ def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: Output
     # Text URL list: parse once into Parquet with keys and read-time rejections.
     target = out.path("_work", "input", f"{index:05d}.parquet")
     if not out.exists(target):
-        out.write_parquet(target, normalise(parse_text(fs, path, fmt, spec), rel, 0, spec))
+        out.write_parquet_stream(target, _normalised_chunks(parse_text(fs, path, fmt, spec), rel, spec))
     return SourceFile(target, rel, _parquet_rows(out.fs, target), "normalised")
+
+
+def _normalised_chunks(chunks: Iterable[pa.Table], rel: str, spec: InputSpec) -> Iterator[pa.Table]:
+    start = 0
+    for chunk in chunks:
+        yield normalise(chunk, rel, start, spec)
+        start += chunk.num_rows
 
 
 def _parquet_rows(fs, path: str) -> int:
@@ -244,71 +253,90 @@ def _check_columns(columns: list[str], spec: InputSpec, path: str) -> None:
         raise UsageError(f"{path}: no caption column {spec.caption_col!r} (columns: {', '.join(columns)}); set caption_col")
 
 
-def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> pa.Table:
-    """Parse a csv/tsv/jsonl/txt URL list into string columns plus ``reject_reason`` per row."""
+def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> Iterator[pa.Table]:
+    """Parse a csv/tsv/jsonl/txt URL list, streaming, into tables of at most ``PARSE_CHUNK_ROWS``
+    rows: the file's columns as strings plus ``reject_reason`` (malformed rows, invalid UTF-8)."""
+    header = _jsonl_header(fs, path) if fmt == "jsonl" else None
+    chunk: list[list[str | None]] = []
+    reasons: list[str | None] = []
+    with _open_text(fs, path) as text:
+        if fmt == "txt":
+            header, records = [spec.url_col], ([line.strip()] for line in text if line.strip())
+        elif fmt == "jsonl":
+            records = _jsonl_records(text, header)
+        else:
+            # Let a field be as long as it is: huge captions are rejected by max_caption_chars, as
+            # rows, not by the csv module's 128 KiB default, which would stop the file.
+            csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+            reader = csv.reader(text, delimiter="\t" if fmt == "tsv" else ",")
+            header = next(reader, None)
+            if header is None:
+                raise UsageError(f"{path}: empty file, no header row")
+            records = reader
+        _check_columns(header, spec, path)
+        for record in records:
+            reason = None
+            if isinstance(record, str):  # a jsonl line that is not an object
+                reason, record = record, [None] * len(header)
+            elif len(record) != len(header):
+                reason = "malformed_row"
+                record = (list(record) + [None] * len(header))[: len(header)]
+            if any(v is not None and _has_bad_utf8(v) for v in record):
+                reason = reason or "invalid_utf8"
+                record = [None if v is None else _repair(v) for v in record]
+            chunk.append(record)
+            reasons.append(reason)
+            if len(chunk) == PARSE_CHUNK_ROWS:
+                yield _string_table(header, chunk, reasons)
+                chunk, reasons = [], []
+    yield _string_table(header, chunk, reasons)
+
+
+@contextmanager
+def _open_text(fs, path: str) -> Iterator[io.TextIOWrapper]:
+    """The file as text; bytes that are not UTF-8 survive as surrogates, to be found per row."""
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        with fs.open(path, "rb") as raw:
+            yield io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e}") from None
-    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    if fmt == "txt":
-        header, records = [spec.url_col], ([line.strip()] for line in text.splitlines() if line.strip())
-    elif fmt == "jsonl":
-        header, records = _jsonl_records(text)
-    else:
-        # The whole file is in memory already: let a field be as long as the file (huge captions are
-        # rejected later by max_caption_chars, not by the csv module's 128 KiB default).
-        csv.field_size_limit(max(csv.field_size_limit(), len(text)))
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
-        header = next(reader, None)
-        if header is None:
-            raise UsageError(f"{path}: empty file, no header row")
-        records = reader
-    _check_columns(header, spec, path)
-    columns: dict[str, list[str | None]] = {name: [] for name in header}
-    reasons: list[str | None] = []
-    for record in records:
-        reason = None
-        if isinstance(record, str):  # a jsonl line that is not an object
-            reason, record = record, [None] * len(header)
-        elif len(record) != len(header):
-            reason = "malformed_row"
-            record = (list(record) + [None] * len(header))[: len(header)]
-        if any(v is not None and _has_bad_utf8(v) for v in record):
-            reason = reason or "invalid_utf8"
-            record = [None if v is None else _repair(v) for v in record]
-        for name, value in zip(header, record, strict=True):
-            columns[name].append(value)
-        reasons.append(reason)
-    table = pa.table({name: pa.array(values, pa.string()) for name, values in columns.items()})
-    return table.append_column("reject_reason", pa.array(reasons, pa.string()))
 
 
-def _jsonl_records(text: str) -> tuple[list[str], Iterator[list[str | None] | str]]:
-    rows: list[dict | str] = []
+def _string_table(header: list[str], rows: list[list[str | None]], reasons: list[str | None]) -> pa.Table:
+    columns = {name: pa.array([row[i] for row in rows], pa.string()) for i, name in enumerate(header)}
+    return pa.table({**columns, "reject_reason": pa.array(reasons, pa.string())})
+
+
+def _jsonl_header(fs, path: str) -> list[str]:
+    """Every key of every object in a jsonl file, in order of first appearance (a first pass)."""
     header: dict[str, None] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            rows.append("malformed_row")
-            continue
-        if not isinstance(obj, dict):
-            rows.append("malformed_row")
-            continue
-        header.update(dict.fromkeys(obj))
-        rows.append(obj)
-    names = list(header)
+    with _open_text(fs, path) as text:
+        for line in text:
+            try:
+                obj = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                header.update(dict.fromkeys(obj))
+    return list(header)
+
+
+def _jsonl_records(text: Iterable[str], names: list[str]) -> Iterator[list[str | None] | str]:
+    """Per non-blank line: its values under ``names``, or ``"malformed_row"``."""
 
     def cell(v: object) -> str | None:
         if isinstance(v, float) and not math.isfinite(v):  # NaN / Infinity, which Python's json accepts, are no text
             return None
         return v if isinstance(v, str) or v is None else json.dumps(v)
 
-    return names, (r if isinstance(r, str) else [cell(r.get(n)) for n in names] for r in rows)
+    for line in text:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        yield [cell(obj.get(n)) for n in names] if isinstance(obj, dict) else "malformed_row"
 
 
 def _has_bad_utf8(value: str) -> bool:
