@@ -22,7 +22,7 @@ from mmcurate.engines.run import RunContext, finish_run
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.layout import OutputDir
-from mmcurate.shards.readers import read_tar_images
+from mmcurate.shards.readers import attach_images, read_tar_images
 from mmcurate.shards.writers import write_shard
 
 NOT_RETRIED = frozenset(
@@ -122,11 +122,10 @@ def _kept_rows(ctx: RunContext, shard_id: int) -> pa.Table:
     meta = out.read_parquet(out.shard_path("meta", shard_id, ".parquet"))
     tar = out.shard_path("shards", shard_id, ".tar")
     with out.fs.open(tar, "rb") as f:
-        images = read_tar_images(f, tar)
-    found = [images.get(k) for k in meta.column("key").to_pylist()]
-    meta = meta.drop_columns([c for c in ("image", "image_format") if c in meta.column_names])
-    meta = meta.append_column("image", pa.array([f[1] if f else None for f in found], pa.binary()))
-    return meta.append_column("image_format", pa.array([f[0] if f else None for f in found], pa.string()))
+        images, error = read_tar_images(f, tar)
+    if error is not None:
+        raise UsageError(error)
+    return attach_images(meta, images, [True] * meta.num_rows)[0]
 
 
 def _merge_stats(previous: dict, retry: ShardStats, old_reasons: Counter, kept: int) -> dict:

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,7 @@ from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
 from mmcurate.shards.layout import OutputDir, open_parquet
 
+logger = logging.getLogger(__name__)
 URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 FORMATS = (*URL_LIST_FORMATS, "img2dataset", "mmcurate")
 READ_STAGE = "read"
@@ -101,9 +103,12 @@ class Reader:
             return table
         return normalise(table, src.rel, start, self.spec)
 
-    def _images(self, src: SourceFile) -> dict[str, tuple[str, bytes]]:
+    def _images(self, src: SourceFile) -> TarImages:
         with self.fs.open(src.tar, "rb") as f:
-            return read_tar_images(f, src.tar)
+            images, error = read_tar_images(f, src.tar)
+        if error is not None:
+            logger.warning("%s; its rows without an image are rejected as tar_unreadable", error)
+        return TarImages(images, "tar_unreadable" if error else "image_missing")
 
 
 def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
@@ -406,8 +411,9 @@ def _as_string(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
 # Tars: img2dataset and mmcurate WebDataset output
 
 
-def read_tar_images(fileobj, name: str) -> dict[str, tuple[str, bytes]]:
-    """``{key: (extension, bytes)}`` of the image members of a tar, read in memory.
+def read_tar_images(fileobj, name: str) -> tuple[dict[str, tuple[str, bytes]], str | None]:
+    """``{key: (extension, bytes)}`` of the image members of a tar, read in memory, and the error
+    that stopped the reading of a corrupt or truncated tar (None when it was read to the end).
 
     Nothing is extracted to disk; members with absolute or ``..`` paths, links and devices are
     skipped, so no tar can write anywhere.
@@ -424,20 +430,36 @@ def read_tar_images(fileobj, name: str) -> dict[str, tuple[str, bytes]]:
                     data = tar.extractfile(member).read()
                     images[key] = ("jpg" if ext.lower() == "jpeg" else ext.lower(), data)
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise UsageError(f"{name}: not a readable tar ({e})") from None
-    return images
+        return images, f"{name}: not a readable tar ({e})"
+    return images, None
 
 
-def _attach_images(table: pa.Table, images: dict[str, tuple[str, bytes]], ok: list[bool]) -> tuple[pa.Table, list[str | None]]:
-    """Add ``image``/``image_format`` by key; return reasons for ok rows whose image is missing."""
+@dataclass(frozen=True)
+class TarImages:
+    """The images of one tar, and the reason for a row whose image is not among them."""
+
+    images: dict[str, tuple[str, bytes]]
+    missing_reason: str = "image_missing"
+
+
+def attach_images(table: pa.Table, images: dict[str, tuple[str, bytes]], wanted: list[bool]) -> tuple[pa.Table, list[bool]]:
+    """Replace ``image``/``image_format`` by key from ``images`` where ``wanted``; also return, per
+    row, whether a wanted image was missing."""
     keys = table.column("key").to_pylist()
-    found = [images.get(k) if good else None for k, good in zip(keys, ok, strict=True)]
+    found = [images.get(k) if want else None for k, want in zip(keys, wanted, strict=True)]
+    table = table.drop_columns([c for c in ("image", "image_format") if c in table.column_names])
     table = table.append_column("image", pa.array([f[1] if f else None for f in found], pa.binary()))
     table = table.append_column("image_format", pa.array([f[0] if f else None for f in found], pa.string()))
-    return table, [("image_missing" if good and f is None else None) for good, f in zip(ok, found, strict=True)]
+    return table, [want and f is None for want, f in zip(wanted, found, strict=True)]
 
 
-def _from_img2dataset(table: pa.Table, images: dict[str, tuple[str, bytes]]) -> pa.Table:
+def _attach_images(table: pa.Table, tar: TarImages, ok: list[bool]) -> tuple[pa.Table, list[str | None]]:
+    """Add ``image``/``image_format`` by key; return reasons for ok rows whose image is missing."""
+    table, missing = attach_images(table, tar.images, ok)
+    return table, [tar.missing_reason if m else None for m in missing]
+
+
+def _from_img2dataset(table: pa.Table, images: TarImages) -> pa.Table:
     """img2dataset rows: failed downloads are rejected as ``not_downloaded``; keys are kept."""
     status = table.column("status").to_pylist() if "status" in table.column_names else ["success"] * table.num_rows
     ok = [s == "success" for s in status]
@@ -456,7 +478,7 @@ def _from_img2dataset(table: pa.Table, images: dict[str, tuple[str, bytes]]) -> 
     return result.append_column("reject_reason", pa.array(reasons, pa.string()))
 
 
-def _from_mmcurate(table: pa.Table, images: dict[str, tuple[str, bytes]] | None) -> pa.Table:
+def _from_mmcurate(table: pa.Table, images: TarImages | None) -> pa.Table:
     """Kept rows of an earlier mmcurate run, images from its tar when it wrote WebDataset.
 
     Only rows whose ``image_format`` says the run stored an image expect one in the tar (a run on a
@@ -466,7 +488,6 @@ def _from_mmcurate(table: pa.Table, images: dict[str, tuple[str, bytes]] | None)
     reasons: list[str | None] = [None] * n
     if images is not None:
         stored = table.column("image_format").to_pylist() if "image_format" in table.column_names else [None] * n
-        table = table.drop_columns([c for c in ("image", "image_format") if c in table.column_names])
         table, reasons = _attach_images(table, images, [f is not None for f in stored])
     table = table.drop_columns([c for c in ("reject_stage", "reject_reason") if c in table.column_names])
     table = table.append_column("reject_stage", pa.array([None if r is None else READ_STAGE for r in reasons], pa.string()))

@@ -104,9 +104,16 @@ def test_unreadable_inputs(box: Sandbox, name: str, content: bytes | None, fragm
 
 
 def test_corrupt_img2dataset_tar(box: Sandbox, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    """A truncated tar loses its rows' images, not the run: each such row is rejected as tar_unreadable."""
     i2d = write_img2dataset(box.inputs / "i2d", jpeg_photos, photo_dir, shards=1)
     (i2d / "00000.tar").write_bytes((i2d / "00000.tar").read_bytes()[:700])  # truncated mid-member
-    box.usage(box.stage(i2d), "not a readable tar")
+    out = box.run_ok(i2d)
+    rejects = pq.read_table(out / "rejects" / "00000.parquet").to_pylist()
+    kept = pq.read_table(out / "meta" / "00000.parquet").num_rows
+    rows = pq.read_table(i2d / "00000.parquet")
+    assert kept + len(rejects) == rows.num_rows
+    succeeded = rows.column("status").to_pylist().count("success")
+    assert sum(r["reject_reason"] == "tar_unreadable" for r in rejects) == succeeded - kept > 0
 
 
 @pytest.mark.parametrize(
