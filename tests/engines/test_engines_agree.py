@@ -29,7 +29,9 @@ TEST_STAGES = [{"t_words": {"min_words": 5}}, "t_chars", "t_gpu", "t_dedup", "t_
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, log_to_driver=False)
+    from mmcurate.engines.ray_runner import connect
+
+    connect(2, object_store_memory=150 * 2**20)
     yield
     ray.shutdown()
 
