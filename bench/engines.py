@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from mmcurate.engines import run_pipeline
 from mmcurate.pipelines.config import parse_pipeline
 
@@ -62,20 +61,21 @@ def captions(n: int, dup_rate: float, seed: int = 0) -> list[str]:
 
 
 def _pipeline(input_path: Path, out: Path, stages: list, engine: str, workers: int, rows_per_shard: int):
-    return parse_pipeline({
-        "input": {"path": str(input_path)},
-        "output": {"path": str(out), "format": "parquet", "rows_per_shard": rows_per_shard},
-        "stages": stages,
-        "engine": engine,
-        "workers": workers,
-    })
+    return parse_pipeline(
+        {
+            "input": {"path": str(input_path)},
+            "output": {"path": str(out), "format": "parquet", "rows_per_shard": rows_per_shard},
+            "stages": stages,
+            "engine": engine,
+            "workers": workers,
+        }
+    )
 
 
 def _start(engine: str, workers: int) -> object | None:
     """Start the engine (timed apart); return what to stop afterwards."""
     if engine == "ray":
         import ray
-
         from mmcurate.engines.ray_runner import connect
 
         connect(workers, object_store_memory=1 << 30)
@@ -100,7 +100,11 @@ def main() -> None:
     try:
         docs = captions(args.rows, args.dup_rate)
         input_path = work / "captions.parquet"
-        pq.write_table(pa.table({"url": [f"https://example.com/{i}.jpg" for i in range(len(docs))], "caption": docs}), input_path, row_group_size=args.rows_per_shard)
+        pq.write_table(
+            pa.table({"url": [f"https://example.com/{i}.jpg" for i in range(len(docs))], "caption": docs}),
+            input_path,
+            row_group_size=args.rows_per_shard,
+        )
         results: dict[str, dict[str, tuple[float, int]]] = {name: {} for name in PIPELINES}
         startups = {}
         for engine in args.engines.split(","):
@@ -109,11 +113,15 @@ def main() -> None:
             startups[engine] = time.perf_counter() - start
             for name, stages in PIPELINES.items():
                 start = time.perf_counter()
-                summary = run_pipeline(_pipeline(input_path, work / f"{engine}-{name}", stages, engine, args.workers, args.rows_per_shard), progress=False)
+                summary = run_pipeline(
+                    _pipeline(input_path, work / f"{engine}-{name}", stages, engine, args.workers, args.rows_per_shard), progress=False
+                )
                 results[name][engine] = (time.perf_counter() - start, summary["kept"])
             if handle is not None:
                 getattr(handle, "shutdown", getattr(handle, "stop", None))()
-        print(f"{args.rows} caption rows ({args.dup_rate:.0%} near duplicates), {-(-args.rows // args.rows_per_shard)} shards, {args.workers} workers")
+        print(
+            f"{args.rows} caption rows ({args.dup_rate:.0%} near duplicates), {-(-args.rows // args.rows_per_shard)} shards, {args.workers} workers"
+        )
         print("engine start-up (excluded below): " + ", ".join(f"{e} {s:.1f} s" for e, s in startups.items()))
         print(f"{'pipeline':11} {'engine':7} {'run s':>7} {'rows/s':>8} {'vs local':>9} {'kept':>7}")
         for name, by_engine in results.items():

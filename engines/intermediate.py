@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from mmcurate.engines.core import global_input
 from mmcurate.engines.run import RunContext
 from mmcurate.stages.base import GlobalStage

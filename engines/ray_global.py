@@ -23,7 +23,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import ready
@@ -79,11 +78,21 @@ def _group_keys(batch: pa.Table, ctx: RunContext, segment: int, stage: ClusterSt
 def _pairs(batch: pa.Table, max_group_size: int) -> pa.Table:
     """Candidate pairs of the block's groups (whole groups: the block is a hash partition by group)."""
     counts = batch.group_by("group").aggregate([("key", "count")])
-    batch = batch.filter(pc.is_in(batch.column("group"), value_set=counts.filter(pc.greater(counts.column("key_count"), 1)).column("group")))
+    batch = batch.filter(
+        pc.is_in(batch.column("group"), value_set=counts.filter(pc.greater(counts.column("key_count"), 1)).column("group"))
+    )
     left, right = candidate_pairs(batch.select(["key", "group"]), max_group_size)
     a, b = pa.array(left, pa.string()), pa.array(right, pa.string())
     shard = batch.column(SHARD)
-    return pa.Table.from_arrays([a, pc.take(shard, pc.index_in(a, value_set=batch.column("key"))), b, pc.take(shard, pc.index_in(b, value_set=batch.column("key")))], schema=PAIRS)
+    return pa.Table.from_arrays(
+        [
+            a,
+            pc.take(shard, pc.index_in(a, value_set=batch.column("key"))),
+            b,
+            pc.take(shard, pc.index_in(b, value_set=batch.column("key"))),
+        ],
+        schema=PAIRS,
+    )
 
 
 def _side(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int, keys: pa.Array) -> pa.Table:
@@ -94,12 +103,16 @@ def _side(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int, keys
 
 def _attach_left(batch: pa.Table, ctx: RunContext, segment: int, stage: ClusterStage, schema: pa.Schema) -> pa.Table:
     """Unique pairs of the block with the left key's global columns as ``_a_<column>``."""
-    out_schema = pa.schema([PAIRS.field("a"), PAIRS.field("b"), PAIRS.field("b_shard"), *(f.with_name(f"_a_{f.name}") for f in schema if f.name != "key")])
+    out_schema = pa.schema(
+        [PAIRS.field("a"), PAIRS.field("b"), PAIRS.field("b_shard"), *(f.with_name(f"_a_{f.name}") for f in schema if f.name != "key")]
+    )
     parts = [out_schema.empty_table()]
     for shard_id in pc.unique(batch.column("a_shard")).to_pylist():
         pairs = batch.filter(pc.equal(batch.column("a_shard"), shard_id)).group_by(["a", "b", "b_shard"], use_threads=False).aggregate([])
         side = _side(ctx, segment, stage, shard_id, pairs.column("a"))
-        parts.append(pa.Table.from_arrays([pairs.column("a"), pairs.column("b"), pairs.column("b_shard"), *side.columns], schema=out_schema))
+        parts.append(
+            pa.Table.from_arrays([pairs.column("a"), pairs.column("b"), pairs.column("b_shard"), *side.columns], schema=out_schema)
+        )
     return pa.concat_tables(parts)
 
 

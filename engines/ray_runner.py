@@ -31,14 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from tqdm import tqdm
-
 from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, kept_mask
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.writers import write_shard
 from mmcurate.stages.base import Stage, set_column
+from tqdm import tqdm
 
 SHARD = "_shard"
 REJECTED_AT = "_rejected_at"
@@ -94,7 +93,9 @@ def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -
     for chain in chains(ctx, index):
         ds = _map_chain(ds, chain)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
-    bar = tqdm(total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"ray {label}", disable=not progress or None, file=sys.stderr)
+    bar = tqdm(
+        total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"ray {label}", disable=not progress or None, file=sys.stderr
+    )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         bar.update(int(pc.sum(batch.column("rows")).as_py() or 0))
     bar.close()
@@ -223,7 +224,9 @@ def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -
             table = _bookkeeping(ctx.reader.read(ctx.reader.shards[shard_id]), shard_id, ctx.stages)
         else:
             table = _bookkeeping(ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet")), shard_id, ctx.stages)
-            table = apply_decisions(ctx.segments[segment].applies, table, _decisions(ctx.global_path(segment - 1), ctx), ShardStats(shard_id))
+            table = apply_decisions(
+                ctx.segments[segment].applies, table, _decisions(ctx.global_path(segment - 1), ctx), ShardStats(shard_id)
+            )
             table = _mark(table, applies)
         tables.append(table)
     return pa.concat_tables(tables, promote_options="permissive")
@@ -240,7 +243,9 @@ def _bookkeeping(table: pa.Table, shard_id: int, stages: list[Stage]) -> pa.Tabl
             positions[stage.name] = position
         names = table.column("reject_stage").to_pylist()
         reasons = table.column("reject_reason").to_pylist()
-        table = set_column(table, REJECTED_AT, [None if r is None else positions[n] for n, r in zip(names, reasons, strict=True)], pa.int16())
+        table = set_column(
+            table, REJECTED_AT, [None if r is None else positions[n] for n, r in zip(names, reasons, strict=True)], pa.int16()
+        )
     return table
 
 
@@ -262,7 +267,9 @@ def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
     for shard_id in ids:
         table = batch.filter(pc.equal(batch.column(SHARD), shard_id))
         if table.num_rows != ctx.reader.shards[shard_id].rows:
-            raise RuntimeError(f"shard {shard_id} reached the writer in pieces ({table.num_rows} of {ctx.reader.shards[shard_id].rows} rows)")
+            raise RuntimeError(
+                f"shard {shard_id} reached the writer in pieces ({table.num_rows} of {ctx.reader.shards[shard_id].rows} rows)"
+            )
         stats = shard_stats(shard_id, table, stages)
         if last:
             kept = int(pc.sum(kept_mask(table)).as_py() or 0)

@@ -25,14 +25,13 @@ from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
-from pyspark.sql.pandas.types import from_arrow_schema
-
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import ready
 from mmcurate.stages.base import ClusterStage, GlobalStage, decisions
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 EDGES = "a string, b string"
 
@@ -68,8 +67,15 @@ def candidate_pairs(groups: DataFrame, max_group_size: int) -> DataFrame:
     sizes = members.groupBy("group").agg(F.count("*").alias("n"), F.min("key").alias("first")).filter("n > 1")
     members = members.join(sizes, "group")
     small = members.filter(F.col("n") <= max_group_size).select("group", "key")
-    pairs = small.alias("l").join(small.alias("r"), "group").where(F.col("l.key") < F.col("r.key")).select(F.col("l.key").alias("a"), F.col("r.key").alias("b"))
-    large = members.filter((F.col("n") > max_group_size) & (F.col("key") != F.col("first"))).select(F.col("first").alias("a"), F.col("key").alias("b"))
+    pairs = (
+        small.alias("l")
+        .join(small.alias("r"), "group")
+        .where(F.col("l.key") < F.col("r.key"))
+        .select(F.col("l.key").alias("a"), F.col("r.key").alias("b"))
+    )
+    large = members.filter((F.col("n") > max_group_size) & (F.col("key") != F.col("first"))).select(
+        F.col("first").alias("a"), F.col("key").alias("b")
+    )
     return pairs.unionByName(large).distinct()
 
 
@@ -77,7 +83,9 @@ def components(edges: DataFrame) -> DataFrame:
     """``(node, label)``: every key of an edge with the smallest key of its connected component,
     by min-label propagation (one join and aggregation per round, until no label changes)."""
     edges = edges.localCheckpoint()
-    both = edges.select(F.col("a").alias("src"), F.col("b").alias("dst")).unionByName(edges.select(F.col("b").alias("src"), F.col("a").alias("dst")))
+    both = edges.select(F.col("a").alias("src"), F.col("b").alias("dst")).unionByName(
+        edges.select(F.col("b").alias("src"), F.col("a").alias("dst"))
+    )
     labels = both.select(F.col("src").alias("node")).distinct().withColumn("label", F.col("node")).localCheckpoint()
     while True:
         offers = both.join(labels.withColumnRenamed("node", "src"), "src").select(F.col("dst").alias("node"), "label")

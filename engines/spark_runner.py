@@ -18,14 +18,13 @@ from collections.abc import Iterator
 from functools import partial
 
 import pyarrow as pa
-from pyspark.sql import SparkSession
-from tqdm import tqdm
-
 from mmcurate.engines.local import process_shard
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.spark_global import global_decisions, shard_frame
 from mmcurate.engines.worker_state import worker_context
 from mmcurate.pipelines.config import Pipeline
+from pyspark.sql import SparkSession
+from tqdm import tqdm
 
 DONE_SCHEMA = "shard long, rows long"
 
@@ -68,7 +67,13 @@ def session(workers: int) -> tuple[SparkSession, bool]:
 def _run_segment(spark: SparkSession, ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
     done = shard_frame(spark, todo).mapInArrow(partial(_process, ctx, run_id, index), DONE_SCHEMA)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
-    bar = tqdm(total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"spark {label}", disable=not progress or None, file=sys.stderr)
+    bar = tqdm(
+        total=sum(ctx.reader.shards[i].rows for i in todo),
+        unit="rows",
+        desc=f"spark {label}",
+        disable=not progress or None,
+        file=sys.stderr,
+    )
     for row in done.toLocalIterator():
         bar.update(row["rows"])
     bar.close()

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from pyspark.sql import SparkSession
-
 from mmcurate.cli import main
+from pyspark.sql import SparkSession
 
 
 def run(argv: list[str]) -> int:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
 
@@ -42,7 +41,12 @@ def submit(pipeline: Pipeline, address: str | None, pip: list[str], job_id: str 
         if pip:
             runtime_env["pip"] = list(pip)
         # The working_dir is packed and uploaded here, before submit_job returns.
-        return jobs.submit_job(entrypoint="python -m mmcurate.jobs.ray_job pipeline.yaml", runtime_env=runtime_env, submission_id=job_id, metadata={"tool": "mmcurate", "output": pipeline.output.path})
+        return jobs.submit_job(
+            entrypoint="python -m mmcurate.jobs.ray_job pipeline.yaml",
+            runtime_env=runtime_env,
+            submission_id=job_id,
+            metadata={"tool": "mmcurate", "output": pipeline.output.path},
+        )
 
 
 def status(address: str | None, job_id: str) -> str:

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
 from mmcurate import stages as registry
 from mmcurate.engines import run_pipeline
 from mmcurate.pipelines.config import parse_pipeline
@@ -110,7 +109,9 @@ class Longest(GlobalStage):
         return batch
 
     def decide(self, table: pa.Table) -> pa.Table:
-        order = sorted(zip(table.column("caption_words").to_pylist(), table.column("key").to_pylist(), strict=True), key=lambda r: (-r[0], r[1]))
+        order = sorted(
+            zip(table.column("caption_words").to_pylist(), table.column("key").to_pylist(), strict=True), key=lambda r: (-r[0], r[1])
+        )
         drop = [k for _, k in order[int(len(order) * 0.8) :]]
         return decisions(drop, "below_fraction")
 
@@ -155,7 +156,10 @@ def caption_input(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
         captions = [row["caption"].strip() for row in csv.DictReader(f, delimiter="\t")]
     rng = np.random.default_rng(0)
     exact = [captions[i] for i in rng.choice(len(captions), 60, replace=False)]
-    near = [captions[i] + " " + w for i, w in zip(rng.choice(len(captions), 40, replace=False), ["today"] * 20 + ["in the sunny afternoon light"] * 20, strict=True)]
+    near = [
+        captions[i] + " " + w
+        for i, w in zip(rng.choice(len(captions), 40, replace=False), ["today"] * 20 + ["in the sunny afternoon light"] * 20, strict=True)
+    ]
     rows = captions + exact + near
     order = rng.permutation(len(rows))
     rows = [rows[i] for i in order]
@@ -169,13 +173,15 @@ def make_pipeline(tmp_path: Path):
     """Build a pipeline over ``input_path`` with ``stages`` writing to ``tmp_path/<name>``."""
 
     def make(input_path: Path, stages: list, name: str, engine: str = "local", rows_per_shard: int = 100, **output):
-        return parse_pipeline({
-            "input": {"path": str(input_path)},
-            "output": {"path": str(tmp_path / name), "rows_per_shard": rows_per_shard, "format": "parquet", **output},
-            "stages": stages,
-            "engine": engine,
-            "workers": 1 if engine == "local" else 2,
-        })
+        return parse_pipeline(
+            {
+                "input": {"path": str(input_path)},
+                "output": {"path": str(tmp_path / name), "rows_per_shard": rows_per_shard, "format": "parquet", **output},
+                "stages": stages,
+                "engine": engine,
+                "workers": 1 if engine == "local" else 2,
+            }
+        )
 
     return make
 
@@ -192,7 +198,13 @@ def read_output(path: str) -> dict:
         for entry in stats["stages"]:
             entry.pop("seconds")
         tar = out.shard_path("shards", shard_id, ".tar")
-        result[shard_id] = {"tar": hashlib.sha256(out.fs.cat(tar)).hexdigest() if out.exists(tar) else None, "kept": kept.to_pylist(), "columns": kept.column_names, "rejects": sorted(rejects.to_pylist(), key=lambda r: r["key"]), "stats": stats}
+        result[shard_id] = {
+            "tar": hashlib.sha256(out.fs.cat(tar)).hexdigest() if out.exists(tar) else None,
+            "kept": kept.to_pylist(),
+            "columns": kept.column_names,
+            "rejects": sorted(rejects.to_pylist(), key=lambda r: r["key"]),
+            "stats": stats,
+        }
     return result
 
 

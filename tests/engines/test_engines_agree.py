@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 ray = pytest.importorskip("ray")
 pytest.importorskip("pyspark")
 
-from mmcurate.engines.spark_runner import session  # noqa: E402
+from mmcurate.engines.spark_runner import session
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,8 @@ def spark():
 
 def _assert_same(reference: dict, other: dict, engine: str) -> None:
     assert sorted(other) == sorted(reference)
-    for shard_id in reference:
-        assert other[shard_id] == reference[shard_id], f"{engine}: shard {shard_id} differs"
+    for shard_id, expected in reference.items():
+        assert other[shard_id] == expected, f"{engine}: shard {shard_id} differs"
 
 
 def test_engines_agree_on_every_kind_of_stage(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):
@@ -70,7 +70,9 @@ def photo_server(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     near-duplicate captions, 3 missing URLs and 3 junk captions."""
     root = tmp_path_factory.mktemp("served")
     with open(photo_dir / "manifest.csv", newline="") as f:
-        photos = [(r["file"], r["caption_if_known"] or f"an unlabelled test photograph named {Path(r['file']).stem}") for r in csv.DictReader(f)]
+        photos = [
+            (r["file"], r["caption_if_known"] or f"an unlabelled test photograph named {Path(r['file']).stem}") for r in csv.DictReader(f)
+        ]
     for name, _ in photos:
         shutil.copy(photo_dir / name, root / name)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
@@ -139,6 +141,11 @@ def test_spark_components_match_the_reference(spark):
 
     a = ["k05", "k04", "k03", "k02", "s0", "s0", "s0", "p1"]
     b = ["k06", "k05", "k04", "k03", "s1", "s2", "s3", "p2"]
-    labels = components(spark.createDataFrame(list(zip(a, b, strict=True)), "a string, b string")).filter("node != label").orderBy("node").collect()
+    labels = (
+        components(spark.createDataFrame(list(zip(a, b, strict=True)), "a string, b string"))
+        .filter("node != label")
+        .orderBy("node")
+        .collect()
+    )
     keys, keepers = reference(np.array(a, dtype=object), np.array(b, dtype=object))
     assert [(r["node"], r["label"]) for r in labels] == list(zip(keys, keepers, strict=True))

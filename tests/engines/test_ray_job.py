@@ -18,7 +18,7 @@ import yaml
 
 pytest.importorskip("ray")
 
-from mmcurate.cli import main  # noqa: E402
+from mmcurate.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,17 @@ def ray_head():
     """A Ray head with the dashboard (Jobs API) on free ports, in its own session so that only
     its processes are stopped afterwards."""
     temp = tempfile.mkdtemp(prefix="mmray", dir="/tmp")
-    names = ("port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")
+    names = (
+        "port",
+        "dashboard-port",
+        "ray-client-server-port",
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
     ports = dict(zip(names, _free_ports(len(names)), strict=True))
     worker_base = random.randrange(20000, 30000, 100)  # below Linux's ephemeral range, where the ports above come from
     ports |= {"min-worker-port": worker_base, "max-worker-port": worker_base + 99}
@@ -50,8 +59,20 @@ def ray_head():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     env["RAY_AUTH_MODE"] = "disabled"  # a throw-away head on 127.0.0.1: no token to hand around
-    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--object-store-memory={200 * 2**20}", f"--temp-dir={temp}", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
+    cmd = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--object-store-memory={200 * 2**20}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *(f"--{k}={v}" for k, v in ports.items()),
+    ]
     log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
@@ -98,7 +119,11 @@ def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path) -> None:
 
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, caption_input, tmp_path, capsys, run_and_read, make_pipeline, output_of):
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(yaml.safe_dump({"input": {"path": str(caption_input)}, "output": {"path": "out", "format": "parquet", "rows_per_shard": 300}, "stages": STAGES}))
+    pipeline.write_text(
+        yaml.safe_dump(
+            {"input": {"path": str(caption_input)}, "output": {"path": "out", "format": "parquet", "rows_per_shard": 300}, "stages": STAGES}
+        )
+    )
     assert main(["submit", str(pipeline), "--address", ray_head, "--job-id", "mmcurate-test-job", "--wait"]) == 0
     printed = capsys.readouterr().out
     assert "submitted mmcurate-test-job" in printed and "rows in 3 shards" in printed and "SUCCEEDED" in printed
