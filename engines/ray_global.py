@@ -41,6 +41,8 @@ def shard_dataset(ids: list[int]) -> ray.data.Dataset:
 def global_decisions(ctx: RunContext, index: int) -> pa.Table:
     """The decision table of the global stage that ends segment ``index``."""
     stage = ctx.segments[index].global_stage
+    if not ctx.reader.shards:  # an empty input: nothing to decide
+        return decisions([], "")
     ids = [p.shard_id for p in ctx.reader.shards]
     kw = {"batch_format": "pyarrow", "batch_size": None}
     args = {"ctx": ctx, "segment": index, "stage": stage}

@@ -52,10 +52,11 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     """
     ctx = start_run(pipeline, "ray")
     started = connect(pipeline.workers)
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size, context.enable_progress_bars
+    context.target_max_block_size = None  # never split a shard's block
+    context.enable_progress_bars = False
     try:
-        context = ray.data.DataContext.get_current()
-        context.target_max_block_size = None  # never split a shard's block
-        context.enable_progress_bars = False
         for index, segment in enumerate(ctx.segments):
             todo = [p.shard_id for p in ctx.pending(index)]
             if todo:
@@ -63,6 +64,7 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
             if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
                 ctx.out.write_parquet(ctx.global_path(index), global_decisions(ctx, index))
     finally:
+        context.target_max_block_size, context.enable_progress_bars = saved
         if started:
             ray.shutdown()
     return finish_run(ctx)

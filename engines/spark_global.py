@@ -44,6 +44,8 @@ def shard_frame(spark: SparkSession, ids: list[int]) -> DataFrame:
 def global_decisions(spark: SparkSession, ctx: RunContext, index: int) -> pa.Table:
     """The decision table of the global stage that ends segment ``index``."""
     stage = ctx.segments[index].global_stage
+    if not ctx.reader.shards:  # an empty input: nothing to decide
+        return decisions([], "")
     shards = shard_frame(spark, [p.shard_id for p in ctx.reader.shards])
     schema = columns_schema(ctx, index, stage)
     rows = shards.mapInArrow(partial(_kept_rows, ctx, index, stage), from_arrow_schema(schema))
