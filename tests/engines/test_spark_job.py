@@ -12,7 +12,7 @@ import yaml
 
 pytest.importorskip("pyspark")
 
-import mmcurate.jobs.spark_job  # noqa: E402
+import mmcurate.jobs.spark_job
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +39,7 @@ def test_spark_submit_runs_a_pipeline(caption_input, tmp_path, make_pipeline, ru
             "--set",
             "workers=2",
         ],
+        check=False,
         env=env,
         capture_output=True,
         text=True,
