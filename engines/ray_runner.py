@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ import ray
 from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, kept_mask
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
 from mmcurate.engines.run import RunContext, finish_run, start_run
+from mmcurate.engines.worker_state import worker_context
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.writers import write_shard
 from mmcurate.stages.base import Stage, set_column
@@ -54,13 +56,14 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     started = connect(pipeline.workers)
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.enable_progress_bars
+    run_id = uuid.uuid4().hex
     context.target_max_block_size = None  # never split a shard's block
     context.enable_progress_bars = False
     try:
         for index, segment in enumerate(ctx.segments):
             todo = [p.shard_id for p in ctx.pending(index)]
             if todo:
-                _run_segment(ctx, index, todo, progress)
+                _run_segment(ctx, run_id, index, todo, progress)
             if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
                 ctx.out.write_parquet(ctx.global_path(index), global_decisions(ctx, index))
     finally:
@@ -90,9 +93,9 @@ def connect(workers: int, **options: Any) -> bool:
     return True
 
 
-def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> None:
+def _run_segment(ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
     ds = shard_dataset(todo)
-    for chain in chains(ctx, index):
+    for chain in chains(ctx, index, run_id):
         ds = _map_chain(ds, chain)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
     bar = tqdm(
@@ -109,6 +112,7 @@ class Chain:
     stages with their pipeline positions, the write (last chain)."""
 
     ctx: RunContext
+    run_id: str  # workers keep one context per run: decisions are read once per process
     segment: int
     stages: list[tuple[Stage, int]]
     read: bool
@@ -133,14 +137,15 @@ class Chain:
             stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        ctx, _ = worker_context(self.run_id, self.ctx)
         if self.read:
-            batch = _read(batch, self.ctx, self.segment, self.applies)
+            batch = _read(batch, ctx, self.segment, self.applies)
         for stage, position in self.stages:
             batch = _apply(batch, stage, position)
-        return _write(batch, self.ctx, self.segment) if self.write else batch
+        return _write(batch, ctx, self.segment) if self.write else batch
 
 
-def chains(ctx: RunContext, index: int) -> list[Chain]:
+def chains(ctx: RunContext, index: int, run_id: str) -> list[Chain]:
     """Cut segment ``index`` at its GPU stages: CPU stages share a worker with the read and write
     next to them (no hand-over through the object store, and a small cluster's CPUs are not split
     between pools); each GPU stage gets its own actor pool."""
@@ -154,7 +159,7 @@ def chains(ctx: RunContext, index: int) -> list[Chain]:
             runs[-1].append((stage, positions[id(stage)]))
     runs = [run for i, run in enumerate(runs) if run or i in (0, len(runs) - 1)]
     applies = positions[id(segment.applies)] if segment.applies is not None else None
-    return [Chain(ctx, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
+    return [Chain(ctx, run_id, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
 
 
 def _map_chain(ds: ray.data.Dataset, chain: Chain) -> ray.data.Dataset:
@@ -226,9 +231,7 @@ def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -
             table = _bookkeeping(ctx.reader.read(ctx.reader.shards[shard_id]), shard_id, ctx.stages)
         else:
             table = _bookkeeping(ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet")), shard_id, ctx.stages)
-            table = apply_decisions(
-                ctx.segments[segment].applies, table, _decisions(ctx.global_path(segment - 1), ctx), ShardStats(shard_id)
-            )
+            table = apply_decisions(ctx.segments[segment].applies, table, ctx.decisions(segment - 1), ShardStats(shard_id))
             table = _mark(table, applies)
         tables.append(table)
     return pa.concat_tables(tables, promote_options="permissive")
@@ -249,16 +252,6 @@ def _bookkeeping(table: pa.Table, shard_id: int, stages: list[Stage]) -> pa.Tabl
             table, REJECTED_AT, [None if r is None else positions[n] for n, r in zip(names, reasons, strict=True)], pa.int16()
         )
     return table
-
-
-_DECISIONS: dict[str, pa.Table] = {}
-
-
-def _decisions(path: str, ctx: RunContext) -> pa.Table:
-    """A global decision, read once per worker process."""
-    if path not in _DECISIONS:
-        _DECISIONS[path] = ctx.out.read_parquet(path)
-    return _DECISIONS[path]
 
 
 def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:

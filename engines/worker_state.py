@@ -21,6 +21,10 @@ def ready(stage: Stage) -> Stage:
 
 
 def worker_context(run_id: str, ctx: RunContext) -> tuple[RunContext, set[str]]:
-    """The first copy of run ``run_id``'s context this process received (its stages stay set up
-    and its decisions read), with the names of its set-up stages."""
-    return _CONTEXTS.setdefault(run_id, (ctx, set()))
+    """The first copy of run ``run_id``'s context this process received (its stages stay set up,
+    its global decisions are read once), with the names of its set-up stages. A new run id drops
+    the previous run's context, so a run into a reused output folder never sees stale decisions."""
+    if run_id not in _CONTEXTS:
+        _CONTEXTS.clear()
+        _CONTEXTS[run_id] = (ctx, set())
+    return _CONTEXTS[run_id]

@@ -149,3 +149,16 @@ def test_spark_components_match_the_reference(spark):
     )
     keys, keepers = reference(np.array(a, dtype=object), np.array(b, dtype=object))
     assert [(r["node"], r["label"]) for r in labels] == list(zip(keys, keepers, strict=True))
+
+
+def test_ray_reruns_into_a_reused_output_folder(ray_local, test_stages, caption_input, make_pipeline, run_and_read, tmp_path):
+    """Warm Ray workers keep a run's decisions; a new run into the same (emptied) folder must not
+    see the previous run's."""
+    smaller = tmp_path / "smaller.parquet"
+    pq.write_table(pq.read_table(caption_input).slice(0, 450), smaller)
+    stages = ["t_words", "t_dedup"]
+    run_and_read(make_pipeline(caption_input, stages, "reused", engine="ray"))
+    shutil.rmtree(tmp_path / "reused")
+    _, second = run_and_read(make_pipeline(smaller, stages, "reused", engine="ray"))
+    _, local = run_and_read(make_pipeline(smaller, stages, "local"))
+    _assert_same(local, second, "ray")
