@@ -95,8 +95,9 @@ def connect(workers: int, **options: Any) -> bool:
 
 def _run_segment(ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
     ds = shard_dataset(todo)
-    for chain in chains(ctx, index, run_id):
-        ds = _map_chain(ds, chain)
+    steps = chains(ctx, index, run_id)
+    for chain in steps:
+        ds = _map_chain(ds, chain, alone=len(steps) == 1)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
     bar = tqdm(
         total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"ray {label}", disable=not progress or None, file=sys.stderr
@@ -162,8 +163,13 @@ def chains(ctx: RunContext, index: int, run_id: str) -> list[Chain]:
     return [Chain(ctx, run_id, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
 
 
-def _map_chain(ds: ray.data.Dataset, chain: Chain) -> ray.data.Dataset:
-    """One ``map_batches`` for ``chain``: Ray tasks, or an actor pool sized from its resources."""
+def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Dataset:
+    """One ``map_batches`` for ``chain``: Ray tasks, or an actor pool sized from its resources.
+
+    GPU pools and a CPU pool that is the segment's only step are fixed at their full size; a CPU
+    pool beside GPU pools autoscales from one actor, leaving CPUs to the GPU actors. An actor takes
+    one shard at a time, so the last shards are spread over the pool.
+    """
     common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": chain.cpus}
     memory = max((s.resources.memory_gb for s, _ in chain.stages), default=0.0)
     if memory:
@@ -171,7 +177,7 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain) -> ray.data.Dataset:
     if not chain.stateful:
         return ds.map_batches(_run_chain, fn_kwargs={"chain": chain}, **common)
     size, gpus = pool_size(chain.cpus, chain.gpus, ray.cluster_resources())
-    pool = ray.data.ActorPoolStrategy(size=size) if gpus else ray.data.ActorPoolStrategy(min_size=1, max_size=size)
+    pool = ray.data.ActorPoolStrategy(min_size=size if gpus or alone else 1, max_size=size, max_tasks_in_flight_per_actor=1)
     return ds.map_batches(ChainActor, fn_constructor_kwargs={"chain": chain}, compute=pool, num_gpus=gpus, **common)
 
 
