@@ -170,13 +170,15 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Data
     pool beside GPU pools autoscales from one actor, leaving CPUs to the GPU actors. An actor takes
     one shard at a time, so the last shards are spread over the pool.
     """
-    common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": chain.cpus}
+    cluster = ray.cluster_resources()
+    cpus = min(chain.cpus, cluster.get("CPU", 1.0))  # a stage asking for more CPUs than there are still runs
+    common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": cpus}
     memory = max((s.resources.memory_gb for s, _ in chain.stages), default=0.0)
     if memory:
         common["memory"] = memory * 2**30
     if not chain.stateful:
         return ds.map_batches(_run_chain, fn_kwargs={"chain": chain}, **common)
-    size, gpus = pool_size(chain.cpus, chain.gpus, ray.cluster_resources())
+    size, gpus = pool_size(cpus, chain.gpus, cluster)
     pool = ray.data.ActorPoolStrategy(min_size=size if gpus or alone else 1, max_size=size, max_tasks_in_flight_per_actor=1)
     return ds.map_batches(ChainActor, fn_constructor_kwargs={"chain": chain}, compute=pool, num_gpus=gpus, **common)
 
