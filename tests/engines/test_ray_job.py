@@ -87,7 +87,7 @@ def ray_head():
 
 def _stop(head: subprocess.Popen) -> None:
     """SIGTERM to the head's process group (``ray start --block`` and everything it started)."""
-    for sig, wait_s in ((signal.SIGTERM, 8), (signal.SIGKILL, 10)):
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         try:
             os.killpg(head.pid, sig)
             head.wait(wait_s)
