@@ -46,6 +46,7 @@ class DownloadConfig:
     user_agent_token: str = "mmcurate"  # X-Robots-Tag directives addressed to this token apply too
     disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES  # empty: ignore opt-outs
     allow_private_networks: bool = False
+    refetch: bool = False  # fetch rows that already hold an image (img2dataset / mmcurate input) again
 
     def __post_init__(self) -> None:
         positive = (

@@ -6,6 +6,7 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mmcurate.download.batch import Outcome, download_batch
 from mmcurate.download.config import DownloadConfig
@@ -46,7 +47,9 @@ class Download(Stage):
     ``too_large``, ``not_an_image``, ``decode_error``, ``decompression_bomb``, ``image_too_small``,
     ``image_area_too_large``, ``aspect_ratio_too_large``, ``bad_response``, ``download_error``);
     failed rows are rejected with the same reason. ``mmcurate run PIPELINE --retry-failed`` fetches
-    the failed rows of a finished run again.
+    the failed rows of a finished run again. Rows that already hold an image (img2dataset or
+    mmcurate input) keep it and are not fetched, unless ``refetch``; so a preset that starts with
+    ``download`` also runs on data downloaded earlier.
     """
 
     name = "download"
@@ -67,6 +70,20 @@ class Download(Stage):
         self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="mmcurate-decode")
 
     def process(self, batch: pa.Table) -> pa.Table:
+        """Fetch the rows without an image; rows that already hold one (an img2dataset or mmcurate
+        input) keep it as it is, unless ``refetch``."""
+        if "image" not in batch.column_names or self.config.refetch:
+            return self._fetch(batch)
+        held = pc.is_valid(batch.column("image"))
+        todo = pc.indices_nonzero(pc.invert(held))
+        if len(todo) == 0:
+            return batch
+        fetched = self._fetch(batch.take(todo))
+        merged = pa.concat_tables([batch.filter(held), fetched], promote_options="permissive")
+        order = pa.concat_arrays([pc.indices_nonzero(held), todo])
+        return merged.take(pc.sort_indices(order))
+
+    def _fetch(self, batch: pa.Table) -> pa.Table:
         if self._pool is None:
             self.setup()
         run = functools.partial(asyncio.run, download_batch(batch.column("url").to_pylist(), self.config, self._pool))

@@ -235,3 +235,24 @@ def test_process_works_when_called_from_async_code(server):
         return run([server.url("/img/jpeg")])[0]
 
     assert statuses(asyncio.run(notebook_cell())) == ["ok"]
+
+
+def test_rows_that_hold_an_image_are_not_fetched_again(server):
+    """img2dataset or mmcurate input already holds images: only rows without one are fetched,
+    in place, unless refetch is set."""
+    held = b"stored bytes, not a fetch"
+    table = pa.table({
+        "key": ["a", "b", "c"],
+        "url": [server.url("/img/jpeg"), server.url("/status/404"), server.url("/img/png")],
+        "image": pa.array([None, held, None], pa.binary()),
+        "status": ["ok", "ok", "ok"],
+        "reject_reason": pa.nulls(3, pa.string()),
+    })
+    stage = Download.from_params(FAST)
+    out = stage.process(table)
+    assert out.column("key").to_pylist() == ["a", "b", "c"]
+    assert out.column("image").to_pylist()[1] == held
+    assert statuses(out) == ["ok", "ok", "ok"]
+    assert out.column("image_format").to_pylist()[0] == "jpg" and out.column("image").to_pylist()[2] is not None
+    again = Download.from_params({**FAST, "refetch": True}).process(table)
+    assert statuses(again) == ["ok", "http_404", "ok"]
