@@ -167,8 +167,9 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Data
     """One ``map_batches`` for ``chain``: Ray tasks, or an actor pool sized from its resources.
 
     GPU pools and a CPU pool that is the segment's only step are fixed at their full size; a CPU
-    pool beside GPU pools autoscales from one actor, leaving CPUs to the GPU actors. An actor takes
-    one shard at a time, so the last shards are spread over the pool.
+    pool beside GPU pools autoscales from one actor, leaving CPUs to the GPU actors. An actor holds
+    at most two shards (one running, one queued): no wait between shards, and the last ones still
+    spread over the pool.
     """
     cluster = ray.cluster_resources()
     cpus = min(chain.cpus, cluster.get("CPU", 1.0))  # a stage asking for more CPUs than there are still runs
@@ -179,7 +180,7 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Data
     if not chain.stateful:
         return ds.map_batches(_run_chain, fn_kwargs={"chain": chain}, **common)
     size, gpus = pool_size(cpus, chain.gpus, cluster)
-    pool = ray.data.ActorPoolStrategy(min_size=size if gpus or alone else 1, max_size=size, max_tasks_in_flight_per_actor=1)
+    pool = ray.data.ActorPoolStrategy(min_size=size if gpus or alone else 1, max_size=size, max_tasks_in_flight_per_actor=2)
     return ds.map_batches(ChainActor, fn_constructor_kwargs={"chain": chain}, compute=pool, num_gpus=gpus, **common)
 
 
