@@ -4,7 +4,6 @@ itself failed, 2 a usage error (one clear line, no traceback)."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import traceback
@@ -149,9 +148,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(markdown(), end="")
         else:
             from mmcurate.stages import stage_class
+            from mmcurate.stages.reference import stage_doc
 
             for name in STAGES:
-                doc = (inspect.getdoc(stage_class(name)) or "").partition("\n")[0]
+                doc = stage_doc(stage_class(name)).partition("\n")[0]
                 print(f"{name:16} {doc}")
         return 0
     if args.command == "schema":

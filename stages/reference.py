@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import typing
 
 from mmcurate.stages import STAGES, stage_class
@@ -23,13 +24,19 @@ def _default(field: dataclasses.Field) -> str:
     return "required"
 
 
+def stage_doc(cls: type) -> str:
+    """The stage class's own docstring, else its module's (never one inherited from a base class)."""
+    doc = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or ""
+    return inspect.cleandoc(doc)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def stage_markdown(name: str) -> str:
     cls = stage_class(name)
-    doc = inspect.getdoc(cls) or ""
+    doc = stage_doc(cls)
     kind = "global stage (a decision over the whole dataset)" if issubclass(cls, GlobalStage) else "per-shard stage"
     lines = [f"## `{name}`", "", doc, "", f"- kind: {kind}"]
     lines.append(f"- needs: {', '.join(f'`{c}`' for c in cls.needs) or 'nothing'}; adds: {', '.join(f'`{c}`' for c in cls.adds) or 'nothing'}")
