@@ -12,19 +12,21 @@ Uses the active SparkSession (``spark-submit`` creates it: see ``jobs/spark_job.
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections.abc import Iterator
 from functools import partial
 
 import pyarrow as pa
+from pyspark.sql import SparkSession
+from tqdm import tqdm
+
 from mmcurate.engines.local import process_shard
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.spark_global import global_decisions, shard_frame
 from mmcurate.engines.worker_state import worker_context
 from mmcurate.pipelines.config import Pipeline
-from pyspark.sql import SparkSession
-from tqdm import tqdm
 
 DONE_SCHEMA = "shard long, rows long"
 
@@ -52,6 +54,9 @@ def session(workers: int) -> tuple[SparkSession, bool]:
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
+    # Python workers run this interpreter (the one mmcurate is installed in), not whatever `python3`
+    # comes first on PATH; PySpark reads the variable when it starts the context.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = (
         SparkSession.builder.master(f"local[{workers}]")
         .appName("mmcurate")
