@@ -10,17 +10,12 @@ import pyarrow.compute as pc
 
 from mmcurate.download.batch import Outcome, download_batch
 from mmcurate.download.config import DownloadConfig
+from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import Resources, Stage, reject, set_column
 
-_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
-    ("image", pa.binary()),
-    ("image_format", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("original_width", pa.int32()),
-    ("original_height", pa.int32()),
-    ("sha256", pa.string()),
-    ("status", pa.string()),
+# The columns this stage sets, with their declared types.
+_COLUMNS: tuple[tuple[str, pa.DataType], ...] = tuple(
+    (name, BY_NAME[name].type) for name in ("image", "image_format", "width", "height", "original_width", "original_height", "sha256", "status")
 )
 
 
