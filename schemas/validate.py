@@ -12,9 +12,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS, METADATA_KEY
+from mmcurate.schemas import BY_NAME, METADATA_KEY
 from mmcurate.shards.inspect import detect_layout
 from mmcurate.shards.layout import open_parquet
+from mmcurate.shards.readers import read_tar_images
 
 
 def _read(fs, path: str, problems: list[str]) -> pa.Table | None:
@@ -145,12 +146,11 @@ def _validate_img2dataset(fs, root: str) -> list[str]:
             continue
         ok = table.filter(pc.equal(table.column("status"), "success")) if "status" in table.column_names else table
         expected = set(ok.column("key").to_pylist())
-        found = set()
-        with fs.open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as t:
-            for m in t:
-                stem, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
-                if m.isfile() and ext in (*IMAGE_EXTENSIONS, "jpeg"):
-                    found.add(stem)
+        with fs.open(tar, "rb") as f:
+            images, error = read_tar_images(f, tar)
+        if error is not None:
+            problems.append(error)
+        found = set(images)
         problems += [f"{tar}: key {k}: status success in {parquet} but no image in the tar" for k in sorted(expected - found)]
         problems += [f"{tar}: key {k}: image in the tar but no success row in {parquet}" for k in sorted(found - expected)]
     return problems
