@@ -16,9 +16,9 @@ import pyarrow as pa
 from mmcurate.dedup.config import MinhashConfig
 from mmcurate.dedup.hashing import group_ids
 
-# A signature is stored as num_perm little-endian uint32 in one binary value: every engine carries
-# binary (Spark has no unsigned ints), and taking binary rows is ~10x faster than taking lists.
-SIGNATURE_TYPE = pa.binary()
+# A signature is stored as num_perm little-endian uint32 in one fixed-size binary value: every
+# engine carries binary (Spark has no unsigned ints; it hands fixed-size binary back as binary, which
+# is read too), and taking fixed-size binary rows is ~5x faster than binary and ~50x than lists.
 _SLOT = np.dtype("<u4")
 _ROWS_PER_STEP = 1024  # captions folded per numpy call: keeps the working set in cache
 
@@ -59,27 +59,32 @@ def signatures(hashes: np.ndarray, counts: np.ndarray, config: MinhashConfig) ->
 
 
 def to_arrow(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """The ``_minhash`` column: each row's signature as binary, null where ``valid`` is false."""
+    """The ``_minhash`` column: each row's signature as fixed-size binary, null where ``valid`` is false."""
     n, width = matrix.shape
-    offsets = np.concatenate([[0], np.cumsum(np.where(valid, width * _SLOT.itemsize, 0))])
-    large = offsets[-1] > np.iinfo(np.int32).max  # over 4M signatures in one batch
-    offsets = offsets.astype(np.int64 if large else np.int32)
-    data = np.ascontiguousarray(matrix[valid], dtype=_SLOT).tobytes()
+    data = np.ascontiguousarray(matrix, dtype=_SLOT).tobytes()
     bitmap = pa.array(valid, pa.bool_()).buffers()[1]
-    kind = pa.large_binary() if large else SIGNATURE_TYPE
-    return pa.Array.from_buffers(kind, n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(data)], null_count=int(n - valid.sum()))
+    return pa.Array.from_buffers(pa.binary(width * _SLOT.itemsize), n, [bitmap, pa.py_buffer(data)], null_count=int(n - valid.sum()))
 
 
 def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
     """The uint32 signature matrix of a ``_minhash`` column without nulls (no copy per chunk)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
+    size = num_perm * _SLOT.itemsize
     for chunk in chunks:
-        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        offsets = np.frombuffer(chunk.buffers()[1], width)[chunk.offset : chunk.offset + len(chunk) + 1]
-        if chunk.null_count or np.any(np.diff(offsets) != num_perm * _SLOT.itemsize):
-            raise ValueError(f"_minhash signatures must all be {num_perm} slots")
-        data = np.frombuffer(chunk.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]
+        if chunk.null_count:
+            raise ValueError("_minhash signatures must not be null")
+        if pa.types.is_fixed_size_binary(chunk.type):
+            if chunk.type.byte_width != size:
+                raise ValueError(f"_minhash signatures must all be {num_perm} slots")
+            start, end = chunk.offset * size, (chunk.offset + len(chunk)) * size
+        else:  # binary or large binary, as Spark returns it
+            width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], width)[chunk.offset : chunk.offset + len(chunk) + 1]
+            if np.any(np.diff(offsets) != size):
+                raise ValueError(f"_minhash signatures must all be {num_perm} slots")
+            start, end = offsets[0], offsets[-1]
+        data = np.frombuffer(chunk.buffers()[-1] or b"", np.uint8)[start:end]
         parts.append(data.view(_SLOT).reshape(len(chunk), num_perm))
     if len(parts) == 1:
         return parts[0]

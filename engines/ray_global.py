@@ -1,23 +1,31 @@
-"""Global stages on Ray, computed with Ray Data shuffles over a segment's intermediate files.
+"""Global stages on Ray, computed by Ray tasks over a segment's intermediate files.
 
 A :class:`ClusterStage` (exact, pHash, MinHash dedup) runs the three steps of its in-memory
-reference, ``ClusterStage.decide``, distributed:
+reference, ``ClusterStage.decide``, as a shuffle through Ray's object store: each task returns one
+object per partition (``num_returns``) and each task of the next step takes one object of every
+task before it. Rows travel as int64 ids, ``shard << 32 | row`` (the row's place among its shard's
+kept rows), not as key strings:
 
-1. group keys: one task per shard reads the kept rows' ``key`` + ``global_columns`` and calls
-   ``group_keys`` -> ``(key, group, _shard)``;
-2. candidate pairs: hash-repartition by ``group``; each block pairs its groups with
-   :func:`stages.base.candidate_pairs` (singleton groups, most of them, are dropped first);
-3. verify: repartition the pairs by the left key's shard, attach the left side's global columns
-   read from that shard's intermediate file (a column projection, no shuffle of the dataset),
-   repartition by the right key's shard, attach the right side and call ``verify``.
+1. bands, one task per shard: read the kept rows' ``key`` + ``global_columns`` from the shard's
+   intermediate file, call ``group_keys``; split ``(group, id)`` by a hash of the group;
+2. pairs, one task per partition: pair the members of each group with two or more
+   (:func:`stages.base.member_pairs`; a group larger than ``max_group_size`` pairs its smallest
+   key, looked up for such groups only, with the others); split by the left row's shard;
+3. left, one task per partition: drop repeated pairs, attach the left row's key and global columns
+   (read from its shard's intermediate file: a column projection, not a shuffle of the dataset);
+   split by the right row's shard;
+4. verify, one task per partition: attach the right row's columns, call ``verify``.
 
-Only the verified edges, the duplicate pairs, come back to the driver, where
+Only the verified edges, the duplicate pairs as key strings, come back to the driver, where
 :func:`stages.base.components` keeps the smallest key of every component, exactly as the reference.
 Other global stages (top-fraction selection) collect ``key`` + their few ``global_columns`` of the
 kept rows on the driver and call ``decide``.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,10 +34,10 @@ import ray
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import ready
-from mmcurate.stages.base import ClusterStage, GlobalStage, candidate_pairs, components, decisions
+from mmcurate.stages.base import ClusterStage, GlobalStage, components, decisions, member_pairs, mix64, shared_groups, sorted_distinct, verify_aligned
 
-SHARD = "_shard"
-PAIRS = pa.schema([("a", pa.string()), ("a_shard", pa.int64()), ("b", pa.string()), ("b_shard", pa.int64())])
+ROW_BITS = 32
+ROW_MASK = (1 << ROW_BITS) - 1
 EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
 
 
@@ -44,20 +52,142 @@ def global_decisions(ctx: RunContext, index: int) -> pa.Table:
     if not ctx.reader.shards:  # an empty input: nothing to decide
         return decisions([], "")
     ids = [p.shard_id for p in ctx.reader.shards]
-    kw = {"batch_format": "pyarrow", "batch_size": None}
-    args = {"ctx": ctx, "segment": index, "stage": stage}
     if not isinstance(stage, ClusterStage):
-        rows = shard_dataset(ids).map_batches(_kept_rows, fn_kwargs=args, **kw)
+        rows = shard_dataset(ids).map_batches(_kept_rows, fn_kwargs={"ctx": ctx, "segment": index, "stage": stage}, batch_format="pyarrow", batch_size=None)
         stage.setup()
         return stage.decide(_collect(rows, columns_schema(ctx, index, stage)))
-    partitions = max(1, min(len(ids), 2 * int(ray.cluster_resources().get("CPU", 1))))
-    schema = columns_schema(ctx, index, stage)
-    groups = shard_dataset(ids).map_batches(_group_keys, fn_kwargs=args, **kw)
-    pairs = groups.repartition(partitions, keys=["group"]).map_batches(_pairs, fn_kwargs={"max_group_size": stage.max_group_size}, **kw)
-    left = pairs.repartition(partitions, keys=["a_shard"]).map_batches(_attach_left, fn_kwargs={**args, "schema": schema}, **kw)
-    edges = _collect(left.repartition(partitions, keys=["b_shard"]).map_batches(_verify, fn_kwargs={**args, "schema": schema}, **kw), EDGES)
+    edges = pa.concat_tables([EDGES.empty_table(), *ray.get(_edge_refs(ctx, index, stage, ids))])
     keys, keepers = components(np.array(edges.column("a").to_pylist(), dtype=object), np.array(edges.column("b").to_pylist(), dtype=object))
     return decisions(keys, stage.reason, keepers)
+
+
+def _edge_refs(ctx: RunContext, segment: int, stage: ClusterStage, ids: list[int]) -> list[ray.ObjectRef]:
+    """Submit the four steps; return the refs of the verify tasks' edge tables."""
+    parts = max(1, min(len(ids), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    args = (ray.put(ctx), segment, stage)
+    left_schema = _left_schema(columns_schema(ctx, segment, stage), stage)
+    bands = [_submit(_bands, parts, *args, shard_id, parts) for shard_id in ids]
+    pairs = [_submit(_pairs, parts, *args, parts, *(b[p] for b in bands)) for p in range(parts)]
+    left = [_submit(_left, parts, *args, parts, left_schema, *(q[p] for q in pairs)) for p in range(parts)]
+    return [_verify.remote(*args, left_schema, *(lt[p] for lt in left)) for p in range(parts)]
+
+
+def _submit(task: ray.remote_function.RemoteFunction, parts: int, *args: object) -> list[ray.ObjectRef]:
+    """Run ``task`` returning ``parts`` objects; their refs as a list (also for one part)."""
+    refs = task.options(num_returns=parts).remote(*args)
+    return refs if parts > 1 else [refs]
+
+
+def _split(columns: Sequence[np.ndarray], part: np.ndarray, parts: int) -> list[tuple[np.ndarray, ...]]:
+    """Rows of the aligned ``columns`` grouped by ``part`` into ``parts`` pieces."""
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    ordered = [c[order] for c in columns]
+    return [tuple(c[lo:hi] for c in ordered) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _by_part(pieces: list) -> list | object:
+    """What a task with ``num_returns=len(pieces)`` returns."""
+    return pieces if len(pieces) > 1 else pieces[0]
+
+
+def _concat(chunks: Sequence[tuple[np.ndarray, ...]], width: int) -> list[np.ndarray]:
+    return [np.concatenate([c[i] for c in chunks]) if chunks else np.empty(0, np.int64) for i in range(width)]
+
+
+@ray.remote
+def _bands(ctx: RunContext, segment: int, stage: ClusterStage, shard_id: int, parts: int) -> list | object:
+    """``(group, id)`` of one shard's kept rows, split by group."""
+    rows = kept_rows(ctx, segment, stage, shard_id)
+    groups = ready(stage).group_keys(rows)
+    row = pc.index_in(groups.column("key"), value_set=rows.column("key")).to_numpy(zero_copy_only=False).astype(np.int64)
+    group = groups.column("group").to_numpy().astype(np.int64)
+    return _by_part(_split((group, (shard_id << ROW_BITS) | row), (mix64(group) % np.uint64(parts)).astype(np.int64), parts))
+
+
+@ray.remote
+def _pairs(ctx: RunContext, segment: int, stage: ClusterStage, parts: int, *chunks: tuple[np.ndarray, np.ndarray]) -> list | object:
+    """Candidate pairs ``(a id, b id)`` of one partition's groups, split by the left row's shard."""
+    group, ids = _concat(chunks, 2)
+    rows, run = shared_groups(group)
+    distinct, codes = np.unique(ids[rows], return_inverse=True)
+    center = functools.partial(_smallest_key, _shard_keys(ctx, segment, stage), distinct)
+    left, right = member_pairs(run, codes.astype(np.int64), stage.max_group_size, center)
+    a, b = distinct[left], distinct[right]
+    return _by_part(_split((a, b), (a >> ROW_BITS) % parts, parts))
+
+
+def _shard_keys(ctx: RunContext, segment: int, stage: ClusterStage) -> Callable[[int], pa.Array]:
+    @functools.cache
+    def keys(shard_id: int) -> pa.Array:
+        return kept_rows(ctx, segment, stage, shard_id, keys_only=True).column("key").combine_chunks()
+
+    return keys
+
+
+def _smallest_key(shard_keys: Callable[[int], pa.Array], distinct: np.ndarray, members: np.ndarray) -> int:
+    """The member code (index into ``distinct`` ids) of the smallest key."""
+    keys = [shard_keys(int(i >> ROW_BITS))[int(i & ROW_MASK)].as_py() for i in distinct[members]]
+    return int(members[min(range(len(keys)), key=keys.__getitem__)])
+
+
+def _left_schema(columns: pa.Schema, stage: ClusterStage) -> pa.Schema:
+    """Pairs after step 3: the left key, the right id, the left row's global columns as ``_a_<column>``."""
+    return pa.schema([("a", pa.string()), ("b", pa.int64()), *(columns.field(c).with_name(f"_a_{c}") for c in stage.global_columns)])
+
+
+@ray.remote
+def _left(ctx: RunContext, segment: int, stage: ClusterStage, parts: int, schema: pa.Schema, *chunks: tuple[np.ndarray, np.ndarray]) -> list | object:
+    """Distinct pairs with the left row's key and global columns, split by the right row's shard and
+    sorted by the right row. The wide global columns are copied once, by one ``take``."""
+    a, b = _distinct(*_concat(chunks, 2))
+    runs = _shard_runs(a)
+    if not runs:
+        return _by_part([schema.empty_table()] * parts)
+    tables = [kept_rows(ctx, segment, stage, shard_id) for shard_id, _ in runs]
+    offsets = np.cumsum([0] + [t.num_rows for t in tables])
+    position = np.concatenate([offsets[i] + (a[run] & ROW_MASK) for i, (_, run) in enumerate(runs)])
+    part = (b >> ROW_BITS) % parts
+    order = np.lexsort((b, part))
+    side = pa.concat_tables(tables).combine_chunks().take(pa.array(position[order]))
+    table = pa.Table.from_arrays([side.column("key"), pa.array(b[order]), *(side.column(c) for c in stage.global_columns)], schema=schema)
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    return _by_part([table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
+@ray.remote
+def _verify(ctx: RunContext, segment: int, stage: ClusterStage, schema: pa.Schema, *chunks: pa.Table) -> pa.Table:
+    """The partition's pairs that ``stage.verify`` confirms, as ``(a key, b key)``. Each left task's
+    piece is sorted by the right row: the pairs of one right shard are a slice of it."""
+    shard_rows = functools.cache(lambda shard_id: kept_rows(ctx, segment, stage, shard_id).combine_chunks())
+    columns = list(stage.global_columns)
+    edges = [EDGES.empty_table()]
+    for chunk in chunks:
+        right = chunk.column("b").to_numpy()
+        for shard_id, run in _shard_runs(right):
+            pairs = chunk.slice(run.start, run.stop - run.start)
+            side = shard_rows(shard_id).take(pa.array(right[run] & ROW_MASK))
+            left = pairs.select([f"_a_{c}" for c in columns]).rename_columns(columns)
+            ok = verify_aligned(ready(stage), left, side.select(columns))
+            edges.append(pa.Table.from_arrays([pairs.column("a"), side.column("key")], schema=EDGES).filter(pa.array(ok)))
+    return pa.concat_tables(edges)
+
+
+def _distinct(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs ``(a[i], b[i])`` of ids, sorted by ``a``."""
+    distinct_a, code_a = np.unique(a, return_inverse=True)
+    distinct_b, code_b = np.unique(b, return_inverse=True)
+    code_a, code_b = sorted_distinct(code_a.astype(np.int64), code_b.astype(np.int64))
+    return distinct_a[code_a], distinct_b[code_b]
+
+
+def _shard_runs(ids: np.ndarray) -> list[tuple[int, slice]]:
+    """``(shard, slice)`` of each run of one shard's ids in ``ids``, sorted ids."""
+    if not len(ids):
+        return []
+    shards = ids >> ROW_BITS
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+    return [(int(shards[lo]), slice(lo, hi)) for lo, hi in zip(starts, np.r_[starts[1:], len(ids)], strict=True)]
 
 
 def _collect(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
@@ -67,65 +197,3 @@ def _collect(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
 
 def _kept_rows(batch: pa.Table, ctx: RunContext, segment: int, stage: GlobalStage) -> pa.Table:
     return pa.concat_tables([kept_rows(ctx, segment, stage, i) for i in batch.column("shard").to_pylist()])
-
-
-def _group_keys(batch: pa.Table, ctx: RunContext, segment: int, stage: ClusterStage) -> pa.Table:
-    parts = []
-    for shard_id in batch.column("shard").to_pylist():
-        groups = ready(stage).group_keys(kept_rows(ctx, segment, stage, shard_id)).select(["key", "group"])
-        parts.append(groups.append_column(SHARD, pa.array(np.full(groups.num_rows, shard_id), pa.int64())))
-    return pa.concat_tables(parts)
-
-
-def _pairs(batch: pa.Table, max_group_size: int) -> pa.Table:
-    """Candidate pairs of the block's groups (whole groups: the block is a hash partition by group)."""
-    counts = batch.group_by("group").aggregate([("key", "count")])
-    batch = batch.filter(
-        pc.is_in(batch.column("group"), value_set=counts.filter(pc.greater(counts.column("key_count"), 1)).column("group"))
-    )
-    left, right = candidate_pairs(batch.select(["key", "group"]), max_group_size)
-    a, b = pa.array(left, pa.string()), pa.array(right, pa.string())
-    shard = batch.column(SHARD)
-    return pa.Table.from_arrays(
-        [
-            a,
-            pc.take(shard, pc.index_in(a, value_set=batch.column("key"))),
-            b,
-            pc.take(shard, pc.index_in(b, value_set=batch.column("key"))),
-        ],
-        schema=PAIRS,
-    )
-
-
-def _side(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int, keys: pa.Array) -> pa.Table:
-    """Global columns of ``keys`` (all in shard ``shard_id``), aligned with them."""
-    rows = kept_rows(ctx, segment, stage, shard_id)
-    return rows.select(list(stage.global_columns)).take(pc.index_in(keys, value_set=rows.column("key")))
-
-
-def _attach_left(batch: pa.Table, ctx: RunContext, segment: int, stage: ClusterStage, schema: pa.Schema) -> pa.Table:
-    """Unique pairs of the block with the left key's global columns as ``_a_<column>``."""
-    out_schema = pa.schema(
-        [PAIRS.field("a"), PAIRS.field("b"), PAIRS.field("b_shard"), *(f.with_name(f"_a_{f.name}") for f in schema if f.name != "key")]
-    )
-    parts = [out_schema.empty_table()]
-    for shard_id in pc.unique(batch.column("a_shard")).to_pylist():
-        pairs = batch.filter(pc.equal(batch.column("a_shard"), shard_id)).group_by(["a", "b", "b_shard"], use_threads=False).aggregate([])
-        side = _side(ctx, segment, stage, shard_id, pairs.column("a"))
-        parts.append(
-            pa.Table.from_arrays([pairs.column("a"), pairs.column("b"), pairs.column("b_shard"), *side.columns], schema=out_schema)
-        )
-    return pa.concat_tables(parts)
-
-
-def _verify(batch: pa.Table, ctx: RunContext, segment: int, stage: ClusterStage, schema: pa.Schema) -> pa.Table:
-    """The block's pairs that ``stage.verify`` confirms, as ``(a, b)``."""
-    columns = list(stage.global_columns)
-    parts = [EDGES.empty_table()]
-    for shard_id in pc.unique(batch.column("b_shard")).to_pylist():
-        pairs = batch.filter(pc.equal(batch.column("b_shard"), shard_id))
-        left = pairs.select([f"_a_{c}" for c in columns]).rename_columns(columns)
-        right = _side(ctx, segment, stage, shard_id, pairs.column("b"))
-        ok = pc.fill_null(ready(stage).verify(left, right), False)
-        parts.append(pairs.select(["a", "b"]).filter(ok).cast(EDGES))
-    return pa.concat_tables(parts)

@@ -48,7 +48,8 @@ def global_decisions(spark: SparkSession, ctx: RunContext, index: int) -> pa.Tab
         return decisions([], "")
     shards = shard_frame(spark, [p.shard_id for p in ctx.reader.shards])
     schema = columns_schema(ctx, index, stage)
-    rows = shards.mapInArrow(partial(_kept_rows, ctx, index, stage), from_arrow_schema(schema))
+    carried = spark_arrow_schema(schema)
+    rows = shards.mapInArrow(partial(_kept_rows, ctx, index, stage, carried), from_arrow_schema(carried))
     if not isinstance(stage, ClusterStage):
         stage.setup()
         return stage.decide(rows.toArrow().cast(schema))
@@ -98,10 +99,15 @@ def components(edges: DataFrame) -> DataFrame:
             return labels
 
 
-def _kept_rows(ctx: RunContext, segment: int, stage: GlobalStage, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def spark_arrow_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with the Arrow types Spark cannot take (fixed-size binary) widened (binary)."""
+    return pa.schema([f.with_type(pa.binary()) if pa.types.is_fixed_size_binary(f.type) else f for f in schema])
+
+
+def _kept_rows(ctx: RunContext, segment: int, stage: GlobalStage, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         for shard_id in batch.column("shard").to_pylist():
-            yield from kept_rows(ctx, segment, stage, shard_id).to_batches()
+            yield from kept_rows(ctx, segment, stage, shard_id).cast(schema).to_batches()
 
 
 def _group_keys(ctx: RunContext, segment: int, stage: ClusterStage, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -244,22 +244,43 @@ def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, 
 
 def _pair_codes(groups: pa.Table, max_group_size: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """:func:`candidate_pairs` as ``(sorted distinct keys, left codes, right codes)``, codes indexing the keys."""
-    group = groups.column("group").to_numpy()
+    rows, run = shared_groups(groups.column("group").to_numpy())
+    keys, codes = _key_codes(groups.column("key").take(pa.array(rows)))
+    left, right = member_pairs(run, codes, max_group_size)
+    return keys, left, right
+
+
+def shared_groups(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of groups with two or more members, ordered by group, and each one's group number
+    (0, 1, ... in group order). Most groups are singletons: they are dropped before any pairing."""
     order = np.argsort(group)
     run = np.cumsum(np.r_[False, group[order][1:] != group[order][:-1]]) if len(group) else np.empty(0, np.int64)
-    shared = np.bincount(run)[run] > 1 if len(run) else np.empty(0, bool)  # most groups are singletons: drop them first
-    keys, codes = _key_codes(groups.column("key").take(pa.array(order[shared])))
-    run, codes = _sorted_distinct(run[shared], codes)
+    shared = np.bincount(run)[run] > 1 if len(run) else np.empty(0, bool)
+    return order[shared], run[shared]
+
+
+def member_pairs(
+    run: np.ndarray, codes: np.ndarray, max_group_size: int, center: Callable[[np.ndarray], int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``(a, b)``, ``a < b``, of non-negative int ``codes`` sharing a ``run`` (group number):
+    every pair in groups of up to ``max_group_size`` members, and in larger groups each member with
+    the group's ``center`` (of its member codes; by default the smallest code)."""
+    run, codes = sorted_distinct(run, codes)
     starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.empty(0, np.int64)
     lengths = np.diff(np.r_[starts, len(run)])
     # Groups with the same members (copies share every LSH band) give the same pairs: expand one of
     # them. Member sets are compared by a 64-bit fingerprint (a collision is ~2**-64 per pair of groups).
-    fingerprint = np.add.reduceat(_scramble(codes), starts) ^ _scramble(lengths) if len(starts) else np.empty(0, np.uint64)
+    fingerprint = np.add.reduceat(mix64(codes), starts) ^ mix64(lengths) if len(starts) else np.empty(0, np.uint64)
     first = np.zeros(len(starts), bool)
     first[np.unique(fingerprint, return_index=True)[1]] = True
     run, codes = run[np.repeat(first, lengths)], codes[np.repeat(first, lengths)]
     starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.empty(0, np.int64)
     lengths = np.diff(np.r_[starts, len(run)])
+    if center is not None:  # move each large group's center to its first place
+        for start, length in zip(starts[lengths > max_group_size], lengths[lengths > max_group_size], strict=True):
+            members = codes[start : start + length]
+            at = start + int(np.flatnonzero(members == center(members))[0])
+            codes[start], codes[at] = codes[at], codes[start]
     sizes = np.repeat(lengths, lengths)
     position = np.arange(len(run)) - np.repeat(starts, lengths)
     # Members pair with every later member; in a large group only the first member pairs, with all.
@@ -267,11 +288,10 @@ def _pair_codes(groups: pa.Table, max_group_size: int) -> tuple[pa.Array, np.nda
     left = np.repeat(codes, partners)
     offset = np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
     right = codes[np.repeat(np.arange(len(codes)) + 1, partners) + offset]
-    left, right = _sorted_distinct(left, right)
-    return keys, left, right
+    return sorted_distinct(np.minimum(left, right), np.maximum(left, right))
 
 
-def _scramble(values: np.ndarray) -> np.ndarray:
+def mix64(values: np.ndarray) -> np.ndarray:
     """A 64-bit mix of non-negative ints (splitmix64's finaliser)."""
     with np.errstate(over="ignore"):
         x = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
@@ -280,7 +300,7 @@ def _scramble(values: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _sorted_distinct(major: np.ndarray, minor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sorted_distinct(major: np.ndarray, minor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct ``(major, minor)`` pairs of non-negative ints, sorted: one sort of the pairs packed
     into int64, much faster than lexsort or np.unique."""
     span = int(minor.max()) + 1 if len(minor) else 1
@@ -318,7 +338,17 @@ def _verify_rows(stage: ClusterStage, table: pa.Table, a: np.ndarray, b: np.ndar
     ok = np.zeros(len(a), bool)
     for i in range(0, len(a), VERIFY_BATCH):
         part = slice(i, i + VERIFY_BATCH)
-        ok[part] = np.asarray(pc.fill_null(stage.verify(columns.take(a[part]), columns.take(b[part])), False), dtype=bool)
+        ok[part] = verify_aligned(stage, columns.take(a[part]), columns.take(b[part]))
+    return ok
+
+
+def verify_aligned(stage: ClusterStage, left: pa.Table, right: pa.Table) -> np.ndarray:
+    """``stage.verify`` on the aligned rows of ``left`` and ``right``, in slices of ``VERIFY_BATCH``
+    pairs; an undecided (null) pair is not a duplicate."""
+    ok = np.zeros(left.num_rows, bool)
+    for i in range(0, left.num_rows, VERIFY_BATCH):
+        verdict = stage.verify(left.slice(i, VERIFY_BATCH), right.slice(i, VERIFY_BATCH))
+        ok[i : i + VERIFY_BATCH] = np.asarray(pc.fill_null(verdict, False), dtype=bool)
     return ok
 
 
