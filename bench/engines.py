@@ -7,10 +7,13 @@ English sentences: each row joins the start of one real caption to the end of an
 distinct; 10 % are real sentences in other languages (for the language filter) and ``--dup-rate``
 are copies of other rows with up to two words replaced: near duplicates.
 
-Engine start-up (``ray.init``, the Spark session) is timed apart and excluded from the throughput;
-everything else (worker processes, actors, global step, writes) is included.
+Each pipeline runs on two inputs, ``--rows`` and ``--scale`` times as many. Engine start-up
+(``ray.init``, the Spark session) is timed apart and excluded. Throughput is the extra rows of the
+larger input over the extra seconds it took: what every run pays once, whatever its size (worker
+processes and actor pools starting, fastText loading, Ray Data planning), cancels out and is shown
+apart as the per-run cost. ``end-to-end`` compares whole runs on the larger input, everything included.
 
-    python bench/engines.py [--rows 150000] [--dup-rate 0.15] [--workers 2] [--engines local,ray,spark] [--repeat 1]
+    python bench/engines.py [--rows 150000] [--scale 3] [--dup-rate 0.15] [--workers 2] [--engines local,ray,spark] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import csv
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -89,55 +93,78 @@ def _start(engine: str, workers: int) -> object | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=150_000)
+    parser.add_argument("--rows", type=int, default=150_000, help="rows of the smaller input")
+    parser.add_argument("--scale", type=int, default=3, help="the larger input has rows x scale rows")
     parser.add_argument("--dup-rate", type=float, default=0.15, help="fraction of rows that are perturbed copies")
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--engines", default="local,ray,spark")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per engine and pipeline; the fastest counts (later runs find warm workers)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per engine, pipeline and input; the median counts")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mmcurate-bench-engines-"))
     try:
-        docs = captions(args.rows, args.dup_rate)
-        input_path = work / "captions.parquet"
-        pq.write_table(
-            pa.table({"url": [f"https://example.com/{i}.jpg" for i in range(len(docs))], "caption": docs}),
-            input_path,
-            row_group_size=args.rows_per_shard,
-        )
-        results: dict[str, dict[str, tuple[float, int]]] = {name: {} for name in PIPELINES}
-        startups = {}
-        for engine in args.engines.split(","):
+        sizes = (args.rows, args.rows * args.scale)
+        inputs = {n: _write_input(work / f"captions-{n}.parquet", captions(n, args.dup_rate), args.rows_per_shard) for n in sizes}
+        engines = args.engines.split(",")
+        startups, handles = {}, []
+        for engine in engines:
             start = time.perf_counter()
-            handle = _start(engine, args.workers)
+            handles.append(_start(engine, args.workers))
             startups[engine] = time.perf_counter() - start
-            for name, stages in PIPELINES.items():
-                for attempt in range(args.repeat):
-                    out = work / f"{engine}-{name}-{attempt}"
-                    start = time.perf_counter()
-                    summary = run_pipeline(_pipeline(input_path, out, stages, engine, args.workers, args.rows_per_shard), progress=False)
-                    elapsed = time.perf_counter() - start
-                    shutil.rmtree(out)
-                    if engine not in results[name] or elapsed < results[name][engine][0]:
-                        results[name][engine] = (elapsed, summary["kept"])
+        # Engines take turns, run after run, so that a slower or busier spell of the machine falls
+        # on all of them; the median run counts.
+        times: dict[tuple[str, str, int], list[float]] = {}
+        kept: dict[tuple[str, int], set[int]] = {}
+        for attempt in range(args.repeat):
+            for n, input_path in inputs.items():
+                for name, stages in PIPELINES.items():
+                    for engine in engines:
+                        out = work / f"{engine}-{name}-{n}-{attempt}"
+                        start = time.perf_counter()
+                        pipeline = _pipeline(input_path, out, stages, engine, args.workers, args.rows_per_shard)
+                        summary = run_pipeline(pipeline, progress=False)
+                        times.setdefault((name, engine, n), []).append(time.perf_counter() - start)
+                        kept.setdefault((name, n), set()).add(summary["kept"])
+                        shutil.rmtree(out)
+        for handle in handles:
             if handle is not None:
                 getattr(handle, "shutdown", getattr(handle, "stop", None))()
-        print(
-            f"{args.rows} caption rows ({args.dup_rate:.0%} near duplicates), {-(-args.rows // args.rows_per_shard)} shards, "
-            f"{args.workers} workers, best of {args.repeat}"
-        )
-        print("engine start-up (excluded below): " + ", ".join(f"{e} {s:.1f} s" for e, s in startups.items()))
-        print(f"{'pipeline':11} {'engine':7} {'run s':>7} {'rows/s':>8} {'vs local':>9} {'kept':>7}")
-        for name, by_engine in results.items():
-            base = by_engine.get("local", (0.0, 0))[0]
-            for engine, (elapsed, kept) in by_engine.items():
-                ratio = f"{base / elapsed:.2f}x" if base else "-"
-                print(f"{name:11} {engine:7} {elapsed:7.1f} {args.rows / elapsed:8.0f} {ratio:>9} {kept:7}")
-            agree = len({kept for _, kept in by_engine.values()}) == 1
-            print(f"{name:11} {'same kept rows on every engine' if agree else 'ENGINES DISAGREE on kept rows'}")
+        _report(args, sizes, engines, startups, times, kept)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_input(path: Path, docs: list[str], rows_per_shard: int) -> Path:
+    table = pa.table({"url": [f"https://example.com/{i}.jpg" for i in range(len(docs))], "caption": docs})
+    pq.write_table(table, path, row_group_size=rows_per_shard)
+    return path
+
+
+def _report(args: argparse.Namespace, sizes: tuple[int, int], engines: list[str], startups: dict, times: dict, kept: dict) -> None:
+    """Per pipeline and engine: median run times on both inputs; throughput = extra rows / extra
+    seconds (what every run pays once, whatever its size, cancels out) and that per-run cost."""
+    small, large = sizes
+    print(
+        f"caption rows: {small} and {large} ({args.dup_rate:.0%} near duplicates, {args.rows_per_shard} rows per shard), "
+        f"{args.workers} workers, median of {args.repeat} runs, engines taking turns"
+    )
+    print("engine start-up (excluded): " + ", ".join(f"{e} {s:.1f} s" for e, s in startups.items()))
+    print(f"{'pipeline':11} {'engine':7} {'run s':>13} {'throughput':>12} {'vs local':>9} {'per-run s':>10} {'end-to-end':>11}")
+    for name in PIPELINES:
+        base = {}
+        for engine in engines:
+            t_small, t_large = (statistics.median(times[(name, engine, n)]) for n in sizes)
+            rate = (large - small) / (t_large - t_small)
+            fixed = t_small - small / rate
+            base.setdefault("rate", rate)
+            base.setdefault("large", t_large)
+            print(
+                f"{name:11} {engine:7} {t_small:6.1f} {t_large:6.1f} {rate:8.0f} r/s {rate / base['rate']:8.2f}x {fixed:10.1f} "
+                f"{base['large'] / t_large:10.2f}x"
+            )
+        agree = all(len(kept[(name, n)]) == 1 for n in sizes)
+        print(f"{name:11} {'same kept rows on every engine' if agree else 'ENGINES DISAGREE on kept rows'}")
 
 
 if __name__ == "__main__":

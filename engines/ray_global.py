@@ -6,15 +6,19 @@ object per partition (``num_returns``) and each task of the next step takes one 
 task before it. Rows travel as int64 ids, ``shard << 32 | row`` (the row's place among its shard's
 kept rows), not as key strings:
 
-1. bands, one task per shard: read the kept rows' ``key`` + ``global_columns`` from the shard's
-   intermediate file, call ``group_keys``; split ``(group, id)`` by a hash of the group;
+1. bands, one task per few shards: read the kept rows' ``key`` + ``global_columns`` from each
+   shard's intermediate file, call ``group_keys``; split ``(group, id)`` by a hash of the group;
 2. pairs, one task per partition: pair the members of each group with two or more
    (:func:`stages.base.member_pairs`; a group larger than ``max_group_size`` pairs its smallest
    key, looked up for such groups only, with the others); split by the left row's shard;
 3. left, one task per partition: drop repeated pairs, attach the left row's key and global columns
-   (read from its shard's intermediate file: a column projection, not a shuffle of the dataset);
-   split by the right row's shard;
-4. verify, one task per partition: attach the right row's columns, call ``verify``.
+   (read from its shard's intermediate file: a column projection, not a shuffle of the dataset)
+   with one ``take``; split by the right row's shard, sorted by the right row;
+4. verify, one task per partition: for each right shard's slice of each piece, take the right
+   rows' columns and call ``verify``.
+
+Tasks are at most ``MAX_MAPS`` x ``MAX_PARTS`` objects (Ray tracks each); ``parts`` is twice the
+cluster's CPUs up to ``MAX_PARTS``.
 
 Only the verified edges, the duplicate pairs as key strings, come back to the driver, where
 :func:`stages.base.components` keeps the smallest key of every component, exactly as the reference.
@@ -25,6 +29,7 @@ kept rows on the driver and call ``decide``.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -39,11 +44,15 @@ from mmcurate.stages.base import ClusterStage, GlobalStage, components, decision
 ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1
 EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
+# The shuffle makes MAX_MAPS x MAX_PARTS objects at most: Ray tracks each one.
+MAX_MAPS = 1024
+MAX_PARTS = 256
 
 
-def shard_dataset(ids: list[int]) -> ray.data.Dataset:
-    """One block per shard id: the seed of every per-shard Ray Data plan."""
-    return ray.data.from_items([{"shard": i} for i in ids], override_num_blocks=max(1, len(ids)))
+def shard_dataset(ids: list[int], blocks: int | None = None) -> ray.data.Dataset:
+    """The seed of every per-shard Ray Data plan: the shard ids in ``blocks`` blocks (default: one
+    block per shard)."""
+    return ray.data.from_items([{"shard": i} for i in ids], override_num_blocks=max(1, min(len(ids), blocks or len(ids))))
 
 
 def global_decisions(ctx: RunContext, index: int) -> pa.Table:
@@ -63,10 +72,12 @@ def global_decisions(ctx: RunContext, index: int) -> pa.Table:
 
 def _edge_refs(ctx: RunContext, segment: int, stage: ClusterStage, ids: list[int]) -> list[ray.ObjectRef]:
     """Submit the four steps; return the refs of the verify tasks' edge tables."""
-    parts = max(1, min(len(ids), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    parts = max(1, min(len(ids), 2 * cpus, MAX_PARTS))
     args = (ray.put(ctx), segment, stage)
     left_schema = _left_schema(columns_schema(ctx, segment, stage), stage)
-    bands = [_submit(_bands, parts, *args, shard_id, parts) for shard_id in ids]
+    maps = np.array_split(np.array(ids), max(1, min(len(ids), 4 * cpus, MAX_MAPS)))
+    bands = [_submit(_bands, parts, *args, [int(i) for i in shard_ids], parts) for shard_ids in maps]
     pairs = [_submit(_pairs, parts, *args, parts, *(b[p] for b in bands)) for p in range(parts)]
     left = [_submit(_left, parts, *args, parts, left_schema, *(q[p] for q in pairs)) for p in range(parts)]
     return [_verify.remote(*args, left_schema, *(lt[p] for lt in left)) for p in range(parts)]
@@ -83,7 +94,7 @@ def _split(columns: Sequence[np.ndarray], part: np.ndarray, parts: int) -> list[
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1))
     ordered = [c[order] for c in columns]
-    return [tuple(c[lo:hi] for c in ordered) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [tuple(c[lo:hi] for c in ordered) for lo, hi in itertools.pairwise(bounds)]
 
 
 def _by_part(pieces: list) -> list | object:
@@ -96,13 +107,16 @@ def _concat(chunks: Sequence[tuple[np.ndarray, ...]], width: int) -> list[np.nda
 
 
 @ray.remote
-def _bands(ctx: RunContext, segment: int, stage: ClusterStage, shard_id: int, parts: int) -> list | object:
-    """``(group, id)`` of one shard's kept rows, split by group."""
-    rows = kept_rows(ctx, segment, stage, shard_id)
-    groups = ready(stage).group_keys(rows)
-    row = pc.index_in(groups.column("key"), value_set=rows.column("key")).to_numpy(zero_copy_only=False).astype(np.int64)
-    group = groups.column("group").to_numpy().astype(np.int64)
-    return _by_part(_split((group, (shard_id << ROW_BITS) | row), (mix64(group) % np.uint64(parts)).astype(np.int64), parts))
+def _bands(ctx: RunContext, segment: int, stage: ClusterStage, shard_ids: list[int], parts: int) -> list | object:
+    """``(group, id)`` of some shards' kept rows, split by group."""
+    groups, ids = [], []
+    for shard_id in shard_ids:
+        rows = kept_rows(ctx, segment, stage, shard_id)
+        found = ready(stage).group_keys(rows)
+        groups.append(found.column("group").to_numpy().astype(np.int64))
+        ids.append((shard_id << ROW_BITS) | pc.index_in(found.column("key"), value_set=rows.column("key")).to_numpy(zero_copy_only=False).astype(np.int64))
+    group, ids = np.concatenate(groups), np.concatenate(ids)
+    return _by_part(_split((group, ids), (mix64(group) % np.uint64(parts)).astype(np.int64), parts))
 
 
 @ray.remote
@@ -152,7 +166,7 @@ def _left(ctx: RunContext, segment: int, stage: ClusterStage, parts: int, schema
     side = pa.concat_tables(tables).combine_chunks().take(pa.array(position[order]))
     table = pa.Table.from_arrays([side.column("key"), pa.array(b[order]), *(side.column(c) for c in stage.global_columns)], schema=schema)
     bounds = np.searchsorted(part[order], np.arange(parts + 1))
-    return _by_part([table.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)])
+    return _by_part([table.slice(lo, hi - lo) for lo, hi in itertools.pairwise(bounds)])
 
 
 @ray.remote

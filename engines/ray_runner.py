@@ -94,7 +94,10 @@ def connect(workers: int, **options: Any) -> bool:
 
 
 def _run_segment(ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
-    ds = shard_dataset(todo)
+    # A segment without stages only applies the previous decision and writes: its shards are cheap,
+    # and Ray Data waits up to 0.1 s to notice a finished task, so such shards go a few per task.
+    blocks = len(todo) if ctx.segments[index].stages else 2 * int(ray.cluster_resources().get("CPU", 1))
+    ds = shard_dataset(todo, blocks)
     steps = chains(ctx, index, run_id)
     for chain in steps:
         ds = _map_chain(ds, chain, alone=len(steps) == 1)
@@ -139,6 +142,11 @@ class Chain:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ctx, _ = worker_context(self.run_id, self.ctx)
+        if self.read and self.write:  # the whole segment: one shard at a time, whatever the block holds
+            return pa.concat_tables([self._steps(ctx, batch.slice(i, 1)) for i in range(batch.num_rows)])
+        return self._steps(ctx, batch)
+
+    def _steps(self, ctx: RunContext, batch: pa.Table) -> pa.Table:
         if self.read:
             batch = _read(batch, ctx, self.segment, self.applies)
         for stage, position in self.stages:
