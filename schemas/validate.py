@@ -6,7 +6,6 @@ Each problem is one line naming the file, and where it applies the row and field
 from __future__ import annotations
 
 import json
-import tarfile
 
 import fsspec
 import pyarrow as pa
@@ -15,7 +14,7 @@ import pyarrow.compute as pc
 from mmcurate.schemas import BY_NAME, METADATA_KEY
 from mmcurate.shards.inspect import detect_layout
 from mmcurate.shards.layout import open_parquet
-from mmcurate.shards.readers import read_tar_images
+from mmcurate.shards.readers import TAR_ERRORS, read_tar_images, tar_members
 
 
 def _read(fs, path: str, problems: list[str]) -> pa.Table | None:
@@ -55,13 +54,10 @@ def _check_tar(fs, tar_path: str, meta: pa.Table) -> list[str]:
     problems = []
     members: dict[str, dict[str, bytes]] = {}
     try:
-        with fs.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read() if ext == "json" else b""
-    except (tarfile.TarError, OSError) as e:
+        with fs.open(tar_path, "rb") as f:
+            for key, ext, data in tar_members(f, lambda ext: ext == "json"):
+                members.setdefault(key, {})[ext] = data or b""
+    except TAR_ERRORS as e:
         return [f"{tar_path}: unreadable tar ({e})"]
     keys = meta.column("key").to_pylist()
     formats = meta.column("image_format").to_pylist() if "image_format" in meta.column_names else [None] * len(keys)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 
 import fsspec
@@ -11,6 +10,7 @@ import pyarrow as pa
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY
 from mmcurate.shards.layout import open_parquet
+from mmcurate.shards.readers import tar_members
 
 
 def detect_layout(fs: fsspec.AbstractFileSystem, root: str) -> str:
@@ -57,12 +57,10 @@ def _tar_samples(fs, paths: list[str]) -> tuple[int, Counter]:
     keys: set[str] = set()
     exts: Counter = Counter()
     for path in paths:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if member.isfile():
-                    stem, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                    keys.add(f"{path}:{stem}")
-                    exts[ext] += 1
+        with fs.open(path, "rb") as f:
+            for key, ext, _ in tar_members(f, lambda ext: False):
+                keys.add(f"{path}:{key}")
+                exts[ext] += 1
     return len(keys), exts
 
 

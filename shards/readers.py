@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -411,25 +411,33 @@ def _as_string(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
 # Tars: img2dataset and mmcurate WebDataset output
 
 
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
+
+
+def tar_members(fileobj, read: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes | None]]:
+    """``(key, extension, bytes)`` of the regular-file members of a tar, in order, streamed: the
+    key is the file name up to its first dot (webdataset's rule); bytes are read only for the
+    extensions ``read`` accepts (None otherwise). Members with absolute or ``..`` paths, links and
+    devices are skipped, and nothing is extracted to disk, so no tar can write anywhere. A corrupt
+    or truncated tar raises one of ``TAR_ERRORS``."""
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or member.name.startswith("/") or ".." in parts:
+                continue
+            key, _, ext = parts[-1].partition(".")
+            yield key, ext, tar.extractfile(member).read() if read(ext) else None
+
+
 def read_tar_images(fileobj, name: str) -> tuple[dict[str, tuple[str, bytes]], str | None]:
     """``{key: (extension, bytes)}`` of the image members of a tar, read in memory, and the error
-    that stopped the reading of a corrupt or truncated tar (None when it was read to the end).
-
-    Nothing is extracted to disk; members with absolute or ``..`` paths, links and devices are
-    skipped, so no tar can write anywhere.
-    """
+    that stopped the reading of a corrupt or truncated tar (None when it was read to the end)."""
     images: dict[str, tuple[str, bytes]] = {}
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if not member.isfile() or member.name.startswith("/") or ".." in parts:
-                    continue
-                key, _, ext = parts[-1].partition(".")
-                if ext.lower() in (*IMAGE_EXTENSIONS, "jpeg"):
-                    data = tar.extractfile(member).read()
-                    images[key] = ("jpg" if ext.lower() == "jpeg" else ext.lower(), data)
-    except (tarfile.TarError, OSError, EOFError) as e:
+        for key, ext, data in tar_members(fileobj, lambda ext: ext.lower() in (*IMAGE_EXTENSIONS, "jpeg")):
+            if data is not None:
+                images[key] = ("jpg" if ext.lower() == "jpeg" else ext.lower(), data)
+    except TAR_ERRORS as e:
         return images, f"{name}: not a readable tar ({e})"
     return images, None
 
