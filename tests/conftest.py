@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # img2dataset_layout, shared by the test folders
+
+import img2dataset_layout  # noqa: E402
 
 # No model hub is reachable: fail fast instead of waiting for a network time-out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,45 +41,13 @@ def photo_dir(shared_data: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def img2dataset_output(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Path:
-    """A folder in img2dataset's output layout made from 12 real photos: 2 shards, each a tar
-    (KEY.jpg, KEY.txt, KEY.json), a Parquet of every row (2 failed downloads among them) and a
-    _stats.json, as img2dataset 1.47 writes them with output_format=webdataset."""
-    import hashlib
-    import io
-    import json
-    import tarfile
+def jpeg_photos(photo_dir: Path) -> list[dict]:
+    """Manifest rows of the JPEG photos (sorted by file name)."""
+    return img2dataset_layout.jpeg_photos(photo_dir)
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
 
-    root = tmp_path_factory.mktemp("img2dataset")
-    photos = sorted(photo_dir.glob("coco_*.jpg"))[:12]
-    for shard in range(2):
-        rows = []
-        with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
-            for i, photo in enumerate(photos[shard * 6 : shard * 6 + 6]):
-                key = f"{shard:05d}{i:04d}"
-                url = f"http://images.example.org/{photo.name}"
-                caption = f"photo {photo.stem}"
-                failed = i == 5
-                row = {"key": key, "url": url, "caption": caption, "status": "failed_to_download" if failed else "success",
-                       "error_message": "HTTP Error 404: Not Found" if failed else None, "width": None, "height": None,
-                       "original_width": None, "original_height": None, "exif": None, "sha256": None}
-                if not failed:
-                    data = photo.read_bytes()
-                    with Image.open(io.BytesIO(data)) as im:
-                        row.update(width=im.width, height=im.height, original_width=im.width, original_height=im.height)
-                    row["sha256"] = hashlib.sha256(data).hexdigest()
-                    for ext, payload in (("jpg", data), ("txt", caption.encode()), ("json", json.dumps(row).encode())):
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size = len(payload)
-                        tar.addfile(info, io.BytesIO(payload))
-                rows.append(row)
-        schema = pa.schema([("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
-                            ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-                            ("original_width", pa.int64()), ("original_height", pa.int64()), ("exif", pa.string()), ("sha256", pa.string())])
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / f"{shard:05d}.parquet")
-        (root / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 6, "successes": 5, "failed_to_download": 1}))
-    return root
+@pytest.fixture(scope="session")
+def img2dataset_output(tmp_path_factory: pytest.TempPathFactory, jpeg_photos: list[dict], photo_dir: Path) -> Path:
+    """An img2dataset output (webdataset format) of 2 shards x 6 rows: 5 downloaded real photos and
+    1 failed download each."""
+    return img2dataset_layout.write_img2dataset(tmp_path_factory.mktemp("i2d") / "i2d", jpeg_photos, photo_dir)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from mmcurate.cli import main
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.writers import OutputSpec, write_shard
@@ -49,3 +48,14 @@ def write_dataset(folder: Path, table: pa.Table, shards: int = 2) -> Path:
             {"shard": shard, "rows_in": part.num_rows, "kept": part.num_rows, "rejected": 0, "stages": []},
         )
     return folder
+
+
+def run_command(command: str, name: str, source: Path, out: Path, *settings: str, output_format: str | None = None) -> int:
+    """``mmcurate COMMAND NAME --input SOURCE --output OUT [--set SETTING ...]`` in this process
+    (COMMAND: ``stage`` or ``run``); the exit code."""
+    args = [command, name, "--input", str(source), "--output", str(out)]
+    if output_format is not None:
+        args += ["--output-format", output_format]
+    for setting in settings:
+        args += ["--set", setting]
+    return run_cli(*args)

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_command
 from mmcurate.errors import UsageError
 from mmcurate.filters.blocklist import Blocklist
 
@@ -51,29 +50,10 @@ def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     (tmp_path / "keys.txt").write_text(f"{keys[0]}\n{keys[5]}\n")
     (tmp_path / "urls.txt").write_text(f"https://photos.example.org/{keys[7]}.jpg\n")
     out = tmp_path / "out"
-    assert (
-        run_cli(
-            "stage",
-            "blocklist",
-            "--input",
-            str(photo_dataset),
-            "--output",
-            str(out),
-            "--set",
-            f"keys={tmp_path / 'keys.txt'}",
-            "--set",
-            f"urls={tmp_path / 'urls.txt'}",
-        )
-        == 0
-    )
+    assert run_command("stage", "blocklist", photo_dataset, out, f"keys={tmp_path / 'keys.txt'}", f"urls={tmp_path / 'urls.txt'}") == 0
     assert rejects(out) == dict.fromkeys([keys[0], keys[5], keys[7]], "blocklisted")
     assert kept(out).num_rows == photos.num_rows - 3
     everything = tmp_path / "everything"
     (tmp_path / "domains.txt").write_text("example.org\n")
-    assert (
-        run_cli(
-            "stage", "blocklist", "--input", str(photo_dataset), "--output", str(everything), "--set", f"domains={tmp_path / 'domains.txt'}"
-        )
-        == 0
-    )
+    assert run_command("stage", "blocklist", photo_dataset, everything, f"domains={tmp_path / 'domains.txt'}") == 0
     assert len(rejects(everything)) == photos.num_rows

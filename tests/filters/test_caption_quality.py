@@ -7,8 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_command
 from mmcurate.errors import UsageError
 from mmcurate.filters.caption_quality import CaptionQuality, normalize_caption
 
@@ -117,7 +116,7 @@ def test_real_laion_captions(laion_sample: Path) -> None:
 
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     out = tmp_path / "out"
-    assert run_cli("stage", "caption_quality", "--input", str(photo_dataset), "--output", str(out), "--set", "min_words=3") == 0
+    assert run_command("stage", "caption_quality", photo_dataset, out, "min_words=3") == 0
     missing = {k for k, c in zip(photos.column("key").to_pylist(), photos.column("caption").to_pylist(), strict=True) if c is None}
     assert missing and rejects(out) == dict.fromkeys(missing, "caption_missing")
     table = kept(out)

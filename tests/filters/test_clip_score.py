@@ -9,8 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_command
 from mmcurate.errors import UsageError
 from mmcurate.filters.clip_score import ClipScore
 from mmcurate.filters.common import decode_image
@@ -103,23 +102,7 @@ def test_model_errors_are_usage_errors(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table, tiny_clip: str) -> None:
     out = tmp_path / "out"
-    assert (
-        run_cli(
-            "stage",
-            "clip_score",
-            "--input",
-            str(photo_dataset),
-            "--output",
-            str(out),
-            "--set",
-            f"model={tiny_clip}",
-            "--set",
-            "min_score=0.0",
-            "--set",
-            "batch_size=16",
-        )
-        == 0
-    )
+    assert run_command("stage", "clip_score", photo_dataset, out, f"model={tiny_clip}", "min_score=0.0", "batch_size=16") == 0
     table, rejected = kept(out), rejects(out)
     assert table.num_rows + len(rejected) == photos.num_rows
     assert table.column("clip_score").null_count == 0 and pc.min(table.column("clip_score")).as_py() >= 0.0

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
 from mmcurate.filters.common import decode_image, prefetched, source_sizes
 
 

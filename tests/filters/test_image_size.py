@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_command
 from mmcurate.errors import UsageError
 from mmcurate.filters.image_size import AspectRatio, ImageSize
 
@@ -77,32 +76,13 @@ def test_cli_datacomp_size_rules_on_real_photos(tmp_path: Path, photo_dataset: P
         )
     )
     small = tmp_path / "small"
-    assert (
-        run_cli(
-            "stage",
-            "image_size",
-            "--input",
-            str(photo_dataset),
-            "--output",
-            str(small),
-            "--output-format",
-            "parquet",
-            "--set",
-            "min_side=200",
-        )
-        == 0
-    )
+    assert run_command("stage", "image_size", photo_dataset, small, "min_side=200", output_format="parquet") == 0
     expected_small = {k for k, (w, h) in sizes.items() if min(w, h) < 200}
     assert expected_small and set(rejects(small)) == expected_small
     assert set(rejects(small).values()) == {"image_too_small"}
 
     ratio = tmp_path / "ratio"
-    assert (
-        run_cli(
-            "stage", "aspect_ratio", "--input", str(small), "--output", str(ratio), "--output-format", "parquet", "--set", "max_ratio=2"
-        )
-        == 0
-    )
+    assert run_command("stage", "aspect_ratio", small, ratio, "max_ratio=2", output_format="parquet") == 0
     expected_ratio = {k for k, (w, h) in sizes.items() if k not in expected_small and max(w, h) / min(w, h) > 2}
     assert expected_ratio and set(rejects(ratio)) == expected_ratio
     assert kept(ratio).num_rows == len(sizes) - len(expected_small) - len(expected_ratio)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_command
 from mmcurate.errors import UsageError
 from mmcurate.filters.language import Language, normalize_code
 
@@ -86,9 +85,7 @@ def test_codes_and_model_path(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     out = tmp_path / "out"
-    assert (
-        run_cli("stage", "language", "--input", str(photo_dataset), "--output", str(out), "--set", "keep=en", "--set", "min_score=0.3") == 0
-    )
+    assert run_command("stage", "language", photo_dataset, out, "keep=en", "min_score=0.3") == 0
     table = kept(out)
     assert set(table.column("language").to_pylist()) == {"en"}
     assert all(s >= 0.3 for s in table.column("language_score").to_pylist())

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_command
 from mmcurate.errors import UsageError
 from mmcurate.filters.nsfw import Nsfw
 
@@ -61,7 +60,7 @@ def test_bad_rows_and_threshold(nsfw: Nsfw, photo_dir: Path) -> None:
 
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     out = tmp_path / "out"
-    assert run_cli("stage", "nsfw", "--input", str(photo_dataset), "--output", str(out), "--set", "mode=score") == 0
+    assert run_command("stage", "nsfw", photo_dataset, out, "mode=score") == 0
     table = kept(out)
     assert table.num_rows == photos.num_rows and not rejects(out)
     assert table.column("nsfw_score").null_count == 0

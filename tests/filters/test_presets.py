@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_cli, run_command
 from mmcurate.examples.demo import serve
 from mmcurate.pipelines.config import load_pipeline
 
@@ -54,7 +53,7 @@ def test_run_without_paths_is_a_usage_error(capsys) -> None:
 @pytest.mark.slow
 def test_datacomp_basic(tmp_path: Path, url_list: Path, photos: pa.Table) -> None:
     out = tmp_path / "out"
-    assert run_cli("run", "datacomp_basic", "--input", str(url_list), "--output", str(out), "--set", LOOPBACK) == 0
+    assert run_command("run", "datacomp_basic", url_list, out, LOOPBACK) == 0
     table = kept(out)
     assert 0 < table.num_rows < photos.num_rows
     for row in table.select(["original_width", "original_height", "caption", "language"]).to_pylist():
@@ -69,29 +68,13 @@ def test_datacomp_basic(tmp_path: Path, url_list: Path, photos: pa.Table) -> Non
 @pytest.mark.slow
 def test_laion_and_cogvlm(tmp_path: Path, url_list: Path, photos: pa.Table, tiny_clip: str) -> None:
     laion = tmp_path / "laion"
-    assert (
-        run_cli(
-            "run",
-            "laion",
-            "--input",
-            str(url_list),
-            "--output",
-            str(laion),
-            "--set",
-            LOOPBACK,
-            "--set",
-            f"clip_score.model={tiny_clip}",
-            "--set",
-            "clip_score.min_score=0.0",
-        )
-        == 0
-    )
+    assert run_command("run", "laion", url_list, laion, LOOPBACK, f"clip_score.model={tiny_clip}", "clip_score.min_score=0.0") == 0
     table = kept(laion)
     assert table.num_rows > 0 and min(table.column("clip_score").to_pylist()) >= 0.0
     assert table.column("nsfw_score").null_count == 0 and set(table.column("language").to_pylist()) == {"en"}
 
     cogvlm = tmp_path / "cogvlm"
-    assert run_cli("run", "cogvlm", "--input", str(url_list), "--output", str(cogvlm), "--set", LOOPBACK) == 0
+    assert run_command("run", "cogvlm", url_list, cogvlm, LOOPBACK) == 0
     reasons = rejects(cogvlm)
     assert set(reasons.values()) == {"caption_missing", "caption_filename"}  # no photo is 6:1 or NSFW
     assert kept(cogvlm).num_rows + len(reasons) == photos.num_rows

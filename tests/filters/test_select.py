@@ -9,8 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from filters_support import kept, rejects, run_cli
-
+from filters_support import kept, rejects, run_cli, run_command
 from mmcurate.errors import UsageError
 from mmcurate.filters.select import Select, TopFractionSelect
 from mmcurate.stages.base import GlobalStage
@@ -85,48 +84,16 @@ def test_nan_counts_as_missing() -> None:
 def test_score_once_select_many(tmp_path: Path, photo_dataset: Path, photos: pa.Table, tiny_clip: str) -> None:
     """Score with clip_score in score mode, then select by threshold and by top fraction from the stored column."""
     scored_out = tmp_path / "scored"
-    assert (
-        run_cli(
-            "stage",
-            "clip_score",
-            "--input",
-            str(photo_dataset),
-            "--output",
-            str(scored_out),
-            "--output-format",
-            "parquet",
-            "--set",
-            f"model={tiny_clip}",
-            "--set",
-            "mode=score",
-        )
-        == 0
-    )
+    assert run_command("stage", "clip_score", photo_dataset, scored_out, f"model={tiny_clip}", "mode=score", output_format="parquet") == 0
     table = kept(scored_out)
     scores = dict(zip(table.column("key").to_pylist(), table.column("clip_score").to_pylist(), strict=True))
     assert len(scores) == photos.num_rows
 
     threshold = float(np.median([s for s in scores.values() if s is not None]))
     by_select = tmp_path / "by_select"
-    assert (
-        run_cli("stage", "select", "--input", str(scored_out), "--output", str(by_select), "--set", f"min={{clip_score: {threshold}}}") == 0
-    )
+    assert run_command("stage", "select", scored_out, by_select, f"min={{clip_score: {threshold}}}") == 0
     by_filter = tmp_path / "by_filter"
-    assert (
-        run_cli(
-            "stage",
-            "clip_score",
-            "--input",
-            str(photo_dataset),
-            "--output",
-            str(by_filter),
-            "--set",
-            f"model={tiny_clip}",
-            "--set",
-            f"min_score={threshold}",
-        )
-        == 0
-    )
+    assert run_command("stage", "clip_score", photo_dataset, by_filter, f"model={tiny_clip}", f"min_score={threshold}") == 0
     assert set(kept(by_select).column("key").to_pylist()) == set(kept(by_filter).column("key").to_pylist())
     assert kept(by_select).column("clip_score").null_count == 0  # the stored score travels on
 

@@ -20,9 +20,9 @@ from foundation_support import (
     register,
     run_cli,
     sorted_files,
-    write_img2dataset,
     write_yaml,
 )
+from img2dataset_layout import write_img2dataset
 from mmcurate.cli import main
 
 

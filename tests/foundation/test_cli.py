@@ -50,7 +50,7 @@ def test_version_and_schema(tmp_path: Path) -> None:
     assert [line.split(":")[0] for line in plain.stdout.splitlines() if not line.startswith(" ")] == [f.name for f in schemas.FIELDS]
 
 
-def test_file_urls_for_input_and_output(tmp_path: Path, laion_sample: Path, i2d_dir: Path) -> None:
+def test_file_urls_for_input_and_output(tmp_path: Path, laion_sample: Path, img2dataset_output: Path) -> None:
     """fsspec ``file://`` URLs work for input and output, on the command line and in a pipeline YAML."""
     out_url = (tmp_path / "via_flags").as_uri()
     result = toy_stage("drop_word", laion_sample.as_uri(), out_url, *LAION, "--rows-per-shard", "600")
@@ -61,7 +61,7 @@ def test_file_urls_for_input_and_output(tmp_path: Path, laion_sample: Path, i2d_
     pipeline = write_yaml(
         tmp_path / "p.yaml",
         {
-            "input": {"path": i2d_dir.as_uri()},
+            "input": {"path": img2dataset_output.as_uri()},
             "output": {"path": (tmp_path / "via_yaml").as_uri(), "format": "parquet"},
             "workers": 1,
             "stages": [],

@@ -7,19 +7,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import I2D_ROWS, I2D_SHARDS, check_accounting, kept_table, read_folder, run_cli, tables_equal
+from foundation_support import check_accounting, kept_table, read_folder, run_cli, tables_equal
+from img2dataset_layout import I2D_ROWS, I2D_SHARDS
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
 
 
-def test_img2dataset_reader_keeps_keys_rejects_failures_attaches_images(tmp_path: Path, i2d_dir: Path, photo_dir: Path) -> None:
-    reader = plan_input(InputSpec(str(i2d_dir)), 4, OutputDir.open(str(tmp_path / "out")))
+def test_img2dataset_reader_keeps_keys_rejects_failures_attaches_images(tmp_path: Path, img2dataset_output: Path, photo_dir: Path) -> None:
+    reader = plan_input(InputSpec(str(img2dataset_output)), 4, OutputDir.open(str(tmp_path / "out")))
     assert reader.format == "img2dataset"
     assert [p.rows for p in reader.shards] == [4, 4, 4]  # 12 rows cut across the two files
     rows = [r for p in reader.shards for r in reader.read(p).to_pylist()]
     assert [r["key"] for r in rows] == [f"{s:05d}{i:04d}" for s in range(I2D_SHARDS) for i in range(I2D_ROWS)]
     for r in rows:
-        source = pq.read_table(i2d_dir / f"{r['key'][:5]}.parquet").to_pylist()[int(r["key"][5:])]
+        source = pq.read_table(img2dataset_output / f"{r['key'][:5]}.parquet").to_pylist()[int(r["key"][5:])]
         assert (r["url"], r["caption"]) == (source["url"], source["caption"])
         assert r["error_message"] == source["error_message"] and r["exif"] == source["exif"]
         if source["status"] == "success":
@@ -42,9 +43,9 @@ def run_stage(tmp_path: Path, src: Path, name: str, fmt: str, *extra: str, stage
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
-def test_chained_runs(tmp_path: Path, i2d_dir: Path, fmt: str) -> None:
+def test_chained_runs(tmp_path: Path, img2dataset_output: Path, fmt: str) -> None:
     """img2dataset -> run 1 (rejects captions with 'a') -> run 2 (rejects 'with') on run 1's output."""
-    first = run_stage(tmp_path, i2d_dir, "first", fmt, "--set", "word=table")
+    first = run_stage(tmp_path, img2dataset_output, "first", fmt, "--set", "word=table")
     t1 = check_accounting(first)
     assert t1["rows_in"] == I2D_SHARDS * I2D_ROWS and t1["rejected"] > I2D_SHARDS  # the failed downloads and some captions
     kept1 = kept_table(first)

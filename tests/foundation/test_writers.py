@@ -31,10 +31,10 @@ def convert(tmp_path: Path, src: Path, name: str, fmt: str, rows_per_shard: int 
 
 
 @pytest.fixture(scope="module")
-def round_trip(tmp_path_factory, i2d_dir: Path) -> dict[str, Path]:
+def round_trip(tmp_path_factory, img2dataset_output: Path) -> dict[str, Path]:
     """img2dataset -> parquet -> webdataset -> parquet."""
     tmp = tmp_path_factory.mktemp("roundtrip")
-    p1 = convert(tmp, i2d_dir, "p1", "parquet")
+    p1 = convert(tmp, img2dataset_output, "p1", "parquet")
     w2 = convert(tmp, p1, "w2", "webdataset")
     p3 = convert(tmp, w2, "p3", "parquet")
     return {"p1": p1, "w2": w2, "p3": p3}
