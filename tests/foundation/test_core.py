@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from foundation_support import DropWord
@@ -12,7 +13,7 @@ from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, reco
 from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, conform
 from mmcurate.stages import STAGES, stage_class
-from mmcurate.stages.base import ClusterStage, Stage, build_config, candidate_pairs, components, decisions, reject
+from mmcurate.stages.base import ClusterStage, Stage, build_config, candidate_pairs, components, decisions, member_pairs, reject
 
 
 def test_fields_are_unique_and_keys_not_nullable() -> None:
@@ -100,6 +101,18 @@ def test_components_keep_the_smallest_key() -> None:
     big = pa.table({"key": list("edcba"), "group": pa.array([0] * 5, pa.int64())})
     left, right = candidate_pairs(big, max_group_size=3)
     assert list(zip(left, right, strict=True)) == [("a", k) for k in "bcde"]
+
+
+def test_member_pairs_pair_a_large_group_with_its_center() -> None:
+    """The Ray engine names a large group's center (its smallest key) by a callback on row ids."""
+    run = np.array([0, 0, 0, 0, 0, 1, 1])
+    codes = np.array([4, 2, 7, 9, 3, 5, 1])
+    left, right = member_pairs(run, codes, max_group_size=3)
+    assert list(zip(left, right, strict=True)) == [(1, 5), (2, 3), (2, 4), (2, 7), (2, 9)]
+    left, right = member_pairs(run, codes, max_group_size=3, center=lambda members: 7)
+    assert list(zip(left, right, strict=True)) == [(1, 5), (2, 7), (3, 7), (4, 7), (7, 9)]
+    left, right = member_pairs(run, codes, max_group_size=5, center=lambda members: 7)  # not large: every pair
+    assert len(left) == 10 + 1
 
 
 class Echo(Stage):
