@@ -150,18 +150,15 @@ def _report(args: argparse.Namespace, sizes: tuple[int, int], engines: list[str]
         f"{args.workers} workers, median of {args.repeat} runs, engines taking turns"
     )
     print("engine start-up (excluded): " + ", ".join(f"{e} {s:.1f} s" for e, s in startups.items()))
-    print(f"{'pipeline':11} {'engine':7} {'run s':>13} {'throughput':>12} {'vs local':>9} {'per-run s':>10} {'end-to-end':>11}")
+    print(f"{'pipeline':11} {'engine':7} {'run s':>13} {'throughput':>12} {'vs ' + engines[0]:>9} {'per-run s':>10} {'end-to-end':>11}")
     for name in PIPELINES:
-        base = {}
-        for engine in engines:
-            t_small, t_large = (statistics.median(times[(name, engine, n)]) for n in sizes)
-            rate = (large - small) / (t_large - t_small)
-            fixed = t_small - small / rate
-            base.setdefault("rate", rate)
-            base.setdefault("large", t_large)
+        medians = {e: [statistics.median(times[(name, e, n)]) for n in sizes] for e in engines}
+        rates = {e: (large - small) / (t_large - t_small) for e, (t_small, t_large) in medians.items()}
+        for engine, (t_small, t_large) in medians.items():
+            rate, base = rates[engine], engines[0]
             print(
-                f"{name:11} {engine:7} {t_small:6.1f} {t_large:6.1f} {rate:8.0f} r/s {rate / base['rate']:8.2f}x {fixed:10.1f} "
-                f"{base['large'] / t_large:10.2f}x"
+                f"{name:11} {engine:7} {t_small:6.1f} {t_large:6.1f} {rate:8.0f} r/s {rate / rates[base]:8.2f}x {t_small - small / rate:10.1f} "
+                f"{medians[base][1] / t_large:10.2f}x"
             )
         agree = all(len(kept[(name, n)]) == 1 for n in sizes)
         print(f"{name:11} {'same kept rows on every engine' if agree else 'ENGINES DISAGREE on kept rows'}")

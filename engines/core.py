@@ -134,7 +134,3 @@ def run_segment(segment: Segment, table: pa.Table, stats: ShardStats, decisions:
         table = apply_stage(stage, table, stats)
     return table
 
-
-def global_input(table: pa.Table, stage: GlobalStage) -> pa.Table:
-    """The part of a shard a global stage's ``decide`` sees: ``key`` + its columns, kept rows only."""
-    return table.filter(kept_mask(table)).select(["key", *stage.global_columns])

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from mmcurate.engines.core import global_input, kept_mask
+from mmcurate.engines.core import kept_mask
 from mmcurate.engines.run import RunContext
 from mmcurate.stages.base import GlobalStage
 
 
 def kept_rows(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int, keys_only: bool = False) -> pa.Table:
     """``key`` + ``stage.global_columns`` (or ``key`` alone) of the kept rows of one shard."""
-    path = ctx.work_path(segment, shard_id, ".parquet")
-    if keys_only:
-        table = ctx.out.read_parquet(path, ["key", "reject_reason"])
-        return table.filter(kept_mask(table)).select(["key"])
-    return global_input(ctx.out.read_parquet(path, ["key", "reject_reason", *stage.global_columns]), stage)
+    columns = [] if keys_only else list(stage.global_columns)
+    table = ctx.out.read_parquet(ctx.work_path(segment, shard_id, ".parquet"), ["key", "reject_reason", *columns])
+    return table.filter(kept_mask(table)).select(["key", *columns])
 
 
 def columns_schema(ctx: RunContext, segment: int, stage: GlobalStage) -> pa.Schema:

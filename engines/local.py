@@ -17,7 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pyarrow as pa
 from tqdm import tqdm
 
-from mmcurate.engines.core import ShardStats, global_input, record_read, run_segment
+from mmcurate.engines.core import ShardStats, record_read, run_segment
+from mmcurate.engines.intermediate import kept_rows
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.readers import Reader, ShardPlan
@@ -83,7 +84,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
             if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
                 stage = segment.global_stage
                 stage.setup()
-                parts = [global_input(ctx.out.read_parquet(ctx.work_path(index, p.shard_id, ".parquet"), ["key", "reject_reason", *stage.global_columns]), stage) for p in ctx.reader.shards]
+                parts = [kept_rows(ctx, index, stage, p.shard_id) for p in ctx.reader.shards]
                 table = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
                 ctx.out.write_parquet(ctx.global_path(index), stage.decide(table))
     finally:

@@ -89,12 +89,19 @@ def _submit(task: ray.remote_function.RemoteFunction, parts: int, *args: object)
     return refs if parts > 1 else [refs]
 
 
+def _grouping(part: np.ndarray, parts: int, within: np.ndarray | None = None) -> tuple[np.ndarray, list[slice]]:
+    """The order that groups rows by ``part`` (then by ``within``), and each of the ``parts``
+    pieces as a slice of that order."""
+    order = np.lexsort((within, part)) if within is not None else np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    return order, [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
+
 def _split(columns: Sequence[np.ndarray], part: np.ndarray, parts: int) -> list[tuple[np.ndarray, ...]]:
     """Rows of the aligned ``columns`` grouped by ``part`` into ``parts`` pieces."""
-    order = np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    order, pieces = _grouping(part, parts)
     ordered = [c[order] for c in columns]
-    return [tuple(c[lo:hi] for c in ordered) for lo, hi in itertools.pairwise(bounds)]
+    return [tuple(c[piece] for c in ordered) for piece in pieces]
 
 
 def _by_part(pieces: list) -> list | object:
@@ -161,12 +168,10 @@ def _left(ctx: RunContext, segment: int, stage: ClusterStage, parts: int, schema
     tables = [kept_rows(ctx, segment, stage, shard_id) for shard_id, _ in runs]
     offsets = np.cumsum([0] + [t.num_rows for t in tables])
     position = np.concatenate([offsets[i] + (a[run] & ROW_MASK) for i, (_, run) in enumerate(runs)])
-    part = (b >> ROW_BITS) % parts
-    order = np.lexsort((b, part))
+    order, pieces = _grouping((b >> ROW_BITS) % parts, parts, within=b)
     side = pa.concat_tables(tables).combine_chunks().take(pa.array(position[order]))
     table = pa.Table.from_arrays([side.column("key"), pa.array(b[order]), *(side.column(c) for c in stage.global_columns)], schema=schema)
-    bounds = np.searchsorted(part[order], np.arange(parts + 1))
-    return _by_part([table.slice(lo, hi - lo) for lo, hi in itertools.pairwise(bounds)])
+    return _by_part([table.slice(piece.start, piece.stop - piece.start) for piece in pieces])
 
 
 @ray.remote
