@@ -35,7 +35,9 @@ _GROUNDING = pa.list_(
             ("phrase", pa.string()),
             ("start", pa.int32()),
             ("end", pa.int32()),
-            ("boxes", pa.list_(pa.list_(pa.float32()))),
+            ("expression_start", pa.int32()),
+            ("expression_end", pa.int32()),
+            ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
             ("scores", pa.list_(pa.float32())),
         ]
     )
@@ -65,7 +67,15 @@ FIELDS: tuple[Field, ...] = (
     Field("nsfw_score", pa.float32(), "nsfw", "Highest confidence over the detector's exposed-body-part classes."),
     Field("phash", pa.int64(), "phash_dedup", "64-bit perceptual hash of the image, as a signed integer."),
     Field("captions", _CAPTIONS, "capfilt", "Candidate captions with their source and score."),
-    Field("grounding", _GROUNDING, "grounding", "Noun-phrase spans with boxes (xyxy, normalised to the stored image)."),
+    Field(
+        "grounding",
+        _GROUNDING,
+        "noun_phrases, grounding",
+        "Noun phrases of `caption`: `phrase` with its character span `start`..`end`, the span of its referring expression "
+        "(`expression_start`..`expression_end`), and, after `grounding`, `boxes` (xyxy, normalised to [0, 1] of the stored image, "
+        "exactly four numbers each) with their `scores`.",
+    ),
+    Field("num_boxes", pa.int32(), "grounding", "Boxes in `grounding`, over all phrases (a scalar for select, stats and plots)."),
 )
 
 BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
