@@ -172,6 +172,8 @@ class Fetcher:
             return Fetched("timeout")
         except aiohttp.InvalidURL:
             return Fetched("bad_url")
+        except aiohttp.ClientResponseError:  # a malformed answer (status line, headers): asking again gets the same
+            return Fetched("bad_response")
         except aiohttp.ClientError:
             return Fetched("connection_error", retryable=True)
         except (ValueError, UnicodeError):

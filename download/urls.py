@@ -51,13 +51,20 @@ def check_url(url: URL) -> tuple[URL | None, str | None]:
 
 
 def is_blocked(address: str) -> bool:
-    """Whether ``address`` (an IP literal) is not a public unicast address."""
+    """Whether ``address`` (an IP literal) is not a public unicast address.
+
+    IPv4-mapped addresses are judged by their IPv4 address; 6to4 (2002::/16, which embeds an IPv4
+    address and routes through relays) and site-local (fec0::/10) addresses are refused outright.
+    """
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return True
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.sixtofour is not None or ip.is_site_local:
+            return True
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
     return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified or not ip.is_global
 
 

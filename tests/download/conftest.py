@@ -192,3 +192,52 @@ def server(images: dict[str, bytes]):
     srv = Server(images)
     yield srv
     srv.close()
+
+
+# Malformed HTTP answers, written raw: no HTTP library would send them.
+RAW_RESPONSES = {
+    "bad-status-line": b"HTTP/1.1 OK-ish\r\nContent-Length: 4\r\n\r\nbody",
+    "garbage": bytes(range(256)) * 4,
+    "conflicting-length": b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 5\r\nContent-Length: 9\r\n\r\nhello",
+    "huge-header": b"HTTP/1.1 200 OK\r\nX-Filler: " + b"a" * (10 << 20) + b"\r\n\r\n",
+}
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 answering ``GET /NAME`` with ``RAW_RESPONSES[NAME]`` as it is; ``hits`` counts requests."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.loop = asyncio.new_event_loop()
+        self._server = self.loop.run_until_complete(asyncio.start_server(self._answer, "127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            name = (await reader.readline()).split()[1].decode().strip("/")
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            self.hits[name] += 1
+            writer.write(RAW_RESPONSES[name])
+            await writer.drain()
+        except (OSError, IndexError, KeyError):
+            pass  # the client hung up first
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        self._server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def raw_server():
+    srv = RawServer()
+    yield srv
+    srv.close()

@@ -141,6 +141,29 @@ def test_connection_refused_is_a_connection_error(server):
     assert statuses(out) == ["connection_error"]
 
 
+def test_malformed_responses_are_bad_response_and_not_retried(raw_server):
+    names = ["bad-status-line", "garbage", "conflicting-length", "huge-header"]
+    out, _ = run([raw_server.url(n) for n in names], retries=2)
+    assert statuses(out) == ["bad_response"] * len(names)
+    assert [raw_server.hits[n] for n in names] == [1] * len(names)
+
+
+@pytest.mark.parametrize(
+    ("address", "blocked"),
+    [
+        ("2002:7f00:1::1", True),  # 6to4 embedding 127.0.0.1
+        ("2002:808:808::1", True),  # 6to4 embedding a public address: 6to4 relays are not ours to use either
+        ("fec0::1", True),  # deprecated site-local
+        ("feff::1", True),
+        ("2001:4860:4860::8888", False),
+        ("8.8.8.8", False),
+        ("::ffff:10.0.0.1", True),
+    ],
+)
+def test_private_address_guard(address, blocked):
+    assert url_checks.is_blocked(address) is blocked
+
+
 def test_loopback_is_refused_by_default(server):
     port = server.base.rsplit(":", 1)[1]
     urls = [
