@@ -13,8 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.dedup.hashing import string_hashes
-from mmcurate.stages.base import ClusterStage, Resources, reject, set_column
+from mmcurate.stages.base import Resources, reject, set_column
 
 
 class ExactDedup(ClusterStage):

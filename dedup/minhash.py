@@ -12,10 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.dedup.config import MinhashConfig
 from mmcurate.dedup.lsh import band_groups, from_arrow, signatures, similar, to_arrow
 from mmcurate.dedup.shingles import shingle_hashes
-from mmcurate.stages.base import ClusterStage, Resources, set_column
+from mmcurate.stages.base import Resources, set_column
 
 SIGNATURE = "_minhash"
 

@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.dedup.hashing import group_ids
-from mmcurate.stages.base import ClusterStage, Resources, reject, set_column
+from mmcurate.stages.base import Resources, reject, set_column
 
 _DECODE_SIZE = (128, 128)  # JPEG draft decode: 4x the 32 px pHash input, stable and fast
 

@@ -36,10 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from mmcurate.dedup.cluster import ClusterStage
+from mmcurate.dedup.graph import components, member_pairs, shared_groups, sorted_distinct, verify_aligned
+from mmcurate.dedup.hashing import mix64
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import ready
-from mmcurate.stages.base import ClusterStage, GlobalStage, components, decisions, member_pairs, mix64, shared_groups, sorted_distinct, verify_aligned
+from mmcurate.stages.base import GlobalStage, decisions
 
 ROW_BITS = 32
 ROW_MASK = (1 << ROW_BITS) - 1

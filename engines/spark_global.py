@@ -25,10 +25,11 @@ from functools import partial
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import ready
-from mmcurate.stages.base import ClusterStage, GlobalStage, decisions
+from mmcurate.stages.base import GlobalStage, decisions
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema

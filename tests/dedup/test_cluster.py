@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from mmcurate.dedup.exact import ExactDedup
-from mmcurate.stages.base import candidate_pairs, components, reject
+from mmcurate.dedup.graph import candidate_pairs, components
+from mmcurate.stages.base import reject
 
 
 def reference_pairs(keys: list[str], groups: list[int], max_group_size: int) -> list[tuple[str, str]]:
@@ -83,8 +84,9 @@ def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None
 
 def test_decide_equals_the_public_steps_engines_use(caption_corpus: dict) -> None:
     """decide() runs on key codes; the string-keyed steps the Ray and Spark engines reuse must agree."""
+    from mmcurate.dedup.graph import verified_edges
     from mmcurate.dedup.minhash import SIGNATURE, MinhashDedup
-    from mmcurate.stages.base import decisions, verified_edges
+    from mmcurate.stages.base import decisions
 
     stage = MinhashDedup.from_params({"threshold": 0.6})
     captions = pa.table({"key": caption_corpus["keys"], "caption": pa.array(caption_corpus["docs"], pa.string())})

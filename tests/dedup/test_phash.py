@@ -11,8 +11,9 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
+from mmcurate.dedup.graph import candidate_pairs
 from mmcurate.dedup.phash import PhashDedup, chunks
-from mmcurate.stages.base import candidate_pairs, reject
+from mmcurate.stages.base import reject
 
 
 def encode(data: bytes, size: int, fmt: str, quality: int = 80) -> bytes:

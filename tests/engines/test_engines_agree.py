@@ -137,7 +137,7 @@ def test_ray_resumes_a_killed_run(first, ray_local, test_stages, caption_input, 
 def test_spark_components_match_the_reference(spark):
     """Min-label propagation over a chain, a star and a pair gives the reference's components."""
     from mmcurate.engines.spark_global import components
-    from mmcurate.stages.base import components as reference
+    from mmcurate.dedup.graph import components as reference
 
     a = ["k05", "k04", "k03", "k02", "s0", "s0", "s0", "p1"]
     b = ["k06", "k05", "k04", "k03", "s1", "s2", "s3", "p2"]

@@ -21,7 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from mmcurate.stages.base import ClusterStage, Stage, reject, set_column
+from mmcurate.dedup.cluster import ClusterStage
+from mmcurate.stages.base import Stage, reject, set_column
 
 HERE = Path(__file__).resolve().parent
 LAION = ("--url-col", "URL", "--caption-col", "TEXT")  # column options of the LAION sample

@@ -1,0 +1,151 @@
+"""The cluster-graph numerics of the dedup stages: candidate pairs from shared groups, verification
+in slices, connected components keeping the smallest key. Pure functions of numpy and Arrow arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse
+import scipy.sparse.csgraph
+
+from mmcurate.dedup.hashing import mix64
+
+if TYPE_CHECKING:
+    from mmcurate.dedup.cluster import ClusterStage
+
+VERIFY_BATCH = 65_536  # candidate pairs handed to one verify() call: bounds memory, stays in cache
+
+
+def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Key pairs ``(a, b)``, ``a < b``, of rows sharing a group: every pair in small groups, and each
+    member with the group's smallest key in groups larger than ``max_group_size``. Sorted, distinct."""
+    keys, left, right = _pair_codes(groups, max_group_size)
+    return _strings(keys, left), _strings(keys, right)
+
+
+def _pair_codes(groups: pa.Table, max_group_size: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """:func:`candidate_pairs` as ``(sorted distinct keys, left codes, right codes)``, codes indexing the keys."""
+    rows, run = shared_groups(groups.column("group").to_numpy())
+    keys, codes = _key_codes(groups.column("key").take(pa.array(rows)))
+    left, right = member_pairs(run, codes, max_group_size)
+    return keys, left, right
+
+
+def shared_groups(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of groups with two or more members, ordered by group, and each one's group number
+    (0, 1, ... in group order). Most groups are singletons: they are dropped before any pairing."""
+    order = np.argsort(group)
+    run = np.cumsum(np.r_[False, group[order][1:] != group[order][:-1]]) if len(group) else np.empty(0, np.int64)
+    shared = np.bincount(run)[run] > 1 if len(run) else np.empty(0, bool)
+    return order[shared], run[shared]
+
+
+def member_pairs(
+    run: np.ndarray, codes: np.ndarray, max_group_size: int, center: Callable[[np.ndarray], int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``(a, b)``, ``a < b``, of non-negative int ``codes`` sharing a ``run`` (group number):
+    every pair in groups of up to ``max_group_size`` members, and in larger groups each member with
+    the group's ``center`` (of its member codes; by default the smallest code)."""
+    run, codes = sorted_distinct(run, codes)
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.empty(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(run)])
+    # Groups with the same members (copies share every LSH band) give the same pairs: expand one of
+    # them. Member sets are compared by a 64-bit fingerprint (a collision is ~2**-64 per pair of groups).
+    fingerprint = np.add.reduceat(mix64(codes), starts) ^ mix64(lengths) if len(starts) else np.empty(0, np.uint64)
+    first = np.zeros(len(starts), bool)
+    first[np.unique(fingerprint, return_index=True)[1]] = True
+    run, codes = run[np.repeat(first, lengths)], codes[np.repeat(first, lengths)]
+    starts = np.flatnonzero(np.r_[True, run[1:] != run[:-1]]) if len(run) else np.empty(0, np.int64)
+    lengths = np.diff(np.r_[starts, len(run)])
+    if center is not None:  # move each large group's center to its first place
+        for start, length in zip(starts[lengths > max_group_size], lengths[lengths > max_group_size], strict=True):
+            members = codes[start : start + length]
+            at = start + int(np.flatnonzero(members == center(members))[0])
+            codes[start], codes[at] = codes[at], codes[start]
+    sizes = np.repeat(lengths, lengths)
+    position = np.arange(len(run)) - np.repeat(starts, lengths)
+    # Members pair with every later member; in a large group only the first member pairs, with all.
+    partners = np.where(sizes > max_group_size, np.where(position == 0, sizes - 1, 0), sizes - 1 - position)
+    left = np.repeat(codes, partners)
+    offset = np.arange(len(left)) - np.repeat(np.cumsum(partners) - partners, partners)
+    right = codes[np.repeat(np.arange(len(codes)) + 1, partners) + offset]
+    return sorted_distinct(np.minimum(left, right), np.maximum(left, right))
+
+
+def sorted_distinct(major: np.ndarray, minor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``(major, minor)`` pairs of non-negative ints, sorted: one sort of the pairs packed
+    into int64, much faster than lexsort or np.unique."""
+    span = int(minor.max()) + 1 if len(minor) else 1
+    if len(major) and int(major.max()) >= np.iinfo(np.int64).max // span:
+        raise ValueError("too many candidate rows to pack into int64")
+    packed = np.sort(major.astype(np.int64) * span + minor)
+    packed = packed[np.r_[True, packed[1:] != packed[:-1]]] if len(packed) else packed
+    return packed // span, packed % span
+
+
+def _key_codes(keys: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """The distinct keys in sorted order, and each key's index among them (code order = key order)."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    distinct = pc.unique(keys)
+    distinct = distinct.take(pc.sort_indices(distinct))
+    return distinct, pc.index_in(keys, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _strings(keys: pa.Array, codes: np.ndarray) -> np.ndarray:
+    return keys.take(pa.array(codes, pa.int64())).to_numpy(zero_copy_only=False).astype(object)
+
+
+def verified_edges(stage: ClusterStage, table: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs that ``stage.verify`` confirms."""
+    if len(left) == 0:
+        return left, right
+    rows = pc.index_in(pa.array(np.concatenate([left, right]), pa.string()), value_set=table.column("key")).to_numpy(zero_copy_only=False)
+    ok = _verify_rows(stage, table, rows[: len(left)], rows[len(left) :])
+    return left[ok], right[ok]
+
+
+def _verify_rows(stage: ClusterStage, table: pa.Table, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``stage.verify`` on the pairs of rows ``(a[i], b[i])`` of ``table``, in slices of ``VERIFY_BATCH`` pairs."""
+    columns = table.select(list(stage.global_columns))
+    ok = np.zeros(len(a), bool)
+    for i in range(0, len(a), VERIFY_BATCH):
+        part = slice(i, i + VERIFY_BATCH)
+        ok[part] = verify_aligned(stage, columns.take(a[part]), columns.take(b[part]))
+    return ok
+
+
+def verify_aligned(stage: ClusterStage, left: pa.Table, right: pa.Table) -> np.ndarray:
+    """``stage.verify`` on the aligned rows of ``left`` and ``right``, in slices of ``VERIFY_BATCH``
+    pairs; an undecided (null) pair is not a duplicate."""
+    ok = np.zeros(left.num_rows, bool)
+    for i in range(0, left.num_rows, VERIFY_BATCH):
+        verdict = stage.verify(left.slice(i, VERIFY_BATCH), right.slice(i, VERIFY_BATCH))
+        ok[i : i + VERIFY_BATCH] = np.asarray(pc.fill_null(verdict, False), dtype=bool)
+    return ok
+
+
+def components(left: np.ndarray, right: np.ndarray) -> tuple[list[str], list[str]]:
+    """Connected components of the edges: every non-smallest key with its component's smallest key."""
+    if len(left) == 0:
+        return [], []
+    keys, codes = _key_codes(pa.array(np.concatenate([left, right]), pa.string()))
+    dups, keepers = _component_codes(len(keys), codes[: len(left)], codes[len(left) :])
+    return keys.take(pa.array(dups)).to_pylist(), keys.take(pa.array(keepers)).to_pylist()
+
+
+def _component_codes(n: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`components` on key codes ``0..n-1`` (code order = key order): ``(duplicates, their keepers)``."""
+    if len(left) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    graph = scipy.sparse.coo_matrix((np.ones(len(left), np.int8), (left, right)), shape=(n, n))
+    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1, n, np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    keeper = smallest[labels]
+    dups = np.flatnonzero(keeper != np.arange(n))
+    return dups, keeper[dups]
