@@ -17,10 +17,11 @@ OPT_OUT_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 class DownloadConfig:
     """How to fetch, check and store images.
 
-    Time: ``timeout`` bounds connecting and each read; ``deadline`` bounds everything one URL may
-    take (redirects, retries and their waits included), so a server that trickles bytes or never
-    answers holds a slot at most that long. Retries follow 429, 5xx and connection errors with
-    exponential backoff (0.5 s, 1 s, ...) or the server's Retry-After when it is at most
+    Time: ``timeout`` bounds connecting and each read; a body must arrive at ``min_speed`` bytes/s
+    or faster over each ``min_speed_window`` seconds, or it ends as ``too_slow`` (a trickle ends
+    within a window; 0 turns the check off); ``deadline`` bounds everything one URL may take
+    (redirects, retries and their waits included): a server at 30 KB/s delivers 1.8 MB within it.
+    Retries follow 429, 5xx and connection errors with exponential backoff (0.5 s, 1 s, ...) or the server's Retry-After when it is at most
     ``retry_after_cap``; a longer Retry-After, or a wait past the deadline, ends the sample.
     """
 
@@ -34,7 +35,9 @@ class DownloadConfig:
     max_aspect_ratio: float | None = None
     max_pixels: int = 89_478_485  # decompression-bomb guard, checked from the header before decoding
     timeout: float = 10.0
-    deadline: float = 20.0
+    deadline: float = 60.0
+    min_speed: int = 4096  # bytes/s
+    min_speed_window: float = 3.0
     retries: int = 2
     retry_after_cap: float = 5.0
     max_body_bytes: int = 32 * 1024 * 1024
@@ -54,6 +57,7 @@ class DownloadConfig:
             "max_pixels",
             "timeout",
             "deadline",
+            "min_speed_window",
             "max_body_bytes",
             "concurrency",
             "per_host_connections",
@@ -62,7 +66,7 @@ class DownloadConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("min_image_size", "retries", "retry_after_cap", "max_redirects"):
+        for name in ("min_image_size", "retries", "retry_after_cap", "max_redirects", "min_speed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
         for name in ("max_image_area", "max_aspect_ratio"):

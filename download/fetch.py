@@ -1,7 +1,7 @@
 """The async HTTP client: one aiohttp session per batch, bounded in time, size, redirects and peers.
 
 :meth:`Fetcher.fetch` never raises: it returns the body or a fixed reason (``http_404``, ``timeout``,
-``too_large``, ``opted_out``, ``blocked_address``, ``redirect_loop``, ...). Redirects are followed
+``too_slow``, ``too_large``, ``opted_out``, ``blocked_address``, ``redirect_loop``, ...). Redirects are followed
 here, not by aiohttp, so every hop's URL is checked; every connection, first or after a redirect,
 goes through :func:`~mmcurate.download.urls.safe_socket_factory`.
 """
@@ -70,6 +70,33 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.timezone.utc)
     return max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+
+
+class TooSlow(Exception):
+    """The body arrived slower than ``min_speed`` over a ``min_speed_window``."""
+
+
+class SpeedWatch:
+    """Ends a body that grows by fewer than ``min_speed * window`` bytes in some window of ``window`` seconds.
+
+    One timer per window, checked when it fires: a fast body costs one timer, a trickle ends after one window.
+    The pending read of ``stream`` then raises :class:`TooSlow`.
+    """
+
+    def __init__(self, stream: aiohttp.StreamReader, body: bytearray, min_speed: int, window: float) -> None:
+        self.stream, self.body, self.need, self.window = stream, body, min_speed * window, window
+        self.mark = 0
+        self.handle = asyncio.get_running_loop().call_later(window, self._check)
+
+    def _check(self) -> None:
+        if len(self.body) - self.mark < self.need:
+            self.stream.set_exception(TooSlow())
+            return
+        self.mark = len(self.body)
+        self.handle = asyncio.get_running_loop().call_later(self.window, self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 class Fetcher:
@@ -155,10 +182,17 @@ class Fetcher:
                 if resp.content_length is not None and resp.content_length > cfg.max_body_bytes:
                     return Fetched("too_large")
                 body = bytearray()
-                async for chunk in resp.content.iter_chunked(_CHUNK):
-                    body += chunk
-                    if len(body) > cfg.max_body_bytes:
-                        return Fetched("too_large")
+                watch = SpeedWatch(resp.content, body, cfg.min_speed, cfg.min_speed_window) if cfg.min_speed else None
+                try:
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        body += chunk
+                        if len(body) > cfg.max_body_bytes:
+                            return Fetched("too_large")
+                except TooSlow:
+                    return Fetched("too_slow")
+                finally:
+                    if watch is not None:
+                        watch.cancel()
                 return Fetched("ok", bytes(body))
         except aiohttp.ClientConnectorDNSError:
             return Fetched("dns_error")

@@ -24,7 +24,8 @@ class Download(Stage):
 
     Async HTTP with ``concurrency`` downloads in flight per worker, at most
     ``per_host_connections`` of them to one host; decoding runs in ``decode_threads`` threads beside
-    the event loop. ``timeout`` bounds connecting and each read; ``deadline`` bounds everything one
+    the event loop. ``timeout`` bounds connecting and each read; a body slower than ``min_speed``
+    bytes/s over a ``min_speed_window`` ends as ``too_slow``; ``deadline`` bounds everything one
     URL may take: redirects (at most ``max_redirects``) and ``retries`` with exponential backoff on
     429, 5xx and connection errors, honouring Retry-After up to ``retry_after_cap``. Bodies larger
     than ``max_body_bytes`` are cut off while streaming. Only http(s) URLs are fetched, and
@@ -37,7 +38,7 @@ class Download(Stage):
     or zlib level 6 (png).
 
     Every row gets ``status``: ``ok`` or the reason it failed (``bad_url``, ``bad_scheme``,
-    ``blocked_address``, ``dns_error``, ``connection_error``, ``ssl_error``, ``timeout``,
+    ``blocked_address``, ``dns_error``, ``connection_error``, ``ssl_error``, ``timeout``, ``too_slow``,
     ``http_404``-style codes, ``too_many_redirects``, ``redirect_loop``, ``opted_out``,
     ``too_large``, ``not_an_image``, ``decode_error``, ``decompression_bomb``, ``image_too_small``,
     ``image_area_too_large``, ``aspect_ratio_too_large``, ``bad_response``, ``download_error``);

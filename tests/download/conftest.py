@@ -104,6 +104,7 @@ class Server:
                 web.get("/huge-declared", self.huge_declared),
                 web.get("/robots/{value}", self.robots),
                 web.get("/slow/{seconds}", self.slow),
+                web.get("/paced/{rate}/{ticks}/{name}", self.paced),
             ]
         )
         self.runner = web.AppRunner(app, shutdown_timeout=0.2)
@@ -158,6 +159,18 @@ class Server:
         for byte in self.images["jpeg"][:120]:
             await resp.write(bytes([byte]))
             await asyncio.sleep(1)
+        return resp
+
+    async def paced(self, request: web.Request) -> web.StreamResponse:
+        """Image ``name`` at ``rate`` bytes/s, sent in ``ticks`` pieces a second (1: bursts of a second's worth)."""
+        rate, ticks = int(request.match_info["rate"]), int(request.match_info["ticks"])
+        data = self.images[request.match_info["name"]]
+        resp = web.StreamResponse(headers={"Content-Type": "image/jpeg", "Content-Length": str(len(data))})
+        await resp.prepare(request)
+        step = max(1, rate // ticks)
+        for start in range(0, len(data), step):
+            await resp.write(data[start : start + step])
+            await asyncio.sleep(1 / ticks)
         return resp
 
     async def hang(self, request: web.Request) -> web.Response:

@@ -131,6 +131,17 @@ def test_retry_after_past_the_deadline_stops_retrying(server):
     assert seconds < 2.0
 
 
+def test_slow_transfers_end_as_too_slow_and_30_kb_per_s_is_kept(server, images):
+    """With the default low-speed limit, a trickle ends within a window and every valid image served at
+    30 KB/s (smoothly or in bursts once a second) is kept; a 1 s window ends a 2 KB/s transfer."""
+    kept = [server.url("/paced/30000/10/jpeg"), server.url("/paced/30000/1/jpeg")]
+    out, _ = run([*kept, server.url("/trickle")], deadline=20.0)
+    assert statuses(out) == ["ok", "ok", "too_slow"]
+    assert out.column("sha256").to_pylist()[:2] == [hashlib.sha256(images["jpeg"]).hexdigest()] * 2
+    out, _ = run([server.url("/paced/2000/10/jpeg"), server.url("/trickle")], deadline=20.0, min_speed_window=1.0)
+    assert statuses(out) == ["too_slow", "too_slow"]
+
+
 def test_connection_refused_is_a_connection_error(server):
     import socket
 
