@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mmcurate.options import bounded
+
 # Candidate probability an LSH setting must reach for pairs exactly at the threshold.
 LSH_RECALL = 0.99
+# Permutations at most: a signature is 4 bytes per permutation per row (4 KiB at the cap).
+MAX_PERM = 1024
 
 
 @dataclass(frozen=True)
@@ -21,28 +25,20 @@ class MinhashConfig:
     with probability >= 0.99 (the verification step then removes the false candidates).
     """
 
-    threshold: float = 0.8
-    ngram: int = 3
+    threshold: float = bounded(0.8, gt=0, le=1)
+    ngram: int = bounded(3, ge=1)
     tokens: Literal["word", "char"] = "word"
     lowercase: bool = True
     strip_punctuation: bool = True
-    num_perm: int = 128
-    bands: int | None = None
-    rows: int | None = None
-    seed: int = 1
+    num_perm: int = bounded(128, ge=2, le=MAX_PERM)
+    bands: int | None = bounded(None, ge=1)
+    rows: int | None = bounded(None, ge=1)
+    seed: int = bounded(1, ge=0)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], not {self.threshold}")
-        if self.ngram < 1:
-            raise ValueError(f"ngram must be at least 1, not {self.ngram}")
-        if self.tokens not in ("word", "char"):
-            raise ValueError(f"tokens must be word or char, not {self.tokens!r}")
-        if self.num_perm < 2:
-            raise ValueError(f"num_perm must be at least 2, not {self.num_perm}")
         if (self.bands is None) != (self.rows is None):
             raise ValueError("set both bands and rows, or neither")
-        if self.bands is not None and (self.bands < 1 or self.rows < 1 or self.bands * self.rows > self.num_perm):
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
             raise ValueError(f"bands x rows must be between 1 and num_perm ({self.num_perm}), not {self.bands} x {self.rows}")
 
     @property

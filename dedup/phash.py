@@ -24,6 +24,7 @@ from PIL import Image
 
 from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.dedup.hashing import group_ids
+from mmcurate.options import bounded
 from mmcurate.stages.base import Resources, reject, set_column
 
 _DECODE_SIZE = (128, 128)  # JPEG draft decode: 4x the 32 px pHash input, stable and fast
@@ -33,11 +34,7 @@ _DECODE_SIZE = (128, 128)  # JPEG draft decode: 4x the 32 px pHash input, stable
 class PhashConfig:
     """``max_distance``: largest Hamming distance (bits of 64) between duplicates' pHashes."""
 
-    max_distance: int = 4
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.max_distance <= 31:
-            raise ValueError(f"max_distance must be between 0 and 31, not {self.max_distance}")
+    max_distance: int = bounded(4, ge=0, le=31)
 
 
 def phash(data: bytes) -> int:

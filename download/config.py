@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mmcurate import __version__
+from mmcurate.options import bounded
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 EncodeFormat = Literal["jpg", "png", "webp"]
@@ -25,26 +26,26 @@ class DownloadConfig:
     ``retry_after_cap``; a longer Retry-After, or a wait past the deadline, ends the sample.
     """
 
-    image_size: int = 256
+    image_size: int = bounded(256, ge=1)
     resize_mode: ResizeMode = "keep_ratio"
     resize_only_if_bigger: bool = False
     encode_format: EncodeFormat = "jpg"
     encode_quality: int | None = None  # jpg/webp quality (default 95); png zlib level 0-9 (default 6)
-    min_image_size: int = 0
-    max_image_area: float | None = None  # reject sources with more pixels (img2dataset's filter)
-    max_aspect_ratio: float | None = None
-    max_pixels: int = 89_478_485  # decompression-bomb guard, checked from the header before decoding
-    timeout: float = 10.0
-    deadline: float = 60.0
-    min_speed: int = 4096  # bytes/s
-    min_speed_window: float = 3.0
-    retries: int = 2
-    retry_after_cap: float = 5.0
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_redirects: int = 5
-    concurrency: int = 64  # downloads in flight per worker (img2dataset's thread_count)
-    per_host_connections: int = 16  # per worker
-    decode_threads: int = 2  # threads decoding and encoding beside the event loop, per worker
+    min_image_size: int = bounded(0, ge=0)
+    max_image_area: float | None = bounded(None, gt=0)  # reject sources with more pixels (img2dataset's filter)
+    max_aspect_ratio: float | None = bounded(None, gt=0)
+    max_pixels: int = bounded(89_478_485, ge=1)  # decompression-bomb guard, checked from the header before decoding
+    timeout: float = bounded(10.0, gt=0)
+    deadline: float = bounded(60.0, gt=0)
+    min_speed: int = bounded(4096, ge=0)  # bytes/s
+    min_speed_window: float = bounded(3.0, gt=0)
+    retries: int = bounded(2, ge=0)
+    retry_after_cap: float = bounded(5.0, ge=0)
+    max_body_bytes: int = bounded(32 * 1024 * 1024, ge=1)
+    max_redirects: int = bounded(5, ge=0)
+    concurrency: int = bounded(64, ge=1)  # downloads in flight per worker (img2dataset's thread_count)
+    per_host_connections: int = bounded(16, ge=1)  # per worker
+    decode_threads: int = bounded(2, ge=1)  # threads decoding and encoding beside the event loop, per worker
     user_agent: str = DEFAULT_USER_AGENT
     user_agent_token: str = "mmcurate"  # X-Robots-Tag directives addressed to this token apply too
     disallowed_header_directives: tuple[str, ...] = OPT_OUT_DIRECTIVES  # empty: ignore opt-outs
@@ -52,26 +53,6 @@ class DownloadConfig:
     refetch: bool = False  # fetch rows that already hold an image (img2dataset / mmcurate input) again
 
     def __post_init__(self) -> None:
-        positive = (
-            "image_size",
-            "max_pixels",
-            "timeout",
-            "deadline",
-            "min_speed_window",
-            "max_body_bytes",
-            "concurrency",
-            "per_host_connections",
-            "decode_threads",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("min_image_size", "retries", "retry_after_cap", "max_redirects", "min_speed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
-        for name in ("max_image_area", "max_aspect_ratio"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.encode_quality is None:
             object.__setattr__(self, "encode_quality", 6 if self.encode_format == "png" else 95)
         low, high = (0, 9) if self.encode_format == "png" else (1, 100)

@@ -21,6 +21,7 @@ import ftfy
 import pyarrow as pa
 
 from mmcurate.filters.common import Mode, check_mode
+from mmcurate.options import bounded
 from mmcurate.stages.base import Resources, Stage, reject, set_column
 
 JUNK_CHECKS = ("url", "filename", "placeholder", "html", "repeated_chars")
@@ -50,12 +51,12 @@ _SPACE = re.compile(r"\s+")
 
 @dataclass
 class CaptionQualityConfig:
-    min_words: int = 2  # DataComp basic: more than 2 words -> 3
-    min_chars: int = 5  # LAION: at least 5 characters; DataComp basic: more than 5 -> 6
-    max_words: int | None = None
-    max_chars: int | None = None
+    min_words: int = bounded(2, ge=0)  # DataComp basic: more than 2 words -> 3
+    min_chars: int = bounded(5, ge=0)  # LAION: at least 5 characters; DataComp basic: more than 5 -> 6
+    max_words: int | None = bounded(None, ge=0)
+    max_chars: int | None = bounded(None, ge=0)
     junk: tuple[str, ...] = JUNK_CHECKS  # which junk patterns to reject; [] for counts only
-    max_repeat: int = 5  # a non-digit, non-space character this many times in a row is junk
+    max_repeat: int = bounded(5, ge=2)  # a non-digit, non-space character this many times in a row is junk
     normalize: bool = True  # rewrite caption: ftfy, HTML tags removed, whitespace collapsed
     mode: Mode = "filter"
 
@@ -64,14 +65,10 @@ class CaptionQualityConfig:
         unknown = [j for j in self.junk if j not in JUNK_CHECKS]
         if unknown:
             raise ValueError(f"unknown junk check {unknown[0]!r} (checks: {', '.join(JUNK_CHECKS)})")
-        if min(self.min_words, self.min_chars) < 0:
-            raise ValueError("min_words and min_chars must not be negative")
         if self.max_words is not None and self.max_words < self.min_words:
             raise ValueError(f"max_words ({self.max_words}) is below min_words ({self.min_words})")
         if self.max_chars is not None and self.max_chars < self.min_chars:
             raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
-        if self.max_repeat < 2:
-            raise ValueError(f"max_repeat must be at least 2, not {self.max_repeat}")
 
 
 def normalize_caption(text: str) -> str:

@@ -13,20 +13,17 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.filters.common import source_sizes
+from mmcurate.options import bounded
 from mmcurate.stages.base import Resources, Stage, reject
 
 
 @dataclass
 class ImageSizeConfig:
-    min_side: int | None = None  # shorter side at least this many pixels (DataComp: 200)
-    max_side: int | None = None  # longer side at most this many pixels
-    min_area: int | None = None  # width x height at least this many pixels
+    min_side: int | None = bounded(None, ge=1)  # shorter side at least this many pixels (DataComp: 200)
+    max_side: int | None = bounded(None, ge=1)  # longer side at most this many pixels
+    min_area: int | None = bounded(None, ge=1)  # width x height at least this many pixels
 
     def __post_init__(self) -> None:
-        for name in ("min_side", "max_side", "min_area"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive number of pixels, not {value}")
         if self.min_side is not None and self.max_side is not None and self.min_side > self.max_side:
             raise ValueError(f"min_side ({self.min_side}) is larger than max_side ({self.max_side})")
 
@@ -61,17 +58,11 @@ class ImageSize(Stage):
 
 @dataclass
 class AspectRatioConfig:
-    max_ratio: float | None = 3.0  # longer side / shorter side at most this (DataComp 3, CogVLM 6)
-    min_width_ratio: float | None = None  # width / height at least this (for asymmetric bounds)
-    max_width_ratio: float | None = None  # width / height at most this
+    max_ratio: float | None = bounded(3.0, ge=1)  # longer side / shorter side at most this (DataComp 3, CogVLM 6)
+    min_width_ratio: float | None = bounded(None, gt=0)  # width / height at least this (for asymmetric bounds)
+    max_width_ratio: float | None = bounded(None, gt=0)  # width / height at most this
 
     def __post_init__(self) -> None:
-        if self.max_ratio is not None and self.max_ratio < 1:
-            raise ValueError(f"max_ratio is longer side / shorter side, so at least 1, not {self.max_ratio}")
-        for name in ("min_width_ratio", "max_width_ratio"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, not {value}")
         if self.min_width_ratio is not None and self.max_width_ratio is not None and self.min_width_ratio > self.max_width_ratio:
             raise ValueError(f"min_width_ratio ({self.min_width_ratio}) is larger than max_width_ratio ({self.max_width_ratio})")
 

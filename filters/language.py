@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from mmcurate.errors import UsageError
 from mmcurate.filters.common import Mode, check_mode
+from mmcurate.options import bounded
 from mmcurate.stages.base import Resources, Stage, reject, set_column
 
 _LABEL = "__label__"
@@ -40,14 +41,12 @@ def bundled_model() -> str:
 @dataclass
 class LanguageConfig:
     keep: tuple[str, ...] = ("en",)  # languages to keep (ISO 639 codes); [] keeps every language
-    min_score: float = 0.5  # reject when the top-1 probability is below this
+    min_score: float = bounded(0.5, ge=0, le=1)  # reject when the top-1 probability is below this
     model_path: str | None = None  # a fastText language-id model; default: the bundled lid.176.ftz
     mode: Mode = "filter"
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ValueError(f"min_score is a probability between 0 and 1, not {self.min_score}")
         self.keep = tuple(normalize_code(c) for c in self.keep)
 
 

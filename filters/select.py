@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
+from mmcurate.options import bounded
 from mmcurate.stages.base import GlobalStage, Resources, Stage, decisions, reject
 
 
@@ -30,18 +31,9 @@ from mmcurate.stages.base import GlobalStage, Resources, Stage, decisions, rejec
 class SelectConfig:
     min: dict[str, float] = field(default_factory=dict)  # column -> lowest value kept
     max: dict[str, float] = field(default_factory=dict)  # column -> highest value kept
-    top_fraction: dict[str, float] = field(default_factory=dict)  # column -> fraction of the dataset kept
+    top_fraction: dict[str, float] = bounded(default_factory=dict, gt=0, le=1)  # column -> fraction of the dataset kept
 
     def __post_init__(self) -> None:
-        for option in ("min", "max", "top_fraction"):
-            bounds = getattr(self, option)
-            for column, value in bounds.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"{option}.{column} must be a number, not {value!r}")
-                bounds[column] = float(value)
-        for column, fraction in self.top_fraction.items():
-            if not 0.0 < fraction <= 1.0:
-                raise ValueError(f"top_fraction.{column} must be in (0, 1], not {fraction}")
         if not (self.min or self.max or self.top_fraction):
             raise ValueError("give at least one of min, max or top_fraction")
 

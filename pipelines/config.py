@@ -23,11 +23,12 @@ from typing import Any
 import yaml
 
 from mmcurate.errors import UsageError
+from mmcurate.options import bounded, build_config
 from mmcurate.schemas import BY_NAME
 from mmcurate.shards.readers import InputSpec
 from mmcurate.shards.writers import OutputSpec
 from mmcurate.stages import stage_class
-from mmcurate.stages.base import Stage, build_config
+from mmcurate.stages.base import Stage
 
 ENGINES = ("local", "ray", "spark")
 PRESETS = Path(__file__).parent
@@ -53,13 +54,11 @@ class Pipeline:
     output: OutputSpec
     stages: list[StageSpec]
     engine: str = "local"
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = bounded(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
-        if self.workers < 1:
-            raise UsageError("workers must be at least 1")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,7 +120,11 @@ def parse_pipeline(data: Any, base: Path | None = None, paths: dict[str, str] | 
             raise UsageError(f"pipeline: {section} needs a path (in the YAML or with --{section})")
     inp = build_config(InputSpec, sections["input"], "pipeline input")
     out = build_config(OutputSpec, sections["output"], "pipeline output")
-    stages = [_stage_spec(item) for item in data.get("stages") or []]
+    listed = data.get("stages") or []
+    if not isinstance(listed, list):
+        given = "a mapping" if isinstance(listed, dict) else repr(listed)
+        raise UsageError(f"pipeline: stages is a list, one '- name: {{options}}' item per stage in the order they run, not {given}")
+    stages = [_stage_spec(item) for item in listed]
     extra = {k: data[k] for k in ("engine", "workers") if k in data}
     return build_config(Pipeline, {"input": inp, "output": out, "stages": stages, **extra}, "pipeline")
 

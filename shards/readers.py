@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
+from mmcurate.options import bounded
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
 from mmcurate.shards.layout import OutputDir, open_parquet
 
@@ -48,7 +49,7 @@ class InputSpec:
     format: str | None = None
     url_col: str = "url"
     caption_col: str | None = "caption"
-    max_caption_chars: int = 65536
+    max_caption_chars: int = bounded(65536, ge=0)
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:

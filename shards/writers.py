@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
+from mmcurate.options import bounded
 from mmcurate.schemas import CAPTION_EXTENSION, IMAGE_EXTENSIONS, JSON_EXTENSION, NOT_IN_JSON, conform
 from mmcurate.shards.layout import OutputDir
 
@@ -22,7 +23,7 @@ class OutputSpec:
 
     path: str
     format: Literal["webdataset", "parquet"] = "webdataset"
-    rows_per_shard: int = 10_000
+    rows_per_shard: int = bounded(10_000, ge=1)
     save_rejected_images: bool = False
 
     def __post_init__(self) -> None:

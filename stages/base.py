@@ -8,9 +8,6 @@ the ``key`` and ``global_columns`` of every kept row of the dataset and names th
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,8 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
-from mmcurate.errors import UsageError
+from mmcurate.options import build_config
 
 
 @dataclass(frozen=True)
@@ -112,88 +108,3 @@ def reject(table: pa.Table, mask: Any, reason: str | Any) -> pa.Table:
         reason = pa.array(reason, pa.string()) if not isinstance(reason, (pa.Array, pa.ChunkedArray)) else reason
     new = pc.if_else(pc.and_(mask, pc.is_null(current)), reason, current)
     return set_column(table, "reject_reason", new, pa.string())
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed, validated configs built from YAML mappings or ``--set key=value`` strings.
-
-
-def build_config(cls: type, params: Mapping[str, Any], where: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``params``, checking names and types; raise UsageError."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise UsageError(f"{where}: unknown option {unknown[0]!r} (options: {', '.join(fields) or 'none'})")
-    hints = typing.get_type_hints(cls)
-    values = {name: _coerce(value, hints[name], f"{where}: option {name!r}") for name, value in params.items()}
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"{where}: {e}") from None
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Convert ``value`` (possibly a ``--set`` string) to the annotated type, or raise UsageError."""
-    if isinstance(value, str) and hint is not str:
-        parsed = yaml.safe_load(value) if value.strip() else value
-        if not (isinstance(parsed, str) and _accepts_str(hint)):
-            value = parsed
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except UsageError as e:
-                errors.append(str(e))
-        raise UsageError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise UsageError(f"{where} must be one of {', '.join(map(str, args))}, not {value!r}")
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        item = args[0] if args else Any
-        return origin(_coerce(v, item, where) for v in value)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise UsageError(f"{where} must be a mapping, not {value!r}")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise UsageError(f"{where} must be true or false, not {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UsageError(f"{where} must be a number, not {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UsageError(f"{where} must be an integer, not {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise UsageError(f"{where} must be a string, not {value!r}")
-    return value
-
-
-def _accepts_str(hint: Any) -> bool:
-    if hint is str:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts_str(a) for a in typing.get_args(hint))
-    if origin is typing.Literal:
-        return any(isinstance(a, str) for a in typing.get_args(hint))
-    return False

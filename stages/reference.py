@@ -7,6 +7,7 @@ import inspect
 import sys
 import typing
 
+from mmcurate.options import field_bounds
 from mmcurate.stages import STAGES, stage_class
 from mmcurate.stages.base import GlobalStage
 
@@ -22,6 +23,11 @@ def _default(field: dataclasses.Field) -> str:
     if field.default_factory is not dataclasses.MISSING:
         return repr(field.default_factory())
     return "required"
+
+
+def _limits(field: dataclasses.Field) -> str:
+    bounds = field_bounds(field)
+    return f"`{bounds}`" if bounds is not None else ""
 
 
 def stage_doc(cls: type) -> str:
@@ -45,8 +51,8 @@ def stage_markdown(name: str) -> str:
     fields = dataclasses.fields(cls.Config)
     if fields:
         hints = typing.get_type_hints(cls.Config)
-        lines += ["", "| option | type | default |", "|---|---|---|"]
-        lines += [f"| `{f.name}` | `{_cell(_type_name(hints[f.name]))}` | `{_cell(_default(f))}` |" for f in fields]
+        lines += ["", "| option | type | default | limits |", "|---|---|---|---|"]
+        lines += [f"| `{f.name}` | `{_cell(_type_name(hints[f.name]))}` | `{_cell(_default(f))}` | {_limits(f)} |" for f in fields]
     return "\n".join(lines)
 
 

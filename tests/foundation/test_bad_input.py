@@ -126,9 +126,11 @@ def test_corrupt_img2dataset_tar(box: Sandbox, jpeg_photos: list[dict], photo_di
         (["--set", "output.rows_per_shard=many"], ("rows_per_shard", "must be an integer")),
         (["--set", "output.format=zip"], ("format", "webdataset")),
         (["--set", "input.max_caption_chars=1.5"], ("max_caption_chars", "must be an integer")),
-        (["--set", "workers=0"], ("workers must be at least 1",)),
+        (["--set", "workers=0"], ("workers", "must be at least 1")),
         (["--set", "nothing"], ("KEY=VALUE",)),
-        (["--rows-per-shard", "0"], ("rows_per_shard must be at least 1",)),
+        (["--rows-per-shard", "0"], ("rows_per_shard", "must be at least 1")),
+        (["--set", "output.rows_per_shard=["], ("rows_per_shard", "must be an integer, not '['")),
+        (["--set", "input.max_caption_chars=-1"], ("max_caption_chars", "must not be negative")),
     ],
 )
 def test_bad_options(box: Sandbox, args: list[str], fragments: tuple[str, ...]) -> None:
@@ -164,6 +166,13 @@ def test_unknown_stage_name(box: Sandbox) -> None:
         ("input: {path: urls.parquet, url_col: URL}\noutput: {path: ../out}\nstages: [nosuch]\n", "unknown stage 'nosuch'"),
         ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{drop_word: [dog]}]\n", "a stage is a name or a mapping"),
         ("input: {path: urls.parquet}\noutput: {path: ../out}\nengine: warp\n", "engine must be one of"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: {caption_quality: {min_words: 8}}\n", "stages is a list"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: caption_quality\n", "stages is a list"),
+        ("input: {path: urls.parquet, max_caption_chars: -1}\noutput: {path: ../out}\n", "'max_caption_chars' must not be negative"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{minhash_dedup: {num_perm: 100000000}}]\n", "'num_perm' must be between 2 and 1024"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {deadline: .nan}}]\n", "'deadline' must be a finite number"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {timeout: .nan}}]\n", "'timeout' must be a finite number"),
+        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {timeout: -1}}]\n", "'timeout' must be positive"),
     ],
 )
 def test_bad_yaml(box: Sandbox, text: str, fragment: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +16,8 @@ from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, reco
 from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, conform
 from mmcurate.stages import STAGES, stage_class
-from mmcurate.stages.base import Stage, build_config, decisions, reject
+from mmcurate.options import bounded, build_config
+from mmcurate.stages.base import Stage, decisions, reject
 
 
 def test_fields_are_unique_and_keys_not_nullable() -> None:
@@ -92,6 +94,43 @@ def test_build_config_coerces_set_strings(params: dict, expected: dict) -> None:
 def test_build_config_errors_are_usage_errors(params: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         build_config(Options, params, "stage t")
+
+
+@dataclass
+class Bounded:
+    seconds: float = bounded(1.0, gt=0)
+    retries: int = bounded(2, ge=0)
+    fraction: float | None = bounded(None, gt=0, le=1)
+    per_column: dict[str, float] = bounded(default_factory=dict, ge=0, le=1)
+    sizes: tuple[int, ...] = bounded((), ge=1)
+    offset: float = 0.0
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"seconds": float("nan")}, "option 'seconds' must be a finite number, not nan"),
+        ({"offset": ".inf"}, "option 'offset' must be a finite number"),
+        ({"offset": 10**400}, "option 'offset' must be a finite number"),
+        ({"seconds": 0}, "option 'seconds' must be positive, not 0"),
+        ({"retries": "-1"}, "option 'retries' must not be negative, not -1"),
+        ({"fraction": 1.5}, "option 'fraction' must be more than 0 and at most 1, not 1.5"),
+        ({"per_column": {"a": 0.5, "b": 2}}, "option 'per_column' must be between 0 and 1, not 2.0"),
+        ({"per_column": {"a": "high"}}, "option 'per_column' must be a number, not 'high'"),
+        ({"sizes": "3,0"}, "option 'sizes' must be at least 1, not 0"),
+        ({"retries": "["}, "option 'retries' must be an integer, not '['"),  # not YAML: refused as text
+        ({"per_column": "{a: "}, "option 'per_column' must be a mapping"),
+    ],
+)
+def test_build_config_checks_declared_bounds_and_finite_floats(params: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(f"stage t: {message}")):
+        build_config(Bounded, params, "stage t")
+
+
+def test_bounds_allow_their_limits_and_none() -> None:
+    config = build_config(Bounded, {"seconds": "0.5", "retries": 0, "fraction": 1, "per_column": {"a": 0, "b": 1}, "offset": -3}, "t")
+    assert (config.seconds, config.retries, config.fraction, config.per_column, config.offset) == (0.5, 0, 1.0, {"a": 0.0, "b": 1.0}, -3.0)
+    assert build_config(Bounded, {"fraction": "null"}, "t").fraction is None
 
 
 def test_components_keep_the_smallest_key() -> None:
