@@ -2,7 +2,7 @@
 
 Model: full-size ViT-B-32 with random weights (open_clip ``create_model("ViT-B-32",
 pretrained=None)``, saved to a temporary folder and loaded by the stage through ``local-dir:``);
-weights do not change the cost. Data: the real photos of ``shared/data/images`` (123 px to
+weights do not change the cost. Data: the images of ``tests/data/images`` (123 px to
 1411 px, JPEG and PNG) with their captions, repeated to ``--images`` pairs. The naive loop scores
 one pair at a time: Pillow decode, preprocess, encode image and caption. The stage batches pairs
 and decodes in a thread pool ahead of the model. Prints pairs/s (best of ``--repeat`` alternating
@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from mmcurate.filters.clip_score import ClipScore
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "images"
 
 
 def pairs(n: int) -> tuple[list[bytes], list[str]]:

@@ -1,6 +1,6 @@
 """Benchmark the download stage against img2dataset 1.47 on the same local corpus, in one run.
 
-Builds a corpus of ~800 px JPEGs from the shared photos, serves it with nginx on 127.0.0.1, then
+Builds a corpus of ~800 px JPEGs from the test photos, serves it with nginx on 127.0.0.1, then
 downloads it with img2dataset (in its own venv) and with ``mmcurate run`` using the same settings:
 256 px keep_ratio, JPEG q95, WebDataset, 2 processes, 500 rows per shard. Prints images/s (ok
 images over wall-clock seconds, process start included), the ratio, the peak RSS of the largest
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-PHOTOS = REPO.parent / "shared" / "data" / "images"
+PHOTOS = REPO / "tests" / "data" / "images"
 WORK = REPO / "bench" / "out" / "download"
 I2D_VENV = WORK / "venv-img2dataset"
 ROWS_PER_SHARD = 500
@@ -45,7 +45,7 @@ PROCESSES = 2
 
 
 def build_corpus(count: int) -> Path:
-    """``count`` JPEGs of about 800 px (random crops, flips and scales of the shared photos)."""
+    """``count`` JPEGs of about 800 px (random crops, flips and scales of the test photos)."""
     corpus = WORK / "corpus"
     if corpus.exists() and len(list(corpus.glob("*.jpg"))) == count:
         return corpus

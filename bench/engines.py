@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from mmcurate.engines import run_pipeline
 from mmcurate.pipelines.config import parse_pipeline
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 PIPELINES = {
     "per-shard": ["caption_quality", "language"],  # no global stage: shards stream through
     "with-dedup": ["caption_quality", "language", "minhash_dedup"],  # + a global step and a second segment

@@ -29,7 +29,7 @@ from mmcurate.stages.base import reject
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # rensa (imported later): one core, like everything else here
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 SHARD = 10_000
 _STRIP = str.maketrans("", "", string.punctuation)
 

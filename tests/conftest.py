@@ -3,41 +3,33 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # img2dataset_layout, shared by the test folders
-
-import img2dataset_layout  # noqa: E402
+from mmcurate.tests.support import DATA, img2dataset_layout
 
 # No model hub is reachable: fail fast instead of waiting for a network time-out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """``tests/data``: real public test data, each folder with its license and attribution."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` beside the repo (real test data with its licenses)."""
-    if not SHARED_DATA.exists():
-        pytest.skip("../shared/data is not beside the repo")
-    return SHARED_DATA
-
-
-@pytest.fixture(scope="session")
-def laion_sample(shared_data: Path) -> Path:
+def laion_sample(data_dir: Path) -> Path:
     """1,000 real LAION URL/caption rows (columns URL, TEXT)."""
-    return shared_data / "url_caption_samples" / "test_1000.parquet"
+    return data_dir / "url_caption_samples" / "test_1000.parquet"
 
 
 @pytest.fixture(scope="session")
-def photo_dir(shared_data: Path) -> Path:
-    """53 real CC-licensed / public-domain photos with manifest.csv and COCO captions."""
-    return shared_data / "images"
+def photo_dir(data_dir: Path) -> Path:
+    """53 CC-licensed / public-domain images with manifest.csv (sources, sizes, licenses, COCO captions)."""
+    return data_dir / "images"
 
 
 @pytest.fixture(scope="session")

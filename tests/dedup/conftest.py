@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import random
-import sys
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -17,16 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # dedup_support, for the tests
-
-from dedup_support import THRESHOLD, duplicate_components  # noqa: E402
+from mmcurate.tests.support.dedup import THRESHOLD, duplicate_components
 
 
 @pytest.fixture(scope="session")
-def coco_captions(shared_data: Path) -> dict[str, list[str]]:
+def coco_captions(data_dir: Path) -> dict[str, list[str]]:
     """COCO captions by image id: five human paraphrases of one image each."""
     by_image: dict[str, list[str]] = defaultdict(list)
-    with open(shared_data / "coco_captions" / "captions.tsv", newline="") as f:
+    with open(data_dir / "coco_captions" / "captions.tsv", newline="") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             by_image[row["coco_image_id"]].append(row["caption"])
     return dict(by_image)

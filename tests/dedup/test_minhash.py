@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from dedup_support import THRESHOLD, jaccard, reference_shingles
 
 from mmcurate.dedup.config import MinhashConfig
 from mmcurate.dedup.lsh import from_arrow, permutations, signatures
@@ -16,6 +15,7 @@ from mmcurate.dedup.minhash import SIGNATURE, MinhashDedup
 from mmcurate.dedup.shingles import normalise, shingle_hashes
 from mmcurate.errors import UsageError
 from mmcurate.stages.base import reject
+from mmcurate.tests.support.dedup import THRESHOLD, jaccard, reference_shingles
 
 
 def run_stage(stage: MinhashDedup, keys: list[str], docs: list[str | None], batch: int = 10_000) -> pa.Table:

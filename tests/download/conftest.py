@@ -35,7 +35,7 @@ def _png_bomb(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="session")
 def images(photo_dir: Path) -> dict[str, bytes]:
-    """Test images made from the shared real photos, by route name."""
+    """Test images made from the real photos of tests/data, by route name."""
     photo = Image.open(photo_dir / "coco_000000062554.jpg").convert("RGB")  # 640 x 428
     other = Image.open(photo_dir / "coco_000000084284.jpg").convert("RGB")
     rgba = photo.copy()

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from mmcurate import stages as registry
 from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.engines import run_pipeline
@@ -151,9 +152,9 @@ def test_stages(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def caption_input(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def caption_input(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Parquet URL list of 795 real COCO captions plus 60 exact and 40 near-duplicate rows."""
-    with open(shared_data / "coco_captions" / "captions.tsv", newline="") as f:
+    with open(data_dir / "coco_captions" / "captions.tsv", newline="") as f:
         captions = [row["caption"].strip() for row in csv.DictReader(f, delimiter="\t")]
     rng = np.random.default_rng(0)
     exact = [captions[i] for i in rng.choice(len(captions), 60, replace=False)]

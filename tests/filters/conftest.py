@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # filters_support, for the test modules
-
-from filters_support import write_dataset  # noqa: E402
+from mmcurate.tests.support.filters import write_dataset
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -23,7 +20,7 @@ TINY_CLIP = {
 
 @pytest.fixture(scope="session")
 def photos(photo_dir: Path) -> pa.Table:
-    """The 53 real photos as kept rows: image bytes, sizes from the manifest, known captions (else null)."""
+    """The 53 images as kept rows: image bytes, sizes from the manifest, known captions (else null)."""
     with open(photo_dir / "manifest.csv", newline="") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: r["file"])
     n = len(rows)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_command
+
 from mmcurate.errors import UsageError
 from mmcurate.filters.blocklist import Blocklist
+from mmcurate.tests.support.filters import kept, rejects, run_command
 
 URLS = [
     "https://cdn.Example.com/a.jpg",

@@ -7,9 +7,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from filters_support import kept, rejects, run_command
+
 from mmcurate.errors import UsageError
 from mmcurate.filters.caption_quality import CaptionQuality, normalize_caption
+from mmcurate.tests.support.filters import kept, rejects, run_command
 
 
 def run(captions: list[str | None], **params) -> pa.Table:

@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from filters_support import kept, rejects, run_command
+
 from mmcurate.errors import UsageError
 from mmcurate.filters.clip_score import ClipScore
 from mmcurate.filters.common import decode_image
+from mmcurate.tests.support.filters import kept, rejects, run_command
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_command
+
 from mmcurate.errors import UsageError
 from mmcurate.filters.image_size import AspectRatio, ImageSize
+from mmcurate.tests.support.filters import kept, rejects, run_command
 
 
 def table(sizes: list[tuple[int | None, int | None]], stored: list[tuple[int | None, int | None]] | None = None) -> pa.Table:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_command
+
 from mmcurate.errors import UsageError
 from mmcurate.filters.language import Language, normalize_code
+from mmcurate.tests.support.filters import kept, rejects, run_command
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,10 @@ def table(captions: list[str | None]) -> pa.Table:
     )
 
 
-def test_top1_accuracy_on_6000_sentences(shared_data: Path, language: Language) -> None:
+def test_top1_accuracy_on_6000_sentences(data_dir: Path, language: Language) -> None:
     """30 languages x 200 real sentences (Leipzig corpora via lingua-py): top-1 accuracy >= 0.95."""
     # Split on newlines only: a few sentences hold other Unicode line separators.
-    lines = [line for line in (shared_data / "langid" / "sentences.tsv").read_text(encoding="utf-8").split("\n")[1:] if line]
+    lines = [line for line in (data_dir / "langid" / "sentences.tsv").read_text(encoding="utf-8").split("\n")[1:] if line]
     gold, texts = zip(*(line.split("\t", 1) for line in lines), strict=True)
     assert len(texts) == 6000
     predicted, scores = language.predict(list(texts))

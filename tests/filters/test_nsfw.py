@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_command
+
 from mmcurate.errors import UsageError
 from mmcurate.filters.nsfw import Nsfw
+from mmcurate.tests.support.filters import kept, rejects, run_command
 
 pytest.importorskip("nudenet")
 

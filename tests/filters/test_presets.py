@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from filters_support import kept, rejects, run_cli, run_command
+
 from mmcurate.examples.demo import serve
 from mmcurate.pipelines.config import load_pipeline
+from mmcurate.tests.support.filters import kept, rejects, run_cli, run_command
 
 PRESETS = ("datacomp_basic", "laion", "cogvlm")
 LOOPBACK = "download.allow_private_networks=true"  # the photos are served on 127.0.0.1

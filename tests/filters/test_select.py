@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from filters_support import kept, rejects, run_cli, run_command
+
 from mmcurate.errors import UsageError
 from mmcurate.filters.select import Select, TopFractionSelect
 from mmcurate.stages.base import GlobalStage
+from mmcurate.tests.support.filters import kept, rejects, run_cli, run_command
 
 
 def scored() -> pa.Table:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import (
+
+from mmcurate.cli import main
+from mmcurate.tests.support.foundation import (
     LAION,
     assert_usage_error,
     check_accounting,
@@ -22,8 +24,7 @@ from foundation_support import (
     sorted_files,
     write_yaml,
 )
-from img2dataset_layout import write_img2dataset
-from mmcurate.cli import main
+from mmcurate.tests.support.img2dataset_layout import write_img2dataset
 
 
 class Sandbox:

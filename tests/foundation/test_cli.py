@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from foundation_support import LAION, check_accounting, kept_table, run_cli, toy_stage, write_yaml
+
 from mmcurate import __version__, schemas
+from mmcurate.tests.support.foundation import LAION, check_accounting, kept_table, run_cli, toy_stage, write_yaml
 
 
 def test_exit_0_when_the_run_finishes_with_rejections(tmp_path: Path, laion_sample: Path) -> None:

@@ -9,15 +9,16 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pytest
-from foundation_support import DropWord
+
 from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.dedup.graph import candidate_pairs, components, member_pairs
 from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, record_read
 from mmcurate.errors import UsageError
+from mmcurate.options import bounded, build_config
 from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, conform
 from mmcurate.stages import STAGES, stage_class
-from mmcurate.options import bounded, build_config
 from mmcurate.stages.base import Stage, decisions, reject
+from mmcurate.tests.support.foundation import DropWord
 
 
 def test_fields_are_unique_and_keys_not_nullable() -> None:

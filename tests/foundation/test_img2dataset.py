@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import check_accounting, kept_table, read_folder, run_cli, tables_equal
-from img2dataset_layout import I2D_ROWS, I2D_SHARDS
+
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
+from mmcurate.tests.support.foundation import check_accounting, kept_table, read_folder, run_cli, tables_equal
+from mmcurate.tests.support.img2dataset_layout import I2D_ROWS, I2D_SHARDS
 
 
 def test_img2dataset_reader_keeps_keys_rejects_failures_attaches_images(tmp_path: Path, img2dataset_output: Path, photo_dir: Path) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import LAION, check_accounting, kept_table, key_of, toy_stage
+
 from mmcurate.errors import UsageError
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
+from mmcurate.tests.support.foundation import LAION, check_accounting, kept_table, key_of, toy_stage
 
 
 def write_url_list(path: Path, fmt: str, rows: list[dict]) -> Path:

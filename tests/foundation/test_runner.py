@@ -13,11 +13,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import (
+
+from mmcurate.engines.local import run_local
+from mmcurate.pipelines.config import Pipeline, StageSpec
+from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.readers import InputSpec, plan_input
+from mmcurate.shards.writers import OutputSpec
+from mmcurate.tests.support.foundation import (
     LAION,
     assert_usage_error,
     check_accounting,
-    cli_env,
     kept_table,
     key_of,
     read_folder,
@@ -29,11 +34,6 @@ from foundation_support import (
     toy_stage,
     write_yaml,
 )
-from mmcurate.engines.local import run_local
-from mmcurate.pipelines.config import Pipeline, StageSpec
-from mmcurate.shards.layout import OutputDir
-from mmcurate.shards.readers import InputSpec, plan_input
-from mmcurate.shards.writers import OutputSpec
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -139,7 +139,7 @@ def assert_same_output(a: Path, b: Path) -> None:
 def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path, dup_csv: Path) -> None:
     killed = resume_config(tmp_path, dup_csv, "killed")
     proc = subprocess.Popen(
-        toy_cli_command("run", str(killed), "--no-progress"), env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        toy_cli_command("run", str(killed), "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     done = tmp_path / "killed" / "_done"
     deadline = time.monotonic() + 60

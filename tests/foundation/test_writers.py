@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import check_accounting, kept_table, read_folder, run_cli, tables_equal, write_yaml
+
 from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
+from mmcurate.tests.support.foundation import check_accounting, kept_table, read_folder, run_cli, tables_equal, write_yaml
 
 
 def convert(tmp_path: Path, src: Path, name: str, fmt: str, rows_per_shard: int = 4) -> Path:

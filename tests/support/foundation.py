@@ -1,7 +1,7 @@
-"""Toy stages, output readers and a CLI launcher shared by the foundation tests.
+"""Toy stages, output readers and a CLI launcher of the foundation tests.
 
 The stages are registered under test-only names (``drop_word``, ``slow``, ``caption_dedup``, ``boom``) by
-:func:`register`; ``python -m foundation_support ARGS`` runs the real ``mmcurate`` CLI with them
+:func:`register`; ``python -m MODULE ARGS`` runs the real ``mmcurate`` CLI with them
 registered, for subprocess tests that need a stage (run those with ``workers: 1``: spawned pool
 workers import the unpatched registry).
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,16 +20,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.stages.base import Stage, reject, set_column
 
-HERE = Path(__file__).resolve().parent
+MODULE = "mmcurate.tests.support.foundation"  # ``python -m MODULE`` is the CLI with the toy stages
 LAION = ("--url-col", "URL", "--caption-col", "TEXT")  # column options of the LAION sample
 TOY_STAGES = {
-    "drop_word": "foundation_support:DropWord",
-    "slow": "foundation_support:Slow",
-    "caption_dedup": "foundation_support:CaptionDedup",
-    "boom": "foundation_support:Boom",
+    "drop_word": f"{MODULE}:DropWord",
+    "slow": f"{MODULE}:Slow",
+    "caption_dedup": f"{MODULE}:CaptionDedup",
+    "boom": f"{MODULE}:Boom",
 }
 
 
@@ -115,7 +115,7 @@ class CaptionDedup(ClusterStage):
 
 
 def register(monkeypatch) -> None:
-    """Register the toy stages for in-process runs (``sys.path`` already holds this folder)."""
+    """Register the toy stages for in-process runs."""
     from mmcurate import stages
 
     for name, target in TOY_STAGES.items():
@@ -132,16 +132,10 @@ def mmcurate_exe() -> str:
     return exe
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
-    return env
-
-
 def run_cli(*args: str, cwd: Path | str | None = None, toy: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run the ``mmcurate`` console command (or, with ``toy``, the same CLI with the toy stages)."""
-    cmd = [sys.executable, "-m", "foundation_support", *args] if toy else [mmcurate_exe(), *args]
-    return subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    cmd = toy_cli_command(*args) if toy else [mmcurate_exe(), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def toy_stage(stage: str, src: Path | str, out: Path | str, *extra: str, cwd: Path | str | None = None) -> subprocess.CompletedProcess:
@@ -150,7 +144,7 @@ def toy_stage(stage: str, src: Path | str, out: Path | str, *extra: str, cwd: Pa
 
 
 def toy_cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "foundation_support", *args]
+    return [sys.executable, "-m", MODULE, *args]
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

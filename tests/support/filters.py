@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from mmcurate.cli import main
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.writers import OutputSpec, write_shard
