@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "exact_dedup": "mmcurate.dedup.exact:ExactDedup",
     "phash_dedup": "mmcurate.dedup.phash:PhashDedup",
     "minhash_dedup": "mmcurate.dedup.minhash:MinhashDedup",
+    "noun_phrases": "mmcurate.captioning.noun_phrases:NounPhrases",
 }
 
 

@@ -1,0 +1,52 @@
+"""The COCO part of ``shared/data/images``: captions, boxes, and which box categories a caption names.
+
+Shared by the captioning tests and ``bench/noun_phrases.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+def coco_captions(photo_dir: Path) -> dict[str, list[str]]:
+    """``{file: its 5 human captions}`` of the COCO photos."""
+    captions: dict[str, list[str]] = defaultdict(list)
+    with open(photo_dir / "coco_captions.tsv", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            captions[row["file"]].append(row["caption"])
+    return dict(captions)
+
+
+def coco_boxes(photo_dir: Path) -> dict[str, list[dict]]:
+    """``{file: [{"category", "x", "y", "w", "h"}]}``, COCO xywh in pixels."""
+    boxes: dict[str, list[dict]] = defaultdict(list)
+    with open(photo_dir / "coco_boxes.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            boxes[row["file"]].append({"category": row["category"], **{k: float(row[k]) for k in ("x", "y", "w", "h")}})
+    return dict(boxes)
+
+
+def _head_word(category: str) -> re.Pattern:
+    """A category's last word ("dining table" -> table), singular or plural, as a whole word."""
+    return re.compile(rf"\b{re.escape(category.split()[-1])}(?:s|es)?\b", re.IGNORECASE)
+
+
+def named_pairs(photo_dir: Path) -> list[tuple[str, str]]:
+    """(caption, category) pairs where a caption names a box category of its image (191 pairs)."""
+    boxes = coco_boxes(photo_dir)
+    pairs = []
+    for file, captions in coco_captions(photo_dir).items():
+        categories = sorted({b["category"] for b in boxes.get(file, [])})
+        pairs += [(caption, category) for caption in captions for category in categories if _head_word(category).search(caption)]
+    return pairs
+
+
+def category_recall(pairs: Iterable[tuple[str, str]], phrases: Callable[[str], list[str]]) -> tuple[float, list[tuple[str, str]]]:
+    """The share of pairs whose caption's ``phrases`` contain the category's word, and the misses."""
+    pairs = list(pairs)
+    misses = [(caption, category) for caption, category in pairs if not any(_head_word(category).search(p) for p in phrases(caption))]
+    return 1 - len(misses) / len(pairs), misses
