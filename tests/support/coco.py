@@ -1,4 +1,4 @@
-"""The COCO part of ``shared/data/images``: captions, boxes, and which box categories a caption names.
+"""The COCO photos of ``tests/data/images``: their captions, boxes, and which box categories a caption names.
 
 Shared by the captioning tests and ``bench/noun_phrases.py``.
 """
