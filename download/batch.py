@@ -3,7 +3,8 @@
 Concurrency is bounded twice: at most ``per_host_connections`` samples of one host and at most
 ``concurrency`` samples overall are in flight (fetching or being decoded), which also bounds the
 memory held in downloaded bodies. A sample's deadline starts when it gets its slot, so waiting in
-the queue never counts against it.
+the queue never counts against it. A host that keeps failing is paused by the
+:class:`~mmcurate.download.breaker.HostBreaker`, and its queued samples end at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from mmcurate.download.breaker import REFUSED, Admission, HostBreaker
 from mmcurate.download.config import DownloadConfig
 from mmcurate.download.fetch import Fetcher
 from mmcurate.download.images import Encoded, process_image
@@ -41,7 +43,7 @@ def _decode(data: bytes, config: DownloadConfig) -> Outcome:
     return Outcome("ok", result, sha256)
 
 
-async def download_batch(urls: Sequence[object], config: DownloadConfig, pool: Executor) -> list[Outcome]:
+async def download_batch(urls: Sequence[object], config: DownloadConfig, pool: Executor, breaker: HostBreaker) -> list[Outcome]:
     """One :class:`Outcome` per URL, in order; never raises for a bad URL, server or image."""
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(config.concurrency)
@@ -53,14 +55,23 @@ async def download_batch(urls: Sequence[object], config: DownloadConfig, pool: E
             url, reason = parse_url(raw)
             if url is None:
                 return Outcome(reason or "bad_url")
-            async with hosts[url.host or ""], slots:
+            host = url.host or ""
+            async with hosts[host]:
+                admission = await breaker.admit(host)
+                if admission is Admission.REFUSE:
+                    return Outcome(REFUSED)
+                status = "download_error"
                 try:
-                    fetched = await fetcher.fetch(url)
-                    if fetched.data is None:
-                        return Outcome(fetched.status)
-                    return await loop.run_in_executor(pool, _decode, fetched.data, config)
+                    async with slots:
+                        fetched = await fetcher.fetch(url)
+                        status = fetched.status
+                        if fetched.data is None:
+                            return Outcome(fetched.status)
+                        return await loop.run_in_executor(pool, _decode, fetched.data, config)
                 except Exception:  # a bug in a library must cost one row, not the shard
                     log.warning("unexpected error downloading %s", url, exc_info=True)
                     return Outcome("download_error")
+                finally:
+                    breaker.report(host, status, admission)
 
         return list(await asyncio.gather(*(one(u) for u in urls)))

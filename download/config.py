@@ -24,6 +24,9 @@ class DownloadConfig:
     (redirects, retries and their waits included): a server at 30 KB/s delivers 1.8 MB within it.
     Retries follow 429, 5xx and connection errors with exponential backoff (0.5 s, 1 s, ...) or the server's Retry-After when it is at most
     ``retry_after_cap``; a longer Retry-After, or a wait past the deadline, ends the sample.
+    After ``breaker_failures`` consecutive timeouts, ``too_slow`` transfers or connection errors
+    from one host, the host's queued URLs end as ``host_unresponsive`` for ``breaker_cooldown``
+    seconds; then one probe may reopen it.
     """
 
     image_size: int = bounded(256, ge=1)
@@ -40,6 +43,8 @@ class DownloadConfig:
     min_speed: int = bounded(4096, ge=0)  # bytes/s
     min_speed_window: float = bounded(3.0, gt=0)
     retries: int = bounded(2, ge=0)
+    breaker_failures: int = bounded(5, ge=0)  # consecutive timeouts / too_slow / connection errors that pause a host; 0: never
+    breaker_cooldown: float = bounded(60.0, gt=0)  # seconds a paused host's URLs fail fast before a probe
     retry_after_cap: float = bounded(5.0, ge=0)
     max_body_bytes: int = bounded(32 * 1024 * 1024, ge=1)
     max_redirects: int = bounded(5, ge=0)

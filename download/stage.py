@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmcurate.download.batch import Outcome, download_batch
+from mmcurate.download.breaker import REFUSED, HostBreaker
 from mmcurate.download.config import DownloadConfig
+from mmcurate.download.urls import parse_url
 from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import Resources, Stage, reject, set_column
 
@@ -27,7 +30,10 @@ class Download(Stage):
     the event loop. ``timeout`` bounds connecting and each read; a body slower than ``min_speed``
     bytes/s over a ``min_speed_window`` ends as ``too_slow``; ``deadline`` bounds everything one
     URL may take: redirects (at most ``max_redirects``) and ``retries`` with exponential backoff on
-    429, 5xx and connection errors, honouring Retry-After up to ``retry_after_cap``. Bodies larger
+    429, 5xx and connection errors, honouring Retry-After up to ``retry_after_cap``. After
+    ``breaker_failures`` consecutive timeouts, slow transfers or connection errors from one host,
+    its queued URLs end as ``host_unresponsive`` for ``breaker_cooldown`` seconds, then a probe may
+    reopen it; a shard's stats name these hosts (``hosts_tripped``). Bodies larger
     than ``max_body_bytes`` are cut off while streaming. Only http(s) URLs are fetched, and
     loopback, private, link-local, multicast and reserved addresses are refused, after every
     redirect too, unless ``allow_private_networks``. An ``X-Robots-Tag`` with one of
@@ -41,7 +47,8 @@ class Download(Stage):
     ``blocked_address``, ``dns_error``, ``connection_error``, ``ssl_error``, ``timeout``, ``too_slow``,
     ``http_404``-style codes, ``too_many_redirects``, ``redirect_loop``, ``opted_out``,
     ``too_large``, ``not_an_image``, ``decode_error``, ``decompression_bomb``, ``image_too_small``,
-    ``image_area_too_large``, ``aspect_ratio_too_large``, ``bad_response``, ``download_error``);
+    ``image_area_too_large``, ``aspect_ratio_too_large``, ``bad_response``, ``host_unresponsive``,
+    ``download_error``);
     failed rows are rejected with the same reason. ``mmcurate run PIPELINE --retry-failed`` fetches
     the failed rows of a finished run again. Rows that already hold an image (img2dataset or
     mmcurate input) keep it and are not fetched, unless ``refetch``; so a preset that starts with
@@ -58,12 +65,14 @@ class Download(Stage):
     def __init__(self, config: DownloadConfig | None = None) -> None:
         super().__init__(config)
         self._pool: ThreadPoolExecutor | None = None
+        self._breaker: HostBreaker | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None}  # threads do not travel to another process
+        return {**self.__dict__, "_pool": None, "_breaker": None}  # threads and host state stay in their process
 
     def setup(self) -> None:
         self._pool = ThreadPoolExecutor(self.config.decode_threads, thread_name_prefix="mmcurate-decode")
+        self._breaker = HostBreaker(self.config.breaker_failures, self.config.breaker_cooldown)
 
     def process(self, batch: pa.Table) -> pa.Table:
         """Fetch the rows without an image; rows that already hold one (an img2dataset or mmcurate
@@ -79,10 +88,15 @@ class Download(Stage):
         order = pa.concat_arrays([pc.indices_nonzero(held), todo])
         return merged.take(pc.sort_indices(order))
 
+    def shard_stats(self, rejected: pa.Table) -> dict[str, list[str]]:
+        """``hosts_tripped``: the hosts whose rows the breaker refused in this shard."""
+        refused = rejected.filter(pc.equal(rejected.column("reject_reason"), REFUSED)).column("url").to_pylist()
+        return {"hosts_tripped": sorted({str(parse_url(u)[0].host) for u in refused})}
+
     def _fetch(self, batch: pa.Table) -> pa.Table:
-        if self._pool is None:
+        if self._pool is None or self._breaker is None:
             self.setup()
-        run = functools.partial(asyncio.run, download_batch(batch.column("url").to_pylist(), self.config, self._pool))
+        run = functools.partial(asyncio.run, download_batch(batch.column("url").to_pylist(), self.config, self._pool, self._breaker))
         if _loop_running():  # called from async code (a notebook): run the batch's own loop in a thread
             with ThreadPoolExecutor(1) as runner:
                 return add_outcomes(batch, runner.submit(run).result())

@@ -43,8 +43,11 @@ class ShardStats:
     rows_in: int = 0
     stages: list[dict] = field(default_factory=list)
 
-    def record(self, stage: str, rows_in: int, reasons: Counter, seconds: float) -> None:
-        self.stages.append({"stage": stage, "rows_in": rows_in, "rejected": sum(reasons.values()), "reasons": dict(sorted(reasons.items())), "seconds": round(seconds, 4)})
+    def record(self, stage: str, rows_in: int, reasons: Counter, seconds: float, extra: dict | None = None) -> None:
+        """Add a stage's line; ``extra`` holds the stage's own entries (:meth:`Stage.shard_stats`)."""
+        self.stages.append(
+            {"stage": stage, "rows_in": rows_in, "rejected": sum(reasons.values()), "reasons": dict(sorted(reasons.items())), "seconds": round(seconds, 4), **(extra or {})}
+        )
 
     def as_dict(self, kept: int) -> dict:
         rejected = sum(s["rejected"] for s in self.stages)
@@ -76,7 +79,7 @@ def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
     kept, done = table.filter(mask), table.filter(pc.invert(mask))
     # A global stage runs even on no rows, so that every shard has the columns its global step reads.
     if kept.num_rows == 0 and not isinstance(stage, GlobalStage):
-        stats.record(stage.name, 0, Counter(), 0.0)
+        stats.record(stage.name, 0, Counter(), 0.0, stage.shard_stats(kept))
         return table
     parts = []
     size = stage.batch_size or max(kept.num_rows, 1)
@@ -90,8 +93,9 @@ def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
     newly = pc.and_(pc.is_valid(processed.column("reject_reason")), pc.is_null(processed.column("reject_stage")))
     stage_col = pc.if_else(newly, pa.scalar(stage.name), processed.column("reject_stage"))
     processed = processed.set_column(processed.column_names.index("reject_stage"), "reject_stage", stage_col)
-    reasons = Counter(processed.filter(newly).column("reject_reason").to_pylist())
-    stats.record(stage.name, kept.num_rows, reasons, time.perf_counter() - start)
+    rejected = processed.filter(newly)
+    reasons = Counter(rejected.column("reject_reason").to_pylist())
+    stats.record(stage.name, kept.num_rows, reasons, time.perf_counter() - start, stage.shard_stats(rejected))
     return pa.concat_tables([processed, done], promote_options="permissive")
 
 

@@ -274,7 +274,7 @@ def _bookkeeping(table: pa.Table, shard_id: int, stages: list[Stage]) -> pa.Tabl
 def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
     """Write every shard of the block (final files, or the segment's intermediate files)."""
     last = segment == len(ctx.segments) - 1
-    stages = [s.name for s in ctx.stages[: _end_position(ctx, segment)]]
+    stages = ctx.stages[: _end_position(ctx, segment)]
     ids = pc.unique(batch.column(SHARD)).to_pylist()
     for shard_id in ids:
         table = batch.filter(pc.equal(batch.column(SHARD), shard_id))
@@ -297,7 +297,7 @@ def _end_position(ctx: RunContext, segment: int) -> int:
     return sum(len(s.stages) for s in ctx.segments[: segment + 1])
 
 
-def shard_stats(shard_id: int, table: pa.Table, stages: list[str]) -> ShardStats:
+def shard_stats(shard_id: int, table: pa.Table, stages: list[Stage]) -> ShardStats:
     """The shard's stats from its rows: the reader's rejections, then per stage the rows it saw and
     the rows rejected at its position (by ``process`` or, for a global stage, by its decision)."""
     at = table.column(REJECTED_AT).to_numpy(zero_copy_only=False)
@@ -310,10 +310,11 @@ def shard_stats(shard_id: int, table: pa.Table, stages: list[str]) -> ShardStats
     stats.rows_in = table.num_rows
     stats.record("read", table.num_rows, by_position.get(READ_POSITION, Counter()), 0.0)
     gone = sum(by_position.get(READ_POSITION, Counter()).values())
-    for position, name in enumerate(stages):
+    for position, stage in enumerate(stages):
         reasons_here = by_position.get(position, Counter())
         column = _seconds_column(position)
         seconds = float(pc.sum(table.column(column)).as_py() or 0.0) if column in table.column_names else 0.0
-        stats.record(name, table.num_rows - gone, reasons_here, seconds)
+        rejected_here = table.filter(pc.fill_null(pc.equal(table.column(REJECTED_AT), position), False))
+        stats.record(stage.name, table.num_rows - gone, reasons_here, seconds, stage.shard_stats(rejected_here))
         gone += sum(reasons_here.values())
     return stats

@@ -56,6 +56,10 @@ class Stage:
         """Return ``batch`` with the ``adds`` columns and ``reject_reason`` set on rejected rows."""
         raise NotImplementedError
 
+    def shard_stats(self, rejected: pa.Table) -> dict[str, Any]:
+        """Entries this stage adds to its line of a shard's stats, from the shard's rows it rejected (none by default)."""
+        return {}
+
 
 class GlobalStage(Stage):
     """A stage whose decision needs the whole dataset (dedup, top-fraction selection).

@@ -71,8 +71,9 @@ def images(photo_dir: Path) -> dict[str, bytes]:
 class Server:
     """The test server: ``url(path)``, and per-path request counts in ``hits``."""
 
-    def __init__(self, images: dict[str, bytes]) -> None:
+    def __init__(self, images: dict[str, bytes], address: str = "127.0.0.1") -> None:
         self.images = images
+        self.address = address
         self.hits: Counter[str] = Counter()
         self.user_agents: set[str] = set()
         self.base = ""
@@ -109,10 +110,10 @@ class Server:
         )
         self.runner = web.AppRunner(app, shutdown_timeout=0.2)
         self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, self.address, 0)
         self.loop.run_until_complete(site.start())
         port = self.runner.addresses[0][1]
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = f"http://{self.address}:{port}"
         self._ready.set()
         self.loop.run_forever()
 
@@ -203,6 +204,14 @@ class Server:
 @pytest.fixture(scope="session")
 def server(images: dict[str, bytes]):
     srv = Server(images)
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="session")
+def other_host(images: dict[str, bytes]):
+    """The same routes on 127.0.0.2 (loopback too): a second host, for per-host behaviour."""
+    srv = Server(images, "127.0.0.2")
     yield srv
     srv.close()
 

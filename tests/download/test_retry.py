@@ -80,3 +80,22 @@ def test_retry_failed_keeps_parquet_output_and_refuses_other_pipelines(server, t
     kept = pq.read_table(tmp_path / "out" / "shards" / "00000.parquet")
     assert kept.column("status").to_pylist() == ["ok", "ok"] and all(kept.column("image").to_pylist())
     assert _rejects(tmp_path / "out").num_rows == 0
+
+
+def test_breaker_refusals_are_in_the_stats_and_retried(server, other_host, tmp_path):
+    trickle = other_host.url("/trickle")
+    urls = [trickle] * 3 + [other_host.url("/img/jpeg"), server.url("/img/jpeg"), server.url("/img/png")]
+    pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet")
+    slow = {"deadline": 20, "min_speed": 100, "min_speed_window": 1, "breaker_failures": 2}
+    out = tmp_path / "out"
+    assert main(["run", _pipeline(tmp_path, "webdataset", per_host_connections=1, **slow), "--no-progress"]) == 0
+    assert Counter(_rejects(out).column("reject_reason").to_pylist()) == {"too_slow": 2, "host_unresponsive": 2}
+    for shard in ("00000", "00001"):  # the host paused in the first shard stays paused in the second
+        download = next(s for s in json.loads((out / "_stats" / f"{shard}.json").read_text())["stages"] if s["stage"] == "download")
+        assert download["hosts_tripped"] == ["127.0.0.2"]
+
+    before = other_host.hits["/trickle"]
+    retry = _pipeline(tmp_path, "webdataset", "retry.yaml", per_host_connections=1, **{**slow, "breaker_failures": 0})
+    assert main(["run", retry, "--retry-failed", "--no-progress"]) == 0
+    assert other_host.hits["/trickle"] == before + 3
+    assert Counter(_rejects(out).column("reject_reason").to_pylist()) == {"too_slow": 3}

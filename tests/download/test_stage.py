@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from mmcurate.download import breaker
 from mmcurate.download import urls as url_checks
 from mmcurate.download.stage import Download
 from mmcurate.errors import UsageError
@@ -140,6 +141,54 @@ def test_slow_transfers_end_as_too_slow_and_30_kb_per_s_is_kept(server, images):
     assert out.column("sha256").to_pylist()[:2] == [hashlib.sha256(images["jpeg"]).hexdigest()] * 2
     out, _ = run([server.url("/paced/2000/10/jpeg"), server.url("/trickle")], deadline=20.0, min_speed_window=1.0)
     assert statuses(out) == ["too_slow", "too_slow"]
+
+
+# The trickle (1 byte/s) is too slow; any other route sends its body at once.
+BREAKER = {"breaker_failures": 2, "breaker_cooldown": 30.0, "min_speed": 100, "min_speed_window": 1.0, "per_host_connections": 2, "deadline": 20.0}
+
+
+class Clock:
+    """The breaker's clock, moved forward by hand: cool-downs pass without waiting."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_breaker_pauses_a_failing_host_and_a_probe_reopens_it(server, other_host, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(breaker, "time", clock)
+    stage = Download.from_params({**FAST, **BREAKER})
+    stage.setup()
+
+    def fetch(urls: list[str]) -> list[str]:
+        table = pa.table({"key": [f"k{i}" for i in range(len(urls))], "url": urls, "reject_reason": pa.nulls(len(urls), pa.string())})
+        return statuses(stage.process(table))
+
+    trickle, jpeg = other_host.url("/trickle"), other_host.url("/img/jpeg")
+    before = other_host.hits["/trickle"]
+    # Two slow transfers pause the host (a third may have started between them): its queued URLs end
+    # at once, other hosts are untouched.
+    first = fetch([trickle] * 5 + [jpeg, server.url("/img/png")])
+    slow = first.count("too_slow")
+    assert first[:slow] == ["too_slow"] * slow and slow in (2, 3) and other_host.hits["/trickle"] == before + slow
+    assert first[slow:] == ["host_unresponsive"] * (6 - slow) + ["ok"]
+    assert fetch([jpeg, server.url("/img/jpeg")]) == ["host_unresponsive", "ok"]  # the next shard, within the cool-down
+    clock.offset += 31
+    assert fetch([trickle, jpeg]) == ["too_slow", "host_unresponsive"]  # a failed probe pauses it again; jpeg waited for it
+    clock.offset += 31
+    assert fetch([jpeg, jpeg, jpeg]) == ["ok", "ok", "ok"]  # an answered probe reopens it
+    assert fetch([trickle] * 3 + [jpeg])[::3] == ["too_slow", "host_unresponsive"]  # and failures count afresh
+
+
+def test_answers_reset_the_breaker_and_it_can_be_turned_off(server, other_host):
+    params = {**BREAKER, "per_host_connections": 1}
+    mixed = [other_host.url(p) for p in ("/trickle", "/status/404", "/trickle", "/img/jpeg", "/trickle")]
+    assert statuses(run(mixed, **params)[0]) == ["too_slow", "http_404", "too_slow", "ok", "too_slow"]
+    trickles = [other_host.url("/trickle")] * 3
+    assert statuses(run(trickles, **{**params, "breaker_failures": 0})[0]) == ["too_slow"] * 3
 
 
 def test_connection_refused_is_a_connection_error(server):
