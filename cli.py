@@ -122,7 +122,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("run", "stage"):
         pipeline = _pipeline_from_args(args)
         if args.retry_failed:
-            from mmcurate.download.retry import retry_failed
+            from mmcurate.engines.retry import retry_failed
 
             summary = retry_failed(pipeline)
         else:

@@ -1,18 +1,18 @@
 """Engine-neutral pieces every runner uses: applying stages to a shard's rows, the rejects ledger
-bookkeeping, global-stage decisions and per-shard stats. Runners only move tables between
+bookkeeping, global-stage decisions and per-shard stats from the ledger. Runners only move tables between
 readers, these functions and writers.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmcurate.stages.base import GlobalStage, Stage
+from mmcurate.stages.base import GlobalStage, Stage, set_column
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Segment:
     """Stages that run shard by shard, ended by the global stage whose decision needs every shard."""
 
     stages: list[Stage]
+    start: int = 0  # pipeline position of the first stage
     global_stage: GlobalStage | None = None
     applies: GlobalStage | None = None  # the previous segment's global stage, whose decisions open this one
 
@@ -27,50 +28,79 @@ class Segment:
 def segments(stages: list[Stage]) -> list[Segment]:
     """Cut the pipeline after each global stage."""
     result = [Segment([])]
-    for stage in stages:
+    for position, stage in enumerate(stages):
         result[-1].stages.append(stage)
         if isinstance(stage, GlobalStage):
             result[-1].global_stage = stage
-            result.append(Segment([], applies=stage))
+            result.append(Segment([], position + 1, applies=stage))
     return result
 
 
-@dataclass
-class ShardStats:
-    """Row accounting of one shard: rows in, kept, rejected by stage and reason, seconds per stage."""
+# The ledger: every row carries the pipeline position of the stage that rejected it (null while kept;
+# READ_POSITION: the reader) and, per stage position, its share of that stage's seconds on the shard.
+REJECTED_AT = "_rejected_at"
+READ_POSITION = -1
 
-    shard: int
-    rows_in: int = 0
-    stages: list[dict] = field(default_factory=list)
 
-    def record(self, stage: str, rows_in: int, reasons: Counter, seconds: float, extra: dict | None = None) -> None:
-        """Add a stage's line; ``extra`` holds the stage's own entries (:meth:`Stage.shard_stats`)."""
-        self.stages.append(
-            {"stage": stage, "rows_in": rows_in, "rejected": sum(reasons.values()), "reasons": dict(sorted(reasons.items())), "seconds": round(seconds, 4), **(extra or {})}
-        )
+def seconds_column(position: int) -> str:
+    return f"_seconds_{position}"
 
-    def as_dict(self, kept: int) -> dict:
-        rejected = sum(s["rejected"] for s in self.stages)
-        return {"shard": self.shard, "rows_in": self.rows_in, "kept": kept, "rejected": rejected, "stages": self.stages}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> ShardStats:
-        return cls(data["shard"], data["rows_in"], list(data["stages"]))
+def start_ledger(table: pa.Table) -> pa.Table:
+    """A shard fresh from the reader: its rejected rows (malformed rows, failed img2dataset
+    downloads...) are the reader's."""
+    return mark_rejected(set_column(table, REJECTED_AT, pa.nulls(table.num_rows, pa.int16())), READ_POSITION)
+
+
+def mark_rejected(table: pa.Table, position: int) -> pa.Table:
+    """Set ``_rejected_at`` to ``position`` on the rows rejected since it was last set."""
+    newly = pc.and_(pc.is_valid(table.column("reject_reason")), pc.is_null(table.column(REJECTED_AT)))
+    return set_column(table, REJECTED_AT, pc.if_else(newly, pa.scalar(position, pa.int16()), table.column(REJECTED_AT)), pa.int16())
+
+
+def _add_seconds(table: pa.Table, position: int, seconds: float, seen: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """Share ``seconds`` among the rows a stage saw (``seen``), in the stage's seconds column."""
+    name = seconds_column(position)
+    n = int(pc.sum(seen).as_py() or 0)
+    previous = table.column(name) if name in table.column_names else pa.array(np.zeros(table.num_rows))
+    return set_column(table, name, pc.add(previous, pc.if_else(seen, seconds / max(n, 1), 0.0)), pa.float64())
+
+
+def shard_stats(shard_id: int, table: pa.Table, stages: list[Stage]) -> dict:
+    """A shard's stats from its ledger, for every engine: rows in, kept, and per stage (the reader
+    first, then ``stages`` in pipeline order) the rows it saw, the rows it rejected by reason (by
+    ``process`` or, for a global stage, by its decision), its seconds and its own entries
+    (:meth:`Stage.shard_stats` of the rows it rejected)."""
+    rejected = table.filter(pc.is_valid(table.column("reject_reason")))
+    counts = rejected.group_by([REJECTED_AT, "reject_reason"]).aggregate([([], "count_all")]).to_pylist()
+    by_position: dict[int, dict[str, int]] = {}
+    for row in counts:
+        by_position.setdefault(row[REJECTED_AT], {})[row["reject_reason"]] = row["count_all"]
+    entries, gone = [], 0
+    for position, stage in enumerate([None, *stages], start=READ_POSITION):
+        reasons = dict(sorted(by_position.get(position, {}).items()))
+        column = seconds_column(position)
+        seconds = float(pc.sum(table.column(column)).as_py() or 0.0) if column in table.column_names else 0.0
+        own = {} if stage is None else stage.shard_stats(rejected.filter(pc.equal(rejected.column(REJECTED_AT), position)))
+        entry = {"rows_in": table.num_rows - gone, "rejected": sum(reasons.values()), "reasons": reasons, "seconds": round(seconds, 4)}
+        entries.append({"stage": "read" if stage is None else stage.name, **entry, **own})
+        gone += sum(reasons.values())
+    return {
+        "shard": shard_id,
+        "rows_in": table.num_rows,
+        "kept": table.num_rows - rejected.num_rows,
+        "rejected": rejected.num_rows,
+        "stages": entries,
+    }
 
 
 def kept_mask(table: pa.Table) -> pa.ChunkedArray:
     return pc.is_null(table.column("reject_reason"))
 
 
-def record_read(table: pa.Table, stats: ShardStats) -> None:
-    """Count the rows the reader rejected (malformed rows, failed img2dataset downloads...)."""
-    stats.rows_in = table.num_rows
-    reasons = Counter(r for r in table.column("reject_reason").to_pylist() if r is not None)
-    stats.record("read", table.num_rows, reasons, 0.0)
-
-
-def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
-    """Run ``stage`` on the kept rows of ``table``; newly rejected rows get ``reject_stage``.
+def apply_stage(stage: Stage, table: pa.Table, position: int) -> pa.Table:
+    """Run ``stage`` (at pipeline ``position``) on the kept rows of ``table``; newly rejected rows get
+    ``reject_stage`` and ``_rejected_at``, the rows it saw a share of its seconds.
 
     Rows rejected earlier skip the stage and keep their place after the kept ones.
     """
@@ -79,7 +109,6 @@ def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
     kept, done = table.filter(mask), table.filter(pc.invert(mask))
     # A global stage runs even on no rows, so that every shard has the columns its global step reads.
     if kept.num_rows == 0 and not isinstance(stage, GlobalStage):
-        stats.record(stage.name, 0, Counter(), 0.0, stage.shard_stats(kept))
         return table
     parts = []
     size = stage.batch_size or max(kept.num_rows, 1)
@@ -93,48 +122,30 @@ def apply_stage(stage: Stage, table: pa.Table, stats: ShardStats) -> pa.Table:
     newly = pc.and_(pc.is_valid(processed.column("reject_reason")), pc.is_null(processed.column("reject_stage")))
     stage_col = pc.if_else(newly, pa.scalar(stage.name), processed.column("reject_stage"))
     processed = processed.set_column(processed.column_names.index("reject_stage"), "reject_stage", stage_col)
-    rejected = processed.filter(newly)
-    reasons = Counter(rejected.column("reject_reason").to_pylist())
-    stats.record(stage.name, kept.num_rows, reasons, time.perf_counter() - start, stage.shard_stats(rejected))
-    return pa.concat_tables([processed, done], promote_options="permissive")
+    table = mark_rejected(pa.concat_tables([processed, done], promote_options="permissive"), position)
+    seen = pa.array(np.arange(table.num_rows) < kept.num_rows)
+    return _add_seconds(table, position, time.perf_counter() - start, seen)
 
 
-def apply_decisions(stage: GlobalStage, table: pa.Table, decisions: pa.Table, stats: ShardStats) -> pa.Table:
-    """Reject the kept rows whose key a global stage's decision names (removal by key, never position)."""
+def apply_decisions(stage: GlobalStage, position: int, table: pa.Table, decisions: pa.Table) -> pa.Table:
+    """Reject the kept rows whose key a global stage's decision names (removal by key, never position);
+    they count as rejected by the global stage at pipeline ``position``."""
     start = time.perf_counter()
     index = pc.index_in(table.column("key"), value_set=decisions.column("key"))
     kept = kept_mask(table)
     hit = pc.and_(pc.is_valid(index), kept)
     picked = {name: pc.take(decisions.column(name), index) for name in ("reject_reason", "duplicate_of")}
-    columns = {
-        "reject_reason": pc.if_else(hit, picked["reject_reason"], table.column("reject_reason")),
-        "reject_stage": pc.if_else(hit, pa.scalar(stage.name), table.column("reject_stage")),
-        "duplicate_of": pc.if_else(hit, picked["duplicate_of"], table.column("duplicate_of") if "duplicate_of" in table.column_names else pa.nulls(table.num_rows, pa.string())),
-    }
-    for name, values in columns.items():
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, values)
-        else:
-            table = table.append_column(name, values)
-    reasons = Counter(table.filter(hit).column("reject_reason").to_pylist())
-    # The decision belongs to the global stage's accounting: add it to that stage's entry.
-    for entry in reversed(stats.stages):
-        if entry["stage"] == stage.name:
-            entry["rejected"] += sum(reasons.values())
-            merged = Counter(entry["reasons"]) + reasons
-            entry["reasons"] = dict(sorted(merged.items()))
-            entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 4)
-            break
-    else:
-        stats.record(stage.name, int(pc.sum(kept).as_py() or 0), reasons, time.perf_counter() - start)
-    return table
+    previous = table.column("duplicate_of") if "duplicate_of" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    table = set_column(table, "reject_reason", pc.if_else(hit, picked["reject_reason"], table.column("reject_reason")))
+    table = set_column(table, "reject_stage", pc.if_else(hit, pa.scalar(stage.name), table.column("reject_stage")))
+    table = set_column(table, "duplicate_of", pc.if_else(hit, picked["duplicate_of"], previous))
+    return _add_seconds(mark_rejected(table, position), position, time.perf_counter() - start, kept)
 
 
-def run_segment(segment: Segment, table: pa.Table, stats: ShardStats, decisions: pa.Table | None) -> pa.Table:
-    """Apply the previous global decision, then the segment's stages, to one shard."""
+def run_segment(segment: Segment, table: pa.Table, decisions: pa.Table | None) -> pa.Table:
+    """Apply the previous global decision, then the segment's stages, to one shard's ledger."""
     if segment.applies is not None and decisions is not None:
-        table = apply_decisions(segment.applies, table, decisions, stats)
-    for stage in segment.stages:
-        table = apply_stage(stage, table, stats)
+        table = apply_decisions(segment.applies, segment.start - 1, table, decisions)
+    for offset, stage in enumerate(segment.stages):
+        table = apply_stage(stage, table, segment.start + offset)
     return table
-

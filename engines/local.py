@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pyarrow as pa
 from tqdm import tqdm
 
-from mmcurate.engines.core import ShardStats, record_read, run_segment
+from mmcurate.engines.core import run_segment, shard_stats, start_ledger
 from mmcurate.engines.intermediate import kept_rows
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
@@ -52,19 +52,15 @@ def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int, ready: s
             ready.add(stage.name)
     out = ctx.out
     if segment_index == 0:
-        table = ctx.reader.read(plan)
-        stats = ShardStats(plan.shard_id)
-        record_read(table, stats)
+        table = start_ledger(ctx.reader.read(plan))
     else:
         table = out.read_parquet(ctx.work_path(segment_index - 1, plan.shard_id, ".parquet"))
-        stats = ShardStats.from_dict(out.read_json(ctx.work_path(segment_index - 1, plan.shard_id, ".json")))
     decisions = ctx.decisions(segment_index - 1) if segment_index else None
-    table = run_segment(segment, table, stats, decisions)
+    table = run_segment(segment, table, decisions)
     if segment_index == len(ctx.segments) - 1:
-        kept = table.num_rows - sum(1 for r in table.column("reject_reason").to_pylist() if r is not None)
-        write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats.as_dict(kept))
+        stats = shard_stats(plan.shard_id, table, ctx.stages)
+        write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats)
     else:
-        out.write_json(ctx.work_path(segment_index, plan.shard_id, ".json"), stats.as_dict(0))
         out.write_parquet(ctx.work_path(segment_index, plan.shard_id, ".parquet"), table)
     return plan.rows
 

@@ -11,9 +11,9 @@ stages: one actor per ``gpus`` of the cluster; CPU chains: 1 to CPUs / ``cpus`` 
 Every block is one whole shard: batches are whole blocks (``batch_size=None``; a stage's own
 ``batch_size`` slices inside :func:`engines.core.apply_stage`) and Ray's output-block splitting is
 off, so the writer sees whole shards and writes the same files, per shard id, as the local runner.
-Each row carries ``_shard`` and ``_rejected_at`` (the pipeline position of the stage that rejected
-it, -1 for the reader), from which the writer derives the shard's stats, equal to the local
-runner's but for timings.
+Each row carries ``_shard`` and the ledger columns of :mod:`engines.core` (the position of the
+stage that rejected it, its share of each stage's seconds), from which the writer derives the
+shard's stats with the local runner's function.
 
 Global stages run as Ray shuffles over the segment's intermediate files (see :mod:`ray_global`).
 """
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, kept_mask
+from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, start_ledger
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.worker_state import worker_context
@@ -42,8 +40,6 @@ from mmcurate.stages.base import Stage, set_column
 from tqdm import tqdm
 
 SHARD = "_shard"
-REJECTED_AT = "_rejected_at"
-READ_POSITION = -1
 
 
 def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
@@ -150,7 +146,7 @@ class Chain:
         if self.read:
             batch = _read(batch, ctx, self.segment, self.applies)
         for stage, position in self.stages:
-            batch = _apply(batch, stage, position)
+            batch = apply_stage(stage, batch, position)
         return _write(batch, ctx, self.segment) if self.write else batch
 
 
@@ -218,63 +214,23 @@ class ChainActor:
         return self.chain(batch)
 
 
-def _apply(batch: pa.Table, stage: Stage, position: int) -> pa.Table:
-    """Run ``stage`` on a block; mark newly rejected rows with its position; share its time per row."""
-    start = time.perf_counter()
-    table = apply_stage(stage, batch, ShardStats(-1))
-    seconds = time.perf_counter() - start
-    processed = pc.is_null(table.column(REJECTED_AT))  # rows the stage saw (apply_stage keeps rejected ones out)
-    table = _mark(table, position)
-    n = int(pc.sum(processed).as_py() or 0)
-    return set_column(table, _seconds_column(position), pc.if_else(processed, seconds / max(n, 1), 0.0), pa.float64())
-
-
-def _mark(table: pa.Table, position: int) -> pa.Table:
-    """Set ``_rejected_at`` to ``position`` on rows rejected since it was last set."""
-    newly = pc.and_(pc.is_valid(table.column("reject_reason")), pc.is_null(table.column(REJECTED_AT)))
-    return set_column(table, REJECTED_AT, pc.if_else(newly, pa.scalar(position, pa.int16()), table.column(REJECTED_AT)), pa.int16())
-
-
-def _seconds_column(position: int) -> str:
-    return f"_seconds_{position}"
-
-
 def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -> pa.Table:
     """The rows of the block's shards: from the reader, or the previous segment's intermediate
     files with the decision of the previous global stage (at position ``applies``) applied."""
     tables = []
     for shard_id in batch.column("shard").to_pylist():
         if segment == 0:
-            table = _bookkeeping(ctx.reader.read(ctx.reader.shards[shard_id]), shard_id, ctx.stages)
+            table = start_ledger(ctx.reader.read(ctx.reader.shards[shard_id]))
         else:
-            table = _bookkeeping(ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet")), shard_id, ctx.stages)
-            table = apply_decisions(ctx.segments[segment].applies, table, ctx.decisions(segment - 1), ShardStats(shard_id))
-            table = _mark(table, applies)
-        tables.append(table)
+            table = ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet"))
+            table = apply_decisions(ctx.segments[segment].applies, applies, table, ctx.decisions(segment - 1))
+        tables.append(set_column(table, SHARD, np.full(table.num_rows, shard_id), pa.int64()))
     return pa.concat_tables(tables, promote_options="permissive")
-
-
-def _bookkeeping(table: pa.Table, shard_id: int, stages: list[Stage]) -> pa.Table:
-    """Add ``_shard`` and ``_rejected_at`` where missing: to rows fresh from the reader, or from
-    intermediate files another engine wrote (position of the first stage named ``reject_stage``)."""
-    if SHARD not in table.column_names:
-        table = set_column(table, SHARD, np.full(table.num_rows, shard_id), pa.int64())
-    if REJECTED_AT not in table.column_names:
-        positions = {"read": READ_POSITION}
-        for position, stage in reversed(list(enumerate(stages))):
-            positions[stage.name] = position
-        names = table.column("reject_stage").to_pylist()
-        reasons = table.column("reject_reason").to_pylist()
-        table = set_column(
-            table, REJECTED_AT, [None if r is None else positions[n] for n, r in zip(names, reasons, strict=True)], pa.int16()
-        )
-    return table
 
 
 def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
     """Write every shard of the block (final files, or the segment's intermediate files)."""
     last = segment == len(ctx.segments) - 1
-    stages = ctx.stages[: _end_position(ctx, segment)]
     ids = pc.unique(batch.column(SHARD)).to_pylist()
     for shard_id in ids:
         table = batch.filter(pc.equal(batch.column(SHARD), shard_id))
@@ -282,39 +238,8 @@ def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
             raise RuntimeError(
                 f"shard {shard_id} reached the writer in pieces ({table.num_rows} of {ctx.reader.shards[shard_id].rows} rows)"
             )
-        stats = shard_stats(shard_id, table, stages)
         if last:
-            kept = int(pc.sum(kept_mask(table)).as_py() or 0)
-            write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, stats.as_dict(kept))
+            write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, shard_stats(shard_id, table, ctx.stages))
         else:
-            ctx.out.write_json(ctx.work_path(segment, shard_id, ".json"), stats.as_dict(0))
             ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table)
     return pa.table({"shard": pa.array(ids, pa.int64()), "rows": pa.array([ctx.reader.shards[i].rows for i in ids], pa.int64())})
-
-
-def _end_position(ctx: RunContext, segment: int) -> int:
-    """Pipeline position just past the last stage of ``segment``."""
-    return sum(len(s.stages) for s in ctx.segments[: segment + 1])
-
-
-def shard_stats(shard_id: int, table: pa.Table, stages: list[Stage]) -> ShardStats:
-    """The shard's stats from its rows: the reader's rejections, then per stage the rows it saw and
-    the rows rejected at its position (by ``process`` or, for a global stage, by its decision)."""
-    at = table.column(REJECTED_AT).to_numpy(zero_copy_only=False)
-    reasons = table.column("reject_reason").to_pylist()
-    by_position: dict[int, Counter] = {}
-    for position, reason in zip(at, reasons, strict=True):
-        if reason is not None and not np.isnan(position):
-            by_position.setdefault(int(position), Counter())[reason] += 1
-    stats = ShardStats(shard_id)
-    stats.rows_in = table.num_rows
-    stats.record("read", table.num_rows, by_position.get(READ_POSITION, Counter()), 0.0)
-    gone = sum(by_position.get(READ_POSITION, Counter()).values())
-    for position, stage in enumerate(stages):
-        reasons_here = by_position.get(position, Counter())
-        column = _seconds_column(position)
-        seconds = float(pc.sum(table.column(column)).as_py() or 0.0) if column in table.column_names else 0.0
-        rejected_here = table.filter(pc.fill_null(pc.equal(table.column(REJECTED_AT), position), False))
-        stats.record(stage.name, table.num_rows - gone, reasons_here, seconds, stage.shard_stats(rejected_here))
-        gone += sum(reasons_here.values())
-    return stats

@@ -12,7 +12,7 @@ import pytest
 
 from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.dedup.graph import candidate_pairs, components, member_pairs
-from mmcurate.engines.core import ShardStats, apply_decisions, apply_stage, record_read
+from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, start_ledger
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded, build_config
 from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, conform
@@ -183,11 +183,9 @@ def shard(n: int, rejected: dict[int, str] | None = None) -> pa.Table:
 
 
 def test_apply_stage_batches_kept_rows_and_accounts() -> None:
-    stats = ShardStats(0)
-    table = shard(8, {1: "malformed_row"})
-    record_read(table, stats)
+    table = start_ledger(shard(8, {1: "malformed_row"}))
     stage = Echo()
-    out = apply_stage(stage, table, stats)
+    out = apply_stage(stage, table, 0)
     assert stage.seen == [["k0", "k2", "k3"], ["k4", "k5", "k6"], ["k7"]]  # rejected rows skip the stage
     assert out.num_rows == 8 and sorted(out.column("key").to_pylist()) == sorted(table.column("key").to_pylist())
     reasons = dict(
@@ -198,8 +196,8 @@ def test_apply_stage_batches_kept_rows_and_accounts() -> None:
         )
     )
     assert reasons["k1"] == ("read", "malformed_row") and reasons["k4"] == ("echo", "four") and reasons["k0"] == (None, None)
-    summary = stats.as_dict(kept=6)
-    assert summary["rows_in"] == 8 and summary["rejected"] == 2
+    summary = shard_stats(0, out, [stage])
+    assert (summary["rows_in"], summary["kept"], summary["rejected"]) == (8, 6, 2)
     assert [(s["stage"], s["rows_in"], s["reasons"]) for s in summary["stages"]] == [
         ("read", 8, {"malformed_row": 1}),
         ("echo", 7, {"four": 1}),
@@ -214,11 +212,11 @@ def test_apply_stage_refuses_a_stage_that_changes_rows() -> None:
             return table.slice(1)
 
     with pytest.raises(RuntimeError, match="returned other rows"):
-        apply_stage(Dropper(), shard(3), ShardStats(0))
+        apply_stage(Dropper(), start_ledger(shard(3)), 0)
 
 
 def test_apply_stage_on_a_shard_with_no_kept_rows() -> None:
-    out = apply_stage(DropWord(), shard(2, {0: "a", 1: "b"}), ShardStats(0))
+    out = apply_stage(DropWord(), start_ledger(shard(2, {0: "a", 1: "b"})), 0)
     assert out.column("reject_reason").to_pylist() == ["a", "b"]
 
 
@@ -226,13 +224,14 @@ def test_apply_decisions_rejects_by_key_and_only_kept_rows() -> None:
     class Dedup(ClusterStage):
         name = "dedup"
 
-    stats = ShardStats(0)
-    table = shard(4, {2: "malformed_row"})
-    out = apply_decisions(Dedup(), table, decisions(["k3", "k2", "zz"], "duplicate", ["k0", "k0", "k0"]), stats)
+    table = start_ledger(shard(4, {2: "malformed_row"}))
+    out = apply_decisions(Dedup(), 0, table, decisions(["k3", "k2", "zz"], "duplicate", ["k0", "k0", "k0"]))
     rows = {r["key"]: r for r in out.to_pylist()}
     assert (rows["k3"]["reject_stage"], rows["k3"]["reject_reason"], rows["k3"]["duplicate_of"]) == ("dedup", "duplicate", "k0")
     assert (rows["k2"]["reject_stage"], rows["k2"]["reject_reason"], rows["k2"]["duplicate_of"]) == ("read", "malformed_row", None)
     assert rows["k0"]["reject_reason"] is None and rows["k1"]["reject_reason"] is None
-    assert stats.stages == [
-        {"stage": "dedup", "rows_in": 3, "rejected": 1, "reasons": {"duplicate": 1}, "seconds": stats.stages[0]["seconds"]}
+    stats = shard_stats(0, out, [Dedup()])["stages"]
+    assert stats == [
+        {"stage": "read", "rows_in": 4, "rejected": 1, "reasons": {"malformed_row": 1}, "seconds": 0.0},
+        {"stage": "dedup", "rows_in": 3, "rejected": 1, "reasons": {"duplicate": 1}, "seconds": stats[1]["seconds"]},
     ]

@@ -12,18 +12,18 @@ the whole dataset without the retried rows.
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmcurate.engines.core import ShardStats, run_segment
+from mmcurate.engines.core import REJECTED_AT, run_segment, shard_stats, start_ledger
 from mmcurate.engines.run import RunContext, finish_run
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import attach_images, read_tar_images
 from mmcurate.shards.writers import write_shard
+from mmcurate.stages.base import set_column
 
 NOT_RETRIED = frozenset(
     {
@@ -100,17 +100,18 @@ def _retry_shard(ctx: RunContext, shard_id: int) -> tuple[int, int]:
     again = rejects.filter(failed)
     if again.num_rows == 0:
         return 0, 0
-    old_reasons = Counter(again.column("reject_reason").to_pylist())
     for name in ("reject_stage", "reject_reason", "duplicate_of"):
         if name in again.column_names:
             again = again.set_column(again.column_names.index(name), name, pa.nulls(again.num_rows, pa.string()))
-    stats = ShardStats(shard_id, again.num_rows)
-    again = run_segment(ctx.segments[0], again, stats, None)
-    table = pa.concat_tables([_kept_rows(ctx, shard_id), rejects.filter(pc.invert(failed)), again], promote_options="permissive")
-    kept = int(pc.sum(pc.is_null(table.column("reject_reason"))).as_py() or 0)
-    merged = _merge_stats(out.read_json(out.shard_path("_stats", shard_id, ".json")), stats, old_reasons, kept)
+    again = run_segment(ctx.segments[0], start_ledger(again), None)
+    earlier = _ledger(pa.concat_tables([_kept_rows(ctx, shard_id), rejects.filter(pc.invert(failed))], promote_options="permissive"), ctx)
+    table = pa.concat_tables([earlier, again], promote_options="permissive")
+    stats = shard_stats(shard_id, table, ctx.stages)
+    previous = out.read_json(out.shard_path("_stats", shard_id, ".json"))
+    for entry, before in zip(stats["stages"], previous["stages"], strict=True):
+        entry["seconds"] = round(entry["seconds"] + before["seconds"], 4)
     out.fs.rm(out.shard_path("_done", shard_id, ""))
-    write_shard(out, ctx.pipeline.output, shard_id, table, ctx.columns, merged)
+    write_shard(out, ctx.pipeline.output, shard_id, table, ctx.columns, stats)
     return again.num_rows, int(pc.sum(pc.is_null(again.column("reject_reason"))).as_py() or 0)
 
 
@@ -128,23 +129,9 @@ def _kept_rows(ctx: RunContext, shard_id: int) -> pa.Table:
     return attach_images(meta, images, [True] * meta.num_rows)[0]
 
 
-def _merge_stats(previous: dict, retry: ShardStats, old_reasons: Counter, kept: int) -> dict:
-    """The shard's stats with the retried rows' first outcome replaced by the new one."""
-    entries = {e["stage"]: dict(e) for e in previous["stages"]}
-    order = [e["stage"] for e in previous["stages"]]
-    for new in retry.stages:
-        entry = entries.get(new["stage"])
-        if entry is None:
-            entries[new["stage"]] = dict(new)
-            order.append(new["stage"])
-            continue
-        reasons = Counter(entry["reasons"]) + Counter(new["reasons"])
-        if new["stage"] == STAGE:
-            reasons -= old_reasons  # these rows were counted in rows_in already
-        else:
-            entry["rows_in"] += new["rows_in"]
-        entry["reasons"] = dict(sorted(reasons.items()))
-        entry["rejected"] = sum(reasons.values())
-        entry["seconds"] = round(entry["seconds"] + new["seconds"], 4)
-    rejected = sum(entries[name]["rejected"] for name in order)
-    return {**previous, "kept": kept, "rejected": rejected, "stages": [entries[name] for name in order]}
+def _ledger(table: pa.Table, ctx: RunContext) -> pa.Table:
+    """Rows as written (kept rows and rejects) with the ledger's ``_rejected_at``: the position of
+    the first stage named by ``reject_stage``."""
+    names = pa.array(["read", *(stage.name for stage in ctx.stages)])
+    at = pc.subtract(pc.index_in(table.column("reject_stage"), value_set=names), 1)
+    return set_column(table, REJECTED_AT, pc.if_else(pc.is_valid(table.column("reject_reason")), at, None), pa.int16())
