@@ -1,25 +1,54 @@
-"""The base class of the dedup stages: candidate groups, verified pairs, connected components."""
+"""The dedup stages' base class and their global step, written once for every engine.
+
+A :class:`ClusterStage` names candidate groups (``group_keys``: exact hash, LSH band buckets, pHash
+chunks) and confirms candidate pairs (``verify``); in every connected component of confirmed pairs
+the smallest key is kept. Its global step is four phases over the kept rows of every shard (the
+model: NeMo Curator's fuzzy dedup, minhash -> LSH buckets -> edges -> connected components):
+
+1. ``bands``, per few shards: ``group_keys`` of each shard's rows, as ``(group, id)``, split by a
+   hash of the group;
+2. ``pairs``, per group partition: pair the members of each group with two or more
+   (:func:`graph.member_pairs`; a group larger than ``max_group_size`` pairs its smallest key with
+   the others); split by the left row's shard;
+3. ``left``, per partition: drop repeated pairs, attach the left row's key and global columns (read
+   from its shard: a column projection, not a shuffle of the dataset); split by the right row's shard;
+4. ``verify``, per partition: take the right rows' columns and call ``verify``: the edges.
+
+The driver then keeps the smallest key of every component of the edges (:meth:`ClusterStep.decide`).
+Rows travel as int64 ids, ``shard << 32 | row`` (the row's place among its shard's kept rows).
+
+An engine supplies only the distributed primitives of :class:`Exchange`: run a phase per input or
+per partition, route piece ``p`` of every task's output to partition ``p``, collect the results.
+:class:`InMemory` is the in-process one; ``ClusterStage.decide`` runs the phases with it on one table.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmcurate.dedup.graph import _component_codes, _pair_codes, _verify_rows
+from mmcurate.dedup.graph import components, member_pairs, shared_groups, sorted_distinct, verify_aligned
+from mmcurate.dedup.hashing import mix64
 from mmcurate.stages.base import GlobalStage, decisions
+
+ROW_BITS = 32
+ROW_MASK = (1 << ROW_BITS) - 1
+EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
 
 
 class ClusterStage(GlobalStage):
     """A global stage that removes near-duplicates: candidate groups, verified pairs, components.
 
-    Subclasses implement ``group_keys`` (which rows may be duplicates: exact hash, LSH band buckets,
-    pHash chunks) and, where candidates need checking, ``verify``. ``decide`` below is the in-memory
-    reference; the Ray and Spark engines run the same three steps distributed and must agree with it.
-    In every connected component of verified pairs the smallest key is kept and the others are
-    rejected with ``reason`` and ``duplicate_of`` = that key.
+    Subclasses implement ``group_keys`` and, where candidates need checking, ``verify``. Every row of
+    a component but the one with the smallest key is rejected with ``reason`` and ``duplicate_of`` =
+    that key.
     """
 
     reason: ClassVar[str] = "duplicate"
@@ -34,9 +63,173 @@ class ClusterStage(GlobalStage):
         return pa.array(np.ones(left.num_rows, dtype=bool))
 
     def decide(self, table: pa.Table) -> pa.Table:
-        # candidate_pairs -> verified_edges -> components, on integer key codes rather than strings.
-        keys, left, right = _pair_codes(self.group_keys(table), self.max_group_size)
-        rows = pc.index_in(keys, value_set=table.column("key")).to_numpy(zero_copy_only=False)
-        ok = _verify_rows(self, table, rows[left], rows[right])
-        dups, keepers = _component_codes(len(keys), left[ok], right[ok])
-        return decisions(keys.take(pa.array(dups)), self.reason, keys.take(pa.array(keepers)))
+        """The global step on one in-memory table (``key`` + ``global_columns``): one shard, one partition."""
+        table = table.select(["key", *self.global_columns])
+        step = ClusterStep(self, functools.partial(_whole_table, table), table.schema, parts=1)
+        return run_step(step, [0], InMemory(), maps=1)
+
+
+# The kept rows of one shard: ``rows(shard_id)`` gives ``key`` + ``global_columns``,
+# ``rows(shard_id, keys_only=True)`` only ``key``; both in the same row order.
+Rows = Callable[..., pa.Table]
+
+
+def _whole_table(table: pa.Table, shard_id: int, keys_only: bool = False) -> pa.Table:
+    return table.select(["key"]) if keys_only else table
+
+
+class Exchange(Protocol):
+    """What an engine supplies to run a global step. Each phase task returns ``step.parts`` pieces;
+    piece ``p`` of every task goes to partition ``p`` of the next phase (partitioning by key)."""
+
+    def scatter(self, step: ClusterStep, phase: str, inputs: list[tuple]) -> Any:
+        """Run ``phase(*args)`` for each args of ``inputs``; keep the pieces partitioned."""
+
+    def exchange(self, step: ClusterStep, phase: str, pieces: Any) -> Any:
+        """Run ``phase`` on each partition's pieces; keep its pieces partitioned."""
+
+    def gather(self, step: ClusterStep, phase: str, pieces: Any) -> list:
+        """Run ``phase`` on each partition's pieces; return the results to the driver."""
+
+
+class InMemory:
+    """The :class:`Exchange` of one process: tasks run one after another; pieces stay lists."""
+
+    def scatter(self, step: ClusterStep, phase: str, inputs: list[tuple]) -> list[list]:
+        return _transpose([getattr(step, phase)(*args) for args in inputs], step.parts)
+
+    def exchange(self, step: ClusterStep, phase: str, pieces: list[list]) -> list[list]:
+        return _transpose([getattr(step, phase)(*part) for part in pieces], step.parts)
+
+    def gather(self, step: ClusterStep, phase: str, pieces: list[list]) -> list:
+        return [getattr(step, phase)(*part) for part in pieces]
+
+
+def _transpose(outputs: list[list], parts: int) -> list[list]:
+    return [[output[p] for output in outputs] for p in range(parts)]
+
+
+def run_step(step: ClusterStep, shard_ids: list[int], engine: Exchange, maps: int) -> pa.Table:
+    """The decision table of ``step.stage`` over the kept rows of ``shard_ids``; ``bands`` runs in
+    ``maps`` tasks, the other phases in ``step.parts``."""
+    if not shard_ids:
+        return decisions([], step.stage.reason)
+    chunks = np.array_split(np.array(shard_ids), max(1, min(len(shard_ids), maps)))
+    bands = engine.scatter(step, "bands", [([int(i) for i in chunk],) for chunk in chunks])
+    pairs = engine.exchange(step, "pairs", bands)
+    left = engine.exchange(step, "left", pairs)
+    return step.decide(engine.gather(step, "verify", left))
+
+
+@dataclass
+class ClusterStep:
+    """The phases of ``stage``'s global step over shards' kept ``rows`` (of Arrow schema ``columns``:
+    ``key`` + ``global_columns``), in ``parts`` partitions. Picklable when ``rows`` is."""
+
+    stage: ClusterStage
+    rows: Rows
+    columns: pa.Schema
+    parts: int
+
+    def bands(self, shard_ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(group, id)`` of some shards' kept rows, split by group."""
+        groups, ids = [], []
+        for shard_id in shard_ids:
+            rows = self.rows(shard_id)
+            found = self.stage.group_keys(rows)
+            groups.append(found.column("group").to_numpy().astype(np.int64))
+            at = pc.index_in(found.column("key"), value_set=rows.column("key")).to_numpy(zero_copy_only=False).astype(np.int64)
+            ids.append((shard_id << ROW_BITS) | at)
+        group, id_ = np.concatenate(groups), np.concatenate(ids)
+        return _split((group, id_), (mix64(group) % np.uint64(self.parts)).astype(np.int64), self.parts)
+
+    def pairs(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Candidate pairs ``(a id, b id)`` of one partition's groups, split by the left row's shard."""
+        group, ids = _concat(pieces, 2)
+        rows, run = shared_groups(group)
+        distinct, codes = np.unique(ids[rows], return_inverse=True)
+        center = functools.partial(_smallest_key, functools.cache(functools.partial(self.rows, keys_only=True)), distinct)
+        left, right = member_pairs(run, codes.astype(np.int64), self.stage.max_group_size, center)
+        a, b = distinct[left], distinct[right]
+        return _split((a, b), (a >> ROW_BITS) % self.parts, self.parts)
+
+    def left(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[pa.Table]:
+        """Distinct pairs with the left row's key and global columns (``_a_<column>``), split by the
+        right row's shard and sorted by the right row. The wide global columns are copied by one ``take``."""
+        a, b = _distinct(*_concat(pieces, 2))
+        schema = pa.schema([("a", pa.string()), ("b", pa.int64()), *(self.columns.field(c).with_name(f"_a_{c}") for c in self.stage.global_columns)])
+        runs = _shard_runs(a)
+        if not runs:
+            return [schema.empty_table()] * self.parts
+        tables = [self.rows(shard_id) for shard_id, _ in runs]
+        offsets = np.cumsum([0] + [t.num_rows for t in tables])
+        position = np.concatenate([offsets[i] + (a[run] & ROW_MASK) for i, (_, run) in enumerate(runs)])
+        order, slices = _grouping((b >> ROW_BITS) % self.parts, self.parts, within=b)
+        side = pa.concat_tables(tables).combine_chunks().take(pa.array(position[order]))
+        columns = [side.column(c) for c in self.stage.global_columns]
+        table = pa.Table.from_arrays([side.column("key"), pa.array(b[order]), *columns], schema=schema)
+        return [table.slice(piece.start, piece.stop - piece.start) for piece in slices]
+
+    def verify(self, *pieces: pa.Table) -> pa.Table:
+        """The partition's pairs that ``stage.verify`` confirms, as ``(a key, b key)``. Each piece is
+        sorted by the right row: the pairs of one right shard are a slice of it."""
+        shard_rows = functools.cache(lambda shard_id: self.rows(shard_id).combine_chunks())
+        columns = list(self.stage.global_columns)
+        edges = [EDGES.empty_table()]
+        for piece in pieces:
+            right = piece.column("b").to_numpy()
+            for shard_id, run in _shard_runs(right):
+                pairs = piece.slice(run.start, run.stop - run.start)
+                side = shard_rows(shard_id).take(pa.array(right[run] & ROW_MASK))
+                left = pairs.select([f"_a_{c}" for c in columns]).rename_columns(columns)
+                ok = verify_aligned(self.stage, left, side.select(columns))
+                edges.append(pa.Table.from_arrays([pairs.column("a"), side.column("key")], schema=EDGES).filter(pa.array(ok)))
+        return pa.concat_tables(edges)
+
+    def decide(self, edges: Sequence[pa.Table]) -> pa.Table:
+        """Every key of a component of the ``edges`` but the smallest, with the smallest."""
+        table = pa.concat_tables([EDGES.empty_table(), *edges])
+        dups, keepers = components(table.column("a").combine_chunks(), table.column("b").combine_chunks())
+        return decisions(dups, self.stage.reason, keepers)
+
+
+def _smallest_key(shard_keys: Callable[[int], pa.Table], distinct: np.ndarray, members: np.ndarray) -> int:
+    """The member code (index into ``distinct`` ids) of the smallest key."""
+    keys = [shard_keys(int(i >> ROW_BITS)).column("key")[int(i & ROW_MASK)].as_py() for i in distinct[members]]
+    return int(members[min(range(len(keys)), key=keys.__getitem__)])
+
+
+def _grouping(part: np.ndarray, parts: int, within: np.ndarray | None = None) -> tuple[np.ndarray, list[slice]]:
+    """The order that groups rows by ``part`` (then by ``within``), and each of the ``parts``
+    pieces as a slice of that order."""
+    order = np.lexsort((within, part)) if within is not None else np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    return order, [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
+
+def _split(columns: Sequence[np.ndarray], part: np.ndarray, parts: int) -> list[tuple[np.ndarray, ...]]:
+    """Rows of the aligned ``columns`` grouped by ``part`` into ``parts`` pieces."""
+    order, pieces = _grouping(part, parts)
+    ordered = [c[order] for c in columns]
+    return [tuple(c[piece] for c in ordered) for piece in pieces]
+
+
+def _concat(pieces: Sequence[tuple[np.ndarray, ...]], width: int) -> list[np.ndarray]:
+    return [np.concatenate([c[i] for c in pieces]) if pieces else np.empty(0, np.int64) for i in range(width)]
+
+
+def _distinct(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs ``(a[i], b[i])`` of ids, sorted by ``a``."""
+    distinct_a, code_a = np.unique(a, return_inverse=True)
+    distinct_b, code_b = np.unique(b, return_inverse=True)
+    code_a, code_b = sorted_distinct(code_a.astype(np.int64), code_b.astype(np.int64))
+    return distinct_a[code_a], distinct_b[code_b]
+
+
+def _shard_runs(ids: np.ndarray) -> list[tuple[int, slice]]:
+    """``(shard, slice)`` of each run of one shard's ids in ``ids``, sorted ids."""
+    if not len(ids):
+        return []
+    shards = ids >> ROW_BITS
+    starts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1]])
+    return [(int(shards[lo]), slice(lo, hi)) for lo, hi in zip(starts, np.r_[starts[1:], len(ids)], strict=True)]

@@ -1,5 +1,6 @@
-"""The cluster-graph numerics of the dedup stages: candidate pairs from shared groups, verification
-in slices, connected components keeping the smallest key. Pure functions of numpy and Arrow arrays.
+"""The cluster-graph numerics of the dedup stages' global step (:mod:`dedup.cluster`): candidate
+pairs from shared groups, verification in slices, connected components keeping the smallest key.
+Pure functions of numpy and Arrow arrays.
 """
 
 from __future__ import annotations
@@ -19,21 +20,6 @@ if TYPE_CHECKING:
     from mmcurate.dedup.cluster import ClusterStage
 
 VERIFY_BATCH = 65_536  # candidate pairs handed to one verify() call: bounds memory, stays in cache
-
-
-def candidate_pairs(groups: pa.Table, max_group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Key pairs ``(a, b)``, ``a < b``, of rows sharing a group: every pair in small groups, and each
-    member with the group's smallest key in groups larger than ``max_group_size``. Sorted, distinct."""
-    keys, left, right = _pair_codes(groups, max_group_size)
-    return _strings(keys, left), _strings(keys, right)
-
-
-def _pair_codes(groups: pa.Table, max_group_size: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """:func:`candidate_pairs` as ``(sorted distinct keys, left codes, right codes)``, codes indexing the keys."""
-    rows, run = shared_groups(groups.column("group").to_numpy())
-    keys, codes = _key_codes(groups.column("key").take(pa.array(rows)))
-    left, right = member_pairs(run, codes, max_group_size)
-    return keys, left, right
 
 
 def shared_groups(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,29 +82,6 @@ def _key_codes(keys: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     return distinct, pc.index_in(keys, value_set=distinct).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _strings(keys: pa.Array, codes: np.ndarray) -> np.ndarray:
-    return keys.take(pa.array(codes, pa.int64())).to_numpy(zero_copy_only=False).astype(object)
-
-
-def verified_edges(stage: ClusterStage, table: pa.Table, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The candidate pairs that ``stage.verify`` confirms."""
-    if len(left) == 0:
-        return left, right
-    rows = pc.index_in(pa.array(np.concatenate([left, right]), pa.string()), value_set=table.column("key")).to_numpy(zero_copy_only=False)
-    ok = _verify_rows(stage, table, rows[: len(left)], rows[len(left) :])
-    return left[ok], right[ok]
-
-
-def _verify_rows(stage: ClusterStage, table: pa.Table, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``stage.verify`` on the pairs of rows ``(a[i], b[i])`` of ``table``, in slices of ``VERIFY_BATCH`` pairs."""
-    columns = table.select(list(stage.global_columns))
-    ok = np.zeros(len(a), bool)
-    for i in range(0, len(a), VERIFY_BATCH):
-        part = slice(i, i + VERIFY_BATCH)
-        ok[part] = verify_aligned(stage, columns.take(a[part]), columns.take(b[part]))
-    return ok
-
-
 def verify_aligned(stage: ClusterStage, left: pa.Table, right: pa.Table) -> np.ndarray:
     """``stage.verify`` on the aligned rows of ``left`` and ``right``, in slices of ``VERIFY_BATCH``
     pairs; an undecided (null) pair is not a duplicate."""
@@ -129,13 +92,12 @@ def verify_aligned(stage: ClusterStage, left: pa.Table, right: pa.Table) -> np.n
     return ok
 
 
-def components(left: np.ndarray, right: np.ndarray) -> tuple[list[str], list[str]]:
-    """Connected components of the edges: every non-smallest key with its component's smallest key."""
-    if len(left) == 0:
-        return [], []
-    keys, codes = _key_codes(pa.array(np.concatenate([left, right]), pa.string()))
+def components(left: pa.Array, right: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Connected components of the edges ``(left[i], right[i])`` (string keys): every key but the
+    smallest of its component, in key order, and that smallest key."""
+    keys, codes = _key_codes(pa.concat_arrays([left.cast(pa.string()), right.cast(pa.string())]))
     dups, keepers = _component_codes(len(keys), codes[: len(left)], codes[len(left) :])
-    return keys.take(pa.array(dups)).to_pylist(), keys.take(pa.array(keepers)).to_pylist()
+    return keys.take(pa.array(dups, pa.int64())), keys.take(pa.array(keepers, pa.int64()))
 
 
 def _component_codes(n: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,10 @@ per process."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from mmcurate.dedup.cluster import ClusterStep
 from mmcurate.engines.run import RunContext
 from mmcurate.stages.base import Stage
 
@@ -18,6 +22,11 @@ def ready(stage: Stage) -> Stage:
         stage.setup()
         _READY[key] = stage
     return _READY[key]
+
+
+def run_phase(step: ClusterStep, phase: str, *args: object) -> Any:
+    """``step``'s ``phase`` in a worker, with its stage set up once per process."""
+    return getattr(dataclasses.replace(step, stage=ready(step.stage)), phase)(*args)
 
 
 def worker_context(run_id: str, ctx: RunContext) -> tuple[RunContext, set[str]]:

@@ -1,4 +1,4 @@
-"""The ClusterStage steps (candidate pairs, components) against plain-Python references, and exact dedup alone."""
+"""The ClusterStage global step (candidate pairs, components) against plain-Python references, and exact dedup alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from mmcurate.dedup.exact import ExactDedup
-from mmcurate.dedup.graph import candidate_pairs, components
+from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.stages.base import reject
 
 
@@ -44,6 +44,35 @@ def reference_components(pairs: list[tuple[str, str]]) -> dict[str, str]:
     return {k: find(k) for k in parent if find(k) != k}
 
 
+class Fixed(ClusterStage):
+    """Candidate groups as given; ``verify`` confirms every pair and records it (column ``k`` is the key)."""
+
+    name = "t_fixed"
+    global_columns = ("k",)
+
+    def __init__(self, keys: list[str], groups: list[int], max_group_size: int) -> None:
+        super().__init__()
+        self.groups = pa.table({"key": pa.array(keys, pa.string()), "group": pa.array(groups, pa.int64())})
+        self.max_group_size = max_group_size
+        self.asked: list[tuple[str, str]] = []
+
+    def group_keys(self, table: pa.Table) -> pa.Table:
+        return self.groups
+
+    def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
+        pairs = zip(left.column("k").to_pylist(), right.column("k").to_pylist(), strict=True)
+        self.asked += [(min(a, b), max(a, b)) for a, b in pairs]
+        return pa.array(np.ones(left.num_rows, bool))
+
+
+def pairs_and_components(keys: list[str], groups: list[int], max_group_size: int) -> tuple[list[tuple[str, str]], pa.Table]:
+    """The pairs the global step verifies, and its decision."""
+    stage = Fixed(keys, groups, max_group_size)
+    distinct = sorted(set(keys))
+    decision = stage.decide(pa.table({"key": pa.array(distinct, pa.string()), "k": pa.array(distinct, pa.string())}))
+    return sorted(stage.asked), decision
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_pairs_and_components_match_references(seed: int) -> None:
     rng = random.Random(seed)
@@ -51,18 +80,19 @@ def test_pairs_and_components_match_references(seed: int) -> None:
     keys = [f"k{rng.randint(0, 40):03d}" for _ in range(n)]
     groups = [rng.randint(-(2**63), 2**63 - 1) if rng.random() < 0.3 else rng.randint(0, 6) for _ in range(n)]
     max_group_size = rng.choice([2, 4, 1000])
-    left, right = candidate_pairs(pa.table({"key": pa.array(keys, pa.string()), "group": pa.array(groups, pa.int64())}), max_group_size)
+    pairs, decision = pairs_and_components(keys, groups, max_group_size)
     expected = reference_pairs(keys, groups, max_group_size)
-    assert list(zip(left, right, strict=True)) == expected
-    dups, keepers = components(left, right)
-    assert dict(zip(dups, keepers, strict=True)) == reference_components(expected)
+    assert pairs == expected
+    dups = decision.column("key").to_pylist()
+    assert dict(zip(dups, decision.column("duplicate_of").to_pylist(), strict=True)) == reference_components(expected)
     assert dups == sorted(dups)
 
 
 def test_large_groups_pair_with_their_smallest_key() -> None:
     keys = [f"{i:05d}" for i in range(3000)]
-    left, right = candidate_pairs(pa.table({"key": keys, "group": pa.array([7] * 3000, pa.int64())}), 1000)
-    assert set(left) == {"00000"} and list(right) == keys[1:]
+    pairs, decision = pairs_and_components(keys[::-1], [7] * 3000, 1000)
+    assert pairs == [("00000", k) for k in keys[1:]]
+    assert set(decision.column("duplicate_of").to_pylist()) == {"00000"} and decision.num_rows == 2999
 
 
 def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None:
@@ -80,18 +110,3 @@ def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None
     kept = processed.filter(pa.compute.is_null(processed.column("reject_reason")))
     decision = stage.decide(kept.select(["key", "sha256"]))
     assert decision.to_pylist() == [{"key": "e", "reject_reason": "duplicate_image", "duplicate_of": "c"}]
-
-
-def test_decide_equals_the_public_steps_engines_use(caption_corpus: dict) -> None:
-    """decide() runs on key codes; the string-keyed steps the Ray and Spark engines reuse must agree."""
-    from mmcurate.dedup.graph import verified_edges
-    from mmcurate.dedup.minhash import SIGNATURE, MinhashDedup
-    from mmcurate.stages.base import decisions
-
-    stage = MinhashDedup.from_params({"threshold": 0.6})
-    captions = pa.table({"key": caption_corpus["keys"], "caption": pa.array(caption_corpus["docs"], pa.string())})
-    table = stage.process(reject(captions, np.zeros(captions.num_rows, bool), "x")).select(["key", SIGNATURE])
-    left, right = candidate_pairs(stage.group_keys(table), stage.max_group_size)
-    dups, keepers = components(*verified_edges(stage, table, left, right))
-    assert len(dups) > 300
-    assert stage.decide(table).equals(decisions(dups, stage.reason, keepers))

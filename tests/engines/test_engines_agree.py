@@ -134,23 +134,6 @@ def test_ray_resumes_a_killed_run(first, ray_local, test_stages, caption_input, 
     _assert_same(local, resumed, "ray")
 
 
-def test_spark_components_match_the_reference(spark):
-    """Min-label propagation over a chain, a star and a pair gives the reference's components."""
-    from mmcurate.engines.spark_global import components
-    from mmcurate.dedup.graph import components as reference
-
-    a = ["k05", "k04", "k03", "k02", "s0", "s0", "s0", "p1"]
-    b = ["k06", "k05", "k04", "k03", "s1", "s2", "s3", "p2"]
-    labels = (
-        components(spark.createDataFrame(list(zip(a, b, strict=True)), "a string, b string"))
-        .filter("node != label")
-        .orderBy("node")
-        .collect()
-    )
-    keys, keepers = reference(np.array(a, dtype=object), np.array(b, dtype=object))
-    assert [(r["node"], r["label"]) for r in labels] == list(zip(keys, keepers, strict=True))
-
-
 def test_ray_reruns_into_a_reused_output_folder(ray_local, test_stages, caption_input, make_pipeline, run_and_read, tmp_path):
     """Warm Ray workers keep a run's decisions; a new run into the same (emptied) folder must not
     see the previous run's."""
