@@ -16,6 +16,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 
 import pyarrow as pa
@@ -70,17 +71,23 @@ def session(workers: int) -> tuple[SparkSession, bool]:
 
 
 def _run_segment(spark: SparkSession, ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
+    """One job over the shards, all at once (``toLocalIterator`` would run a job per shard, one after
+    another); the progress bar counts finished shards from Spark's status tracker."""
     done = shard_frame(spark, todo).mapInArrow(partial(_process, ctx, run_id, index), DONE_SCHEMA)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
-    bar = tqdm(
-        total=sum(ctx.reader.shards[i].rows for i in todo),
-        unit="rows",
-        desc=f"spark {label}",
-        disable=not progress or None,
-        file=sys.stderr,
-    )
-    for row in done.toLocalIterator():
-        bar.update(row["rows"])
+    bar = tqdm(total=len(todo), unit="shards", desc=f"spark {label}", disable=not progress or None, file=sys.stderr)
+    tracker = spark.sparkContext.statusTracker()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(done.collect)
+        try:
+            while not job.done():
+                stages = [tracker.getStageInfo(i) for i in tracker.getActiveStageIds()]
+                bar.update(max(bar.n, sum(s.numCompletedTasks for s in stages if s is not None)) - bar.n)
+                wait([job], timeout=0.5)
+        except BaseException:  # e.g. Ctrl-C: stop the job rather than wait for it
+            spark.sparkContext.cancelAllJobs()
+            raise
+        bar.update(len(job.result()) - bar.n)
     bar.close()
 
 
