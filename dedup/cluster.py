@@ -157,7 +157,9 @@ class ClusterStep:
         """Distinct pairs with the left row's key and global columns (``_a_<column>``), split by the
         right row's shard and sorted by the right row. The wide global columns are copied by one ``take``."""
         a, b = _distinct(*_concat(pieces, 2))
-        schema = pa.schema([("a", pa.string()), ("b", pa.int64()), *(self.columns.field(c).with_name(f"_a_{c}") for c in self.stage.global_columns)])
+        schema = pa.schema(
+            [("a", pa.string()), ("b", pa.int64()), *(self.columns.field(c).with_name(f"_a_{c}") for c in self.stage.global_columns)]
+        )
         runs = _shard_runs(a)
         if not runs:
             return [schema.empty_table()] * self.parts

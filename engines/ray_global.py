@@ -16,6 +16,7 @@ import functools
 
 import pyarrow as pa
 import ray
+
 from mmcurate.dedup.cluster import ClusterStage, ClusterStep, run_step
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
@@ -40,7 +41,9 @@ def global_decisions(ctx: RunContext, index: int) -> pa.Table:
         return decisions([], "")
     ids = [p.shard_id for p in ctx.reader.shards]
     if not isinstance(stage, ClusterStage):
-        rows = shard_dataset(ids).map_batches(_kept_rows, fn_kwargs={"ctx": ctx, "segment": index, "stage": stage}, batch_format="pyarrow", batch_size=None)
+        rows = shard_dataset(ids).map_batches(
+            _kept_rows, fn_kwargs={"ctx": ctx, "segment": index, "stage": stage}, batch_format="pyarrow", batch_size=None
+        )
         stage.setup()
         return stage.decide(_collect(rows, columns_schema(ctx, index, stage)))
     cpus = int(ray.cluster_resources().get("CPU", 1))

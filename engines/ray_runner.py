@@ -239,7 +239,8 @@ def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
                 f"shard {shard_id} reached the writer in pieces ({table.num_rows} of {ctx.reader.shards[shard_id].rows} rows)"
             )
         if last:
-            write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, shard_stats(shard_id, table, ctx.stages))
+            stats = shard_stats(shard_id, table, ctx.stages)
+            write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, stats)
         else:
             ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table)
     return pa.table({"shard": pa.array(ids, pa.int64()), "rows": pa.array([ctx.reader.shards[i].rows for i in ids], pa.int64())})

@@ -15,14 +15,15 @@ from collections.abc import Iterator
 from functools import partial
 
 import pyarrow as pa
+from pyspark import RDD
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.pandas.types import from_arrow_schema
+
 from mmcurate.dedup.cluster import ClusterStage, ClusterStep, run_step
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import run_phase
 from mmcurate.stages.base import GlobalStage, decisions
-from pyspark import RDD
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql.pandas.types import from_arrow_schema
 
 
 def shard_frame(spark: SparkSession, ids: list[int]) -> DataFrame:
@@ -75,7 +76,9 @@ def spark_arrow_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(pa.binary()) if pa.types.is_fixed_size_binary(f.type) else f for f in schema])
 
 
-def _kept_rows(ctx: RunContext, segment: int, stage: GlobalStage, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _kept_rows(
+    ctx: RunContext, segment: int, stage: GlobalStage, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         for shard_id in batch.column("shard").to_pylist():
             yield from kept_rows(ctx, segment, stage, shard_id).cast(schema).to_batches()
