@@ -30,6 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from tqdm import tqdm
+
 from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, start_ledger
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
 from mmcurate.engines.run import RunContext, finish_run, start_run
@@ -37,7 +39,6 @@ from mmcurate.engines.worker_state import worker_context
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.writers import write_shard
 from mmcurate.stages.base import Stage, set_column
-from tqdm import tqdm
 
 SHARD = "_shard"
 
