@@ -114,13 +114,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # the run itself failed: show where
         traceback.print_exc()
         if args.command in ("run", "stage", "demo"):
-            print("mmcurate: the run failed; finished shards are kept and a re-run resumes", file=sys.stderr)
+            resumes = _resumable(getattr(args, "output_path", None) or getattr(args, "output", None))
+            print("mmcurate: the run failed" + ("; finished shards are kept and a re-run resumes" if resumes else ""), file=sys.stderr)
         return 1
+
+
+def _resumable(output: str | None) -> bool:
+    """Whether ``output`` holds a started, unfinished run (which the same command resumes)."""
+    if not output:
+        return False
+    from mmcurate.shards.layout import RUN_JSON, OutputDir
+
+    try:
+        out = OutputDir.open(output)
+        return out.read_json(out.path(RUN_JSON)).get("finished") is None
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("run", "stage"):
         pipeline = _pipeline_from_args(args)
+        args.output_path = pipeline.output.path
         if args.retry_failed:
             from mmcurate.engines.retry import retry_failed
 
@@ -174,12 +189,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if args.command == "stats":
         from mmcurate.engines.run import summarise
-        from mmcurate.shards.layout import OutputDir
+        from mmcurate.shards.layout import STATS, OutputDir
 
         out = OutputDir.open(args.path)
-        if not out.exists(out.path("_stats")):
-            raise UsageError(f"{args.path} has no _stats folder: not an mmcurate output")
-        summary = summarise(out)
+        if not out.exists(out.path(STATS)):
+            raise UsageError(f"{args.path} has no {STATS} folder: not an mmcurate output")
+        record = out.run_record()
+        summary = summarise(out, range(record["shards"]) if record else out.shard_ids(STATS))
         if args.json:
             print(json.dumps(summary, indent=2))
         else:

@@ -10,7 +10,10 @@ killed at any point and started again gives the same output as one that was neve
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 
@@ -27,12 +30,24 @@ from mmcurate.shards.writers import write_shard
 # Per-worker state: the run context with its stages, set up lazily once per worker.
 _CONTEXT: RunContext | None = None
 _READY: set[str] = set()
+PARENT_POLL_SECONDS = 0.5
 
 
-def _init_worker(pipeline: Pipeline, reader: Reader) -> None:
+def _init_worker(pipeline: Pipeline, reader: Reader, parent: int | None = None) -> None:
+    """Set up a worker's run context; a pool worker (``parent`` given) exits when its parent dies."""
     global _CONTEXT
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="mmcurate-parent-watch").start()
     _CONTEXT = RunContext.create(pipeline, reader)
     _READY.clear()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Poll the parent's pid: once the parent is gone (even killed with SIGKILL, which runs no
+    clean-up), the worker is re-parented and leaves at once instead of working on for nobody."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
 
 
 def _process_shard(plan: ShardPlan, segment_index: int) -> int:
@@ -68,16 +83,20 @@ def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int, ready: s
 def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
     """Run ``pipeline`` with a pool of ``pipeline.workers`` processes; return the run summary."""
     ctx = start_run(pipeline, "local")
+    if ctx.finished:
+        return finish_run(ctx)
     pool = None
     if pipeline.workers > 1 and len(ctx.pending()) > 1:
-        pool = ProcessPoolExecutor(pipeline.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(pipeline, ctx.reader))
+        pool = ProcessPoolExecutor(
+            pipeline.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(ctx.pipeline, ctx.reader, os.getpid())
+        )
     else:
-        _init_worker(pipeline, ctx.reader)
+        _init_worker(ctx.pipeline, ctx.reader)
     try:
         for index, segment in enumerate(ctx.segments):
             todo = ctx.pending(index)
             _map(pool, todo, index, f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards", progress)
-            if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
+            if ctx.needs_global(index):
                 stage = segment.global_stage
                 stage.setup()
                 parts = [kept_rows(ctx, index, stage, p.shard_id) for p in ctx.reader.shards]

@@ -50,6 +50,8 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     initialised Ray, or starts a local Ray with ``pipeline.workers`` CPUs.
     """
     ctx = start_run(pipeline, "ray")
+    if ctx.finished:
+        return finish_run(ctx)
     started = connect(pipeline.workers)
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.enable_progress_bars
@@ -57,11 +59,11 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     context.target_max_block_size = None  # never split a shard's block
     context.enable_progress_bars = False
     try:
-        for index, segment in enumerate(ctx.segments):
+        for index in range(len(ctx.segments)):
             todo = [p.shard_id for p in ctx.pending(index)]
             if todo:
                 _run_segment(ctx, run_id, index, todo, progress)
-            if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
+            if ctx.needs_global(index):
                 ctx.out.write_parquet(ctx.global_path(index), global_decisions(ctx, index))
     finally:
         context.target_max_block_size, context.enable_progress_bars = saved

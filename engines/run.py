@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import os
 import platform
+import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -13,9 +17,9 @@ import pyarrow as pa
 from mmcurate import __version__
 from mmcurate.engines.core import Segment, segments
 from mmcurate.errors import UsageError
-from mmcurate.pipelines.config import Pipeline, check_columns, output_columns
+from mmcurate.pipelines.config import Pipeline, StageSpec, check_columns, output_columns
 from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
-from mmcurate.shards.layout import OutputDir, open_parquet, shard_name
+from mmcurate.shards.layout import DONE, META, REJECTS, RUN_JSON, SHARDS, STATS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
 
@@ -30,6 +34,7 @@ class RunContext:
     reader: Reader
     stages: list[Stage]
     out: OutputDir
+    finished: bool = False  # the output held this run, finished, when it started: nothing to do
     segments: list[Segment] = field(init=False)
     columns: list[str] = field(init=False)
     _decisions: dict[int, pa.Table] = field(default_factory=dict)
@@ -47,10 +52,10 @@ class RunContext:
         return cls(pipeline, reader, stages, out)
 
     def work_path(self, segment: int, shard_id: int, ext: str) -> str:
-        return self.out.path("_work", f"seg{segment}", shard_name(shard_id) + ext)
+        return self.out.path(WORK, f"seg{segment}", shard_name(shard_id) + ext)
 
     def global_path(self, segment: int) -> str:
-        return self.out.path("_work", f"global{segment}.parquet")
+        return self.out.path(WORK, f"global{segment}.parquet")
 
     def pending(self, segment: int | None = None) -> list[ShardPlan]:
         """Shards without a done marker (and, for an inner segment, without its intermediate)."""
@@ -58,6 +63,10 @@ class RunContext:
         if segment is not None and segment < len(self.segments) - 1:
             todo = [p for p in todo if not self.out.exists(self.work_path(segment, p.shard_id, ".parquet"))]
         return todo
+
+    def needs_global(self, segment: int) -> bool:
+        """Whether the global step ending ``segment`` is still to run (some shard is unfinished, no decision yet)."""
+        return self.segments[segment].global_stage is not None and bool(self.pending()) and not self.out.exists(self.global_path(segment))
 
     def decisions(self, segment: int) -> pa.Table:
         """The decision of the global stage that ends ``segment`` (read once per worker)."""
@@ -87,43 +96,125 @@ def versions() -> dict[str, str]:
 
 def _comparable(config: dict) -> dict:
     """The parts of a resolved config that decide the output (not engine, workers or output path)."""
-    return {"input": config["input"], "stages": config["stages"], "output": {k: v for k, v in config["output"].items() if k != "path"}}
+    return {"input": config["input"], "output": {k: v for k, v in config["output"].items() if k != "path"}}
+
+
+def _typed_stages(stages: list[dict]) -> list[tuple[str, dict]] | None:
+    """A recorded pipeline's stages with their typed options (``--set`` strings parsed, defaults
+    filled), or None if they no longer build."""
+    try:
+        return [_typed(StageSpec(name, dict(params or {})).build()) for item in stages for name, params in item.items()]
+    except UsageError:
+        return None
+
+
+def _typed(stage: Stage) -> tuple[str, dict]:
+    return stage.name, dataclasses.asdict(stage.config) if dataclasses.is_dataclass(stage.config) else dict(vars(stage.config))
+
+
+def previous_run(out: OutputDir) -> dict | None:
+    """The record of the run ``out`` holds, or None for an empty (or new) folder.
+
+    A folder holding anything but mmcurate's own leftovers of an interrupted start (its marked work
+    folder, temporary files), and a corrupt ``run.json``, are refused: nothing in them is changed.
+    """
+    names = out.entries()
+    if RUN_JSON in names:
+        return out.run_record()
+    foreign = {n for n in names if not is_partial_write(n)} - ({WORK} if out.owns_work() else set())
+    if foreign & {SHARDS, META, REJECTS, STATS, DONE}:
+        raise UsageError(f"{out.root} holds shards but no run.json; use a new output folder")
+    if foreign:
+        raise UsageError(f"{out.root} is not empty and holds no mmcurate run ({sorted(foreign)[0]}, ...); use an empty or new output folder")
+    if names:  # an interrupted start: its parsed input may be stale
+        out.remove_work()
+        out.remove_partial_writes()
+    return None
+
+
+def resolved(pipeline: Pipeline) -> Pipeline:
+    """``pipeline`` with local input and output paths made absolute, so a resume from another directory finds them."""
+
+    def absolute(path: str) -> str:
+        return path if "://" in path else os.path.abspath(path)
+
+    if not pipeline.output.path.strip():
+        raise UsageError("the output path is empty")
+    return dataclasses.replace(
+        pipeline,
+        input=dataclasses.replace(pipeline.input, path=absolute(pipeline.input.path)),
+        output=dataclasses.replace(pipeline.output, path=absolute(pipeline.output.path)),
+    )
 
 
 def start_run(pipeline: Pipeline, engine: str) -> RunContext:
-    """Refuse to mix two pipelines in one output folder (before writing anything), plan the run, write ``run.json``."""
+    """Check the output folder, set up the run (stages, input plan) and only then write ``run.json``.
+
+    An output folder is written into only when it is empty or holds a run of the same pipeline
+    (compared on typed options); a finished run is left as it is (``ctx.finished``).
+    """
+    pipeline = resolved(pipeline)
     out = OutputDir.open(pipeline.output.path)
-    run_json = out.path("run.json")
+    previous = previous_run(out)
+    stages = pipeline.build_stages()
     config = pipeline.as_dict()
+    if previous is not None and (
+        _comparable(previous["pipeline"]) != _comparable(config) or _typed_stages(previous["pipeline"]["stages"]) != [_typed(s) for s in stages]
+    ):
+        raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
+    existed = out.exists(out.root)
+    out.claim()
+    try:
+        if previous is not None:
+            out.remove_partial_writes()
+        reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out)
+        check_columns(stages, reader.format)
+        if previous is not None and previous["shards"] != len(reader.shards):
+            raise UsageError(
+                f"the input changed since {pipeline.output.path} was started ({previous['shards']} shards then, {len(reader.shards)} now); use a new output folder"
+            )
+    except UsageError:
+        if previous is None:  # leave no trace of a run that never started
+            out.remove_work()
+            if not existed and not out.entries():
+                out.fs.rmdir(out.root)
+        raise
+    run_id = previous.get("run_id") if previous is not None else None
+    ctx = RunContext(pipeline, reader, stages, dataclasses.replace(out, run_id=run_id or uuid.uuid4().hex))
+    if previous is not None and previous.get("finished"):
+        pending = ctx.pending()
+        if not pending:
+            ctx.finished = True
+            out.remove_work()  # the input plan made to compare the input
+            return ctx
+        if len(ctx.segments) > 1:
+            raise UsageError(
+                f"{len(pending)} shards of the finished run in {pipeline.output.path} were changed or removed, and its global step cannot be redone; use a new output folder"
+            )
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    previous = out.read_json(run_json) if out.exists(run_json) else None
-    if previous is not None:
-        if _comparable(previous["pipeline"]) != _comparable(config):
-            raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
-        started = previous.get("started", started)
-        out.remove_partial_writes()
-    ctx = RunContext.create(pipeline)
-    if previous is not None and previous["shards"] != len(ctx.reader.shards):
-        raise UsageError(f"the input changed since {pipeline.output.path} was started ({previous['shards']} shards then, {len(ctx.reader.shards)} now); use a new output folder")
-    ctx.out.write_json(run_json, {
+    ctx.out.write_json(ctx.out.path(RUN_JSON), {
         "mmcurate_version": __version__,
         "schema_version": SCHEMA_VERSION,
+        "run_id": ctx.out.run_id,
         "engine": engine,
         "pipeline": config,
         "versions": versions(),
-        "started": started,
+        "started": previous.get("started", started) if previous is not None else started,
         "finished": None,
-        "shards": len(ctx.reader.shards),
+        "shards": len(reader.shards),
     })
     return ctx
 
 
-def summarise(out: OutputDir) -> dict:
-    """Totals over every ``_stats`` file: rows in, kept, rejected by stage and by reason."""
+def summarise(out: OutputDir, shard_ids: Iterable[int]) -> dict:
+    """Totals over the ``_stats`` files of ``shard_ids`` that exist: rows in, kept, rejected by stage and by reason."""
     totals = {"shards": 0, "rows_in": 0, "kept": 0, "rejected": 0}
     by_stage: dict[str, dict] = {}
-    for shard_id in out.shard_ids("_stats"):
-        stats = out.read_json(out.shard_path("_stats", shard_id, ".json"))
+    for shard_id in shard_ids:
+        path = out.shard_path(STATS, shard_id, ".json")
+        if not out.exists(path):
+            continue
+        stats = out.read_json(path)
         totals["shards"] += 1
         for key in ("rows_in", "kept", "rejected"):
             totals[key] += stats[key]
@@ -139,23 +230,28 @@ def summarise(out: OutputDir) -> dict:
     return {**totals, "stages": by_stage}
 
 
-def write_sizes(out: OutputDir) -> None:
+def write_sizes(out: OutputDir, shard_ids: Iterable[int]) -> None:
     """``shards/sizes.json``: samples per tar, which open_clip's training reads for the dataset size."""
-    sizes = {f"{shard_name(i)}.tar": out.read_json(out.shard_path("_stats", i, ".json"))["kept"] for i in out.shard_ids("_stats")}
-    out.write_json(out.path("shards", "sizes.json"), sizes)
+    sizes = {f"{shard_name(i)}.tar": out.read_json(out.shard_path(STATS, i, ".json"))["kept"] for i in shard_ids}
+    out.write_json(out.path(SHARDS, "sizes.json"), sizes)
 
 
 def finish_run(ctx: RunContext) -> dict:
-    """Record the end of a finished run in ``run.json``; drop intermediates once every shard is done."""
+    """Record the end of a finished run in ``run.json``; drop intermediates once every shard is done.
+
+    A run that was finished before it started (``ctx.finished``) is only summarised: no file changes.
+    """
     if ctx.pending():
         raise RuntimeError(f"{len(ctx.pending())} shards are unfinished")
-    summary = summarise(ctx.out)
+    ids = [p.shard_id for p in ctx.reader.shards]
+    summary = summarise(ctx.out, ids)
+    if ctx.finished:
+        return summary
     if ctx.pipeline.output.format == "webdataset":
-        write_sizes(ctx.out)
-    run_json = ctx.out.path("run.json")
+        write_sizes(ctx.out, ids)
+    run_json = ctx.out.path(RUN_JSON)
     record = ctx.out.read_json(run_json)
     record.update(finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), totals={k: summary[k] for k in ("rows_in", "kept", "rejected")})
     ctx.out.write_json(run_json, record)
-    if ctx.out.exists(ctx.out.path("_work")):
-        ctx.out.fs.rm(ctx.out.path("_work"), recursive=True)
+    ctx.out.remove_work()
     return summary

@@ -35,14 +35,16 @@ DONE_SCHEMA = "shard long, rows long"
 def run_spark(pipeline: Pipeline, progress: bool = True) -> dict:
     """Run ``pipeline`` on Spark and return the run summary."""
     ctx = start_run(pipeline, "spark")
+    if ctx.finished:
+        return finish_run(ctx)
     spark, started = session(pipeline.workers)
     run_id = uuid.uuid4().hex
     try:
-        for index, segment in enumerate(ctx.segments):
+        for index in range(len(ctx.segments)):
             todo = [p.shard_id for p in ctx.pending(index)]
             if todo:
                 _run_segment(spark, ctx, run_id, index, todo, progress)
-            if segment.global_stage is not None and not ctx.out.exists(ctx.global_path(index)):
+            if ctx.needs_global(index):
                 ctx.out.write_parquet(ctx.global_path(index), global_decisions(spark, ctx, index))
     finally:
         if started:

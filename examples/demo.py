@@ -1,7 +1,9 @@
 """``mmcurate demo``: the demo pipeline end to end on the sample images shipped in examples/data.
 
 The images are served by a loopback HTTP server so the real download stage fetches them (the
-pipeline opts in to private addresses for this); the URL list is written next to the output.
+pipeline opts in to private addresses for this); the URL list is written next to the output. A
+second demo into the same output serves on the port its URL list names, so the list (the run's
+input) stays unchanged and the run resumes, or is left as it is when it finished.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import http.server
 import json
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,10 +31,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve(folder: Path) -> Iterator[str]:
-    """Serve ``folder`` on a free loopback port; yield its base URL."""
+def serve(folder: Path, port: int = 0) -> Iterator[str]:
+    """Serve ``folder`` on loopback ``port`` (a free one if 0 or taken); yield its base URL."""
     handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -42,18 +48,29 @@ def serve(folder: Path) -> Iterator[str]:
 
 
 def write_url_list(base_url: str, target: Path) -> Path:
-    """The demo's URL list: one JSON line per row of captions.csv."""
+    """The demo's URL list: one JSON line per row of captions.csv (an identical list is left as it is)."""
     with open(DATA / "captions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(json.dumps({"url": f"{base_url}/{r['file']}", "caption": r["caption"]}) + "\n" for r in rows))
+    text = "".join(json.dumps({"url": f"{base_url}/{r['file']}", "caption": r["caption"]}) + "\n" for r in rows)
+    if not target.exists() or target.read_text() != text:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
     return target
+
+
+def _listed_port(urls: Path) -> int:
+    """The port an earlier demo's URL list names (0 if there is none)."""
+    try:
+        return urllib.parse.urlsplit(json.loads(urls.read_text().partition("\n")[0])["url"]).port or 0
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def run_demo(output: str, progress: bool = True) -> dict:
     """Serve the sample images, run examples/demo.yaml into ``output`` and return the summary."""
     out = Path(output).resolve()
-    with serve(DATA) as base_url:
-        urls = write_url_list(base_url, out.parent / f"{out.name}-urls" / "urls.jsonl")
+    urls = out.parent / f"{out.name}-urls" / "urls.jsonl"
+    with serve(DATA, _listed_port(urls)) as base_url:
+        write_url_list(base_url, urls)
         pipeline = apply_overrides(load_pipeline(PIPELINE), [f"input.path={urls}", f"output.path={out}"])
         return run_pipeline(pipeline, progress=progress)

@@ -11,9 +11,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, METADATA_KEY
 from mmcurate.shards.inspect import detect_layout
-from mmcurate.shards.layout import open_parquet
+from mmcurate.shards.layout import OutputDir, open_parquet
 from mmcurate.shards.readers import TAR_ERRORS, read_tar_images, tar_members
 
 
@@ -87,8 +88,10 @@ def validate(path: str) -> list[str]:
     fs, root = fsspec.core.url_to_fs(path)
     root = root.rstrip("/")
     layout = detect_layout(fs, root)
+    if fs.isdir(root) and not fs.ls(root, detail=False):
+        return [f"{root}: an empty folder, no dataset"]
     if layout == "mmcurate":
-        return _validate_mmcurate(fs, root)
+        return _validate_mmcurate(fs, root, path)
     if layout == "img2dataset":
         return _validate_img2dataset(fs, root)
     problems: list[str] = []
@@ -99,11 +102,28 @@ def validate(path: str) -> list[str]:
     return problems
 
 
-def _validate_mmcurate(fs, root: str) -> list[str]:
-    problems: list[str] = []
-    ids = sorted({p.rsplit("/", 1)[-1].split(".")[0] for folder in ("shards", "meta", "rejects", "_stats", "_done") for p in fs.glob(f"{root}/{folder}/*")})
+def _run_problems(out: OutputDir) -> tuple[list[str], int]:
+    """Problems of the run record (missing, unreadable, unfinished) and the run's number of shards."""
+    try:
+        record = out.run_record()
+    except UsageError as e:
+        return [str(e).split("; ")[0]], 0
+    if record is None:
+        return [f"{out.path('run.json')}: missing"], 0
+    problems = []
+    if not record.get("finished"):
+        done = sum(out.is_done(i) for i in range(record["shards"]))
+        problems.append(f"{out.path('run.json')}: the run is not finished ({done} of {record['shards']} shards done)")
+    return problems, record["shards"]
+
+
+def _validate_mmcurate(fs, root: str, path: str) -> list[str]:
+    out = OutputDir.open(path)
+    problems, shards = _run_problems(out)
+    found = {p.rsplit("/", 1)[-1].split(".")[0] for folder in ("shards", "meta", "rejects", "_stats", "_done") for p in fs.glob(f"{root}/{folder}/*")}
+    ids = sorted({i for i in found if i.isdigit()} | {f"{i:05d}" for i in range(shards)})
     seen: dict[str, str] = {}
-    for sid in (i for i in ids if i.isdigit()):
+    for sid in ids:
         tar = f"{root}/shards/{sid}.tar"
         kept_path = f"{root}/meta/{sid}.parquet" if fs.exists(tar) else f"{root}/shards/{sid}.parquet"
         files = {"kept": kept_path, "rejects": f"{root}/rejects/{sid}.parquet", "stats": f"{root}/_stats/{sid}.json", "done": f"{root}/_done/{sid}"}
@@ -111,6 +131,8 @@ def _validate_mmcurate(fs, root: str) -> list[str]:
         problems += [f"{p}: missing" for p in missing]
         if missing:
             continue
+        if not out.is_done(int(sid)):
+            problems.append(f"{files['done']}: names another run or files that changed since")
         kept = _read(fs, kept_path, problems)
         rejects = _read(fs, files["rejects"], problems)
         if kept is None or rejects is None:

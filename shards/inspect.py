@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY
-from mmcurate.shards.layout import open_parquet
+from mmcurate.shards.layout import OutputDir, open_parquet
 from mmcurate.shards.readers import tar_members
 
 
@@ -71,11 +71,8 @@ def inspect_dataset(path: str, samples: int = 3) -> str:
     layout = detect_layout(fs, root)
     lines = [f"{path}: {layout} dataset"]
     if layout == "mmcurate":
-        if fs.exists(f"{root}/run.json"):
-            import json
-
-            with fs.open(f"{root}/run.json") as f:
-                run = json.load(f)
+        run = OutputDir.open(path).run_record()
+        if run is not None:
             stages = ", ".join(next(iter(s)) for s in run["pipeline"]["stages"]) or "none"
             lines.append(f"run: engine {run['engine']}, stages {stages}, started {run['started']}, finished {run.get('finished')}")
         meta = sorted(fs.glob(f"{root}/meta/*.parquet")) or sorted(fs.glob(f"{root}/shards/*.parquet"))

@@ -6,14 +6,16 @@ OUT/shards/{id:05d}.tar      WebDataset (or shards/{id:05d}.parquet with image b
 OUT/meta/{id:05d}.parquet    every column but the image bytes (tar output only)
 OUT/rejects/{id:05d}.parquet rejected rows with reject_stage, reject_reason, duplicate_of
 OUT/_stats/{id:05d}.json     rows in / kept / rejected by stage and reason, timings
-OUT/_done/{id:05d}           written last; a re-run skips shards that have it
-OUT/_work/                   intermediate state of pipelines with global stages
+OUT/_done/{id:05d}           written last: the run id and the sizes of the shard's files; a re-run skips
+                             shards whose marker names its run and files that are unchanged
+OUT/_work/                   parsed input and intermediate state, marked as mmcurate's by _work/.mmcurate-work
 ```
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,7 +28,14 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
+from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
+
+RUN_JSON = "run.json"
+SHARDS, META, REJECTS, STATS, DONE, WORK = "shards", "meta", "rejects", "_stats", "_done", "_work"
+WORK_MARK = ".mmcurate-work"  # marks a work folder mmcurate created (it removes only such a folder)
+_SHARD_FILES = ((SHARDS, ".tar"), (SHARDS, ".parquet"), (META, ".parquet"), (REJECTS, ".parquet"), (STATS, ".json"))
+_TMP = re.compile(r"\.tmp-[0-9a-f]+-")
 
 
 def shard_name(shard_id: int) -> str:
@@ -51,15 +60,21 @@ def open_parquet(fs: AbstractFileSystem, path: str) -> Iterator[pq.ParquetFile]:
 
 @dataclass(frozen=True)
 class OutputDir:
-    """An output folder on any fsspec filesystem."""
+    """An output folder on any fsspec filesystem; ``run_id`` (from its ``run.json``) ties done markers to the run."""
 
     fs: AbstractFileSystem
     root: str
+    run_id: str | None = None
 
     @classmethod
     def open(cls, url: str) -> OutputDir:
         fs, root = fsspec.core.url_to_fs(url)
-        return cls(fs, root.rstrip("/"))
+        out = cls(fs, root.rstrip("/"))
+        try:
+            record = out.read_json(out.path(RUN_JSON))
+        except (OSError, ValueError):
+            return out
+        return cls(out.fs, out.root, record.get("run_id") if isinstance(record, dict) else None)
 
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
@@ -79,7 +94,46 @@ class OutputDir:
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of writes that a killed run left unfinished."""
         for path in self.fs.glob(self.path("**", ".tmp-*")):
-            self.fs.rm(path)
+            if is_partial_write(path.rsplit("/", 1)[-1]):
+                self.fs.rm(path)
+
+    def run_record(self) -> dict | None:
+        """The folder's ``run.json`` (None if there is none); UsageError if it is not a run record."""
+        path = self.path(RUN_JSON)
+        try:
+            record = self.read_json(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path} is unreadable ({e}); use a new output folder") from None
+        if not isinstance(record, dict) or not isinstance(record.get("pipeline"), dict) or not isinstance(record.get("shards"), int):
+            raise UsageError(f"{path} is not an mmcurate run record; use a new output folder")
+        return record
+
+    def entries(self) -> set[str]:
+        """Names in the folder (none if it does not exist); UsageError if the path is a file."""
+        if not self.fs.exists(self.root):
+            return set()
+        if not self.fs.isdir(self.root):
+            raise UsageError(f"output {self.root} is a file, not a folder")
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
+
+    def owns_work(self) -> bool:
+        """Whether ``_work/`` is a work folder mmcurate created."""
+        return self.exists(self.path(WORK, WORK_MARK))
+
+    def claim(self) -> None:
+        """Create the folder and mark its work folder as mmcurate's; UsageError if it cannot be written."""
+        try:
+            if not self.owns_work():
+                self.write_bytes(self.path(WORK, WORK_MARK), b"mmcurate's work folder: removed when the run finishes\n")
+        except OSError as e:
+            raise UsageError(f"cannot write to the output folder {self.root}: {e.strerror or e}") from None
+
+    def remove_work(self) -> None:
+        """Delete mmcurate's work folder (never a ``_work/`` that mmcurate did not create)."""
+        if self.owns_work():
+            self.fs.rm(self.path(WORK), recursive=True)
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -120,11 +174,31 @@ class OutputDir:
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
+    def shard_files(self, shard_id: int) -> dict[str, int]:
+        """The shard's output files that exist, by path relative to the root, with their sizes."""
+        found = {}
+        for folder, ext in _SHARD_FILES:
+            path = self.shard_path(folder, shard_id, ext)
+            if self.fs.exists(path):
+                found[f"{folder}/{shard_name(shard_id)}{ext}"] = self.fs.size(path)
+        return found
+
     def is_done(self, shard_id: int) -> bool:
-        return self.exists(self.shard_path("_done", shard_id, ""))
+        """Whether the shard's done marker names this run and files that are all there, unchanged in size."""
+        try:
+            marker = self.read_json(self.shard_path(DONE, shard_id, ""))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(marker, dict) or marker.get("run") != self.run_id or not isinstance(marker.get("files"), dict):
+            return False
+        try:
+            return all(self.fs.size(self.path(rel)) == size for rel, size in marker["files"].items()) and bool(marker["files"])
+        except OSError:
+            return False
 
     def mark_done(self, shard_id: int) -> None:
-        self.write_bytes(self.shard_path("_done", shard_id, ""), b"")
+        """Write the done marker: this run's id and the shard's files with their sizes."""
+        self.write_json(self.shard_path(DONE, shard_id, ""), {"run": self.run_id, "files": self.shard_files(shard_id)})
 
     def shard_ids(self, folder: str) -> list[int]:
         """Ids of the shards with a file in ``folder`` (temporary files ignored)."""
@@ -136,3 +210,8 @@ class OutputDir:
             if stem.isdigit():
                 ids.add(int(stem))
         return sorted(ids)
+
+
+def is_partial_write(name: str) -> bool:
+    """Whether a file name is one of mmcurate's temporary names (a write not yet renamed)."""
+    return _TMP.match(name) is not None

@@ -103,7 +103,7 @@ def test_pool_of_workers_writes_the_same_files_as_one_worker(tmp_path: Path, lai
     files = sorted_files(outs[1])
     assert files == sorted_files(outs[2]) and "shards/00003.tar" in files
     for name in files:
-        if name != "run.json" and not name.startswith("_stats"):
+        if name != "run.json" and not name.startswith(("_stats", "_done")):
             assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
     totals = check_accounting(outs[2])
     assert totals["rows_in"] == 1000 and 0 < totals["rejected"] < 1000
@@ -122,12 +122,15 @@ def resume_config(tmp_path: Path, src: Path, name: str) -> Path:
 
 
 def assert_same_output(a: Path, b: Path) -> None:
-    """Two outputs equal file by file: shards, meta and rejects byte-identical, stats but for seconds."""
+    """Two outputs equal file by file: shards, meta and rejects byte-identical, stats but for seconds,
+    done markers naming the same files (their run ids differ)."""
     files = sorted_files(a)
     assert files == sorted_files(b)
     for name in files:
         if name.startswith("_stats/"):
             assert stats_without_seconds(a / name) == stats_without_seconds(b / name), name
+        elif name.startswith("_done/"):
+            assert sorted(json.loads((a / name).read_text())["files"]) == sorted(json.loads((b / name).read_text())["files"]), name
         elif name == "run.json":
             ra, rb = (json.loads((p / name).read_text()) for p in (a, b))
             assert ra["totals"] == rb["totals"] and ra["pipeline"]["stages"] == rb["pipeline"]["stages"]

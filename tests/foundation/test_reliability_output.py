@@ -1,0 +1,332 @@
+"""Reliability of the output side (issue 15): an output folder is written only when it is empty or
+holds the same run, done markers are tied to the run and its files, a finished run re-runs as a
+no-op, validate fails incomplete output, pool workers die with their parent, and user mistakes
+about the output are one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from foundation_support import (
+    LAION,
+    assert_usage_error,
+    check_accounting,
+    cli_env,
+    mmcurate_exe,
+    register,
+    sorted_files,
+    write_yaml,
+)
+from mmcurate.engines.local import run_local
+from mmcurate.pipelines.config import Pipeline, StageSpec
+from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.readers import InputSpec
+from mmcurate.shards.writers import OutputSpec
+
+
+SMALL = (*LAION, "--rows-per-shard", "40")  # 3 shards of the 120 rows
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory, laion_sample: Path) -> Path:
+    """120 LAION rows where every 10th row repeats the caption of the row before it."""
+    table = pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, 120)
+    rows = table.to_pylist()
+    for i in range(10, len(rows), 10):
+        rows[i]["TEXT"] = rows[i - 1]["TEXT"]
+    path = tmp_path_factory.mktemp("urls") / "urls.parquet"
+    pq.write_table(table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """The ``mmcurate`` command in this process, with the toy stages: ``cli(*ARGS, cwd=None)`` gives
+    a CompletedProcess (cheaper than a subprocess per call)."""
+    from mmcurate.cli import main
+
+    register(monkeypatch)
+
+    def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        argv = [str(a) for a in args]
+        if argv[0] in ("run", "stage"):
+            argv.append("--no-progress")
+        code = main(argv)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return run
+
+
+def stage(cli, src: Path | str, out: Path | str, *extra: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``mmcurate stage drop_word --input SRC --output OUT --workers 1 EXTRA``."""
+    return cli("stage", "drop_word", "--input", src, "--output", out, "--workers", "1", *extra, cwd=cwd)
+
+
+def pipeline(src: Path, out: Path, stages: list[StageSpec] | None = None, workers: int = 1) -> Pipeline:
+    stages = [StageSpec("drop_word", {"word": "wallpaper"}), StageSpec("caption_dedup")] if stages is None else stages
+    return Pipeline(InputSpec(str(src), url_col="URL", caption_col="TEXT"), OutputSpec(str(out), rows_per_shard=40), stages, workers=workers)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and modification time."""
+    return {name: ((folder / name).read_bytes(), (folder / name).stat().st_mtime_ns) for name in sorted_files(folder)}
+
+
+def crash_state(out: Path) -> None:
+    """Make a finished output look like a run killed before its end."""
+    record = json.loads((out / "run.json").read_text())
+    record["finished"] = None
+    record.pop("totals")
+    (out / "run.json").write_text(json.dumps(record))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. An output folder that is not empty
+
+
+def test_foreign_folder_is_refused_and_left_unchanged(tmp_path: Path, urls: Path, cli) -> None:
+    out = tmp_path / "out"
+    (out / "_work").mkdir(parents=True)
+    (out / "_work" / "notes.txt").write_text("mine")
+    (out / "shards").mkdir()
+    (out / "shards" / "00000.tar").write_bytes(b"not yours")
+    (out / "shards" / "sizes.json").write_text("{}")
+    before = snapshot(out)
+    assert_usage_error(stage(cli, urls, out, *LAION), "holds shards but no run.json")
+    assert snapshot(out) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert_usage_error(stage(cli, urls, other, *LAION), "not empty")
+    assert sorted_files(other) == ["notes.txt"]
+
+
+def test_empty_output_path_is_refused(tmp_path: Path, urls: Path, cli) -> None:
+    (tmp_path / "_work").mkdir()
+    (tmp_path / "_work" / "notes.txt").write_text("mine")
+    result = stage(cli, urls, "x", *LAION, "--set", "output.path=", cwd=tmp_path)
+    assert_usage_error(result, "output path is empty")
+    assert sorted_files(tmp_path) == ["_work/notes.txt"]
+
+
+def test_deleted_run_json_with_other_options_is_refused(tmp_path: Path, urls: Path, cli) -> None:
+    out = tmp_path / "out"
+    assert stage(cli, urls, out, *LAION).returncode == 0
+    (out / "run.json").unlink()
+    before = snapshot(out)
+    assert_usage_error(stage(cli, urls, out, *LAION, "--set", "word=cat"), "no run.json")
+    assert snapshot(out) == before
+
+
+def test_stray_stats_file_is_ignored(tmp_path: Path, urls: Path, monkeypatch) -> None:
+    register(monkeypatch)
+    out = tmp_path / "out"
+    run_local(pipeline(urls, out), progress=False)
+    crash_state(out)
+    (out / "_stats" / "00007.json").write_text('{"note": "not mmcurate\'s"}')
+    summary = run_local(pipeline(urls, out), progress=False)
+    assert summary["shards"] == 3 and summary["rows_in"] == 120
+    assert (out / "_stats" / "00007.json").read_text() == '{"note": "not mmcurate\'s"}'
+    assert "00007.tar" not in json.loads((out / "shards" / "sizes.json").read_text())
+
+
+def test_done_marker_of_another_run_is_not_trusted(tmp_path: Path, urls: Path, monkeypatch) -> None:
+    register(monkeypatch)
+    first, out = tmp_path / "first", tmp_path / "out"
+    run_local(pipeline(urls, first, [StageSpec("drop_word")]), progress=False)
+    run_local(pipeline(urls, out, [StageSpec("drop_word")]), progress=False)
+    crash_state(out)
+    for name in ("shards/00000.tar", "meta/00000.parquet", "rejects/00000.parquet", "_stats/00000.json"):
+        (out / name).unlink()
+    (out / "_done" / "00000").write_bytes((first / "_done" / "00000").read_bytes())
+    run_local(pipeline(urls, out, [StageSpec("drop_word")]), progress=False)
+    assert check_accounting(out)["rows_in"] == 120
+
+
+def test_done_marker_covers_the_shard_files(tmp_path: Path, urls: Path, monkeypatch) -> None:
+    register(monkeypatch)
+    run_local(pipeline(urls, tmp_path / "out", [StageSpec("drop_word")]), progress=False)
+    out = OutputDir.open(str(tmp_path / "out"))
+    assert out.run_id and all(out.is_done(i) for i in range(3))
+    assert sorted(json.loads((tmp_path / "out" / "_done" / "00001").read_text())["files"]) == [
+        "_stats/00001.json", "meta/00001.parquet", "rejects/00001.parquet", "shards/00001.tar"
+    ]
+    other_run = OutputDir(out.fs, out.root, "another-run")
+    assert not other_run.is_done(0)
+    with open(tmp_path / "out" / "meta" / "00001.parquet", "ab") as f:
+        f.write(b"changed")
+    (tmp_path / "out" / "rejects" / "00002.parquet").unlink()
+    (tmp_path / "out" / "_done" / "00000").write_bytes(b"")  # a bare marker names no run
+    assert [out.is_done(i) for i in range(3)] == [False, False, False]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Re-running a finished run
+
+
+def test_rerun_of_a_finished_dedup_run_is_a_no_op(tmp_path: Path, urls: Path, cli) -> None:
+    config = write_yaml(
+        tmp_path / "p.yaml",
+        {
+            "input": {"path": str(urls), "url_col": "URL", "caption_col": "TEXT"},
+            "output": {"path": "out", "rows_per_shard": 40},
+            "workers": 1,
+            "stages": [{"drop_word": {"word": "wallpaper"}}, "caption_dedup"],
+        },
+    )
+    first = cli("run", config)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(tmp_path / "out")
+    again = cli("run", config)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert snapshot(tmp_path / "out") == before
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["finished"] and record["totals"]["rows_in"] == 120
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+def test_output_mistakes_are_one_line(tmp_path: Path, urls: Path, cli) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert_usage_error(stage(cli, urls, a_file, *LAION), "is a file")
+    assert_usage_error(stage(cli, urls, a_file / "out", *LAION), "cannot write to the output folder")
+    assert_usage_error(stage(cli, urls, "/sys/mmcurate-test-out", *LAION), "cannot write to the output folder")
+    assert a_file.read_text() == "x"
+
+
+def test_corrupt_run_json_is_one_line_in_run_and_inspect(tmp_path: Path, urls: Path, cli) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"pipeline": ')
+    assert_usage_error(stage(cli, urls, out, *LAION), "run.json is unreadable")
+    assert_usage_error(cli("inspect", out), "run.json is unreadable")
+    assert sorted_files(out) == ["run.json"] and (out / "run.json").read_text() == '{"pipeline": '
+
+
+def test_same_value_given_by_set_is_the_same_pipeline(tmp_path: Path, urls: Path, cli) -> None:
+    config = write_yaml(
+        tmp_path / "p.yaml",
+        {
+            "input": {"path": str(urls), "url_col": "URL", "caption_col": "TEXT"},
+            "output": {"path": "out", "rows_per_shard": 40},
+            "workers": 1,
+            "stages": [{"caption_quality": {"min_words": 3}}],
+        },
+    )
+    assert cli("run", config).returncode == 0
+    crash_state(tmp_path / "out")
+    again = cli("run", config, "--set", "caption_quality.min_words=3")
+    assert again.returncode == 0, again.stderr
+    assert_usage_error(cli("run", config, "--set", "caption_quality.min_words=4"), "different pipeline")
+
+
+def test_bad_stage_option_is_reported_before_the_pipeline_comparison(tmp_path: Path, urls: Path, cli) -> None:
+    assert stage(cli, urls, tmp_path / "out", *LAION).returncode == 0
+    assert_usage_error(stage(cli, urls, tmp_path / "out", *LAION, "--set", "mode=bogus"), "mode must be filter or score")
+
+
+def test_relative_input_path_is_stored_resolved(tmp_path: Path, urls: Path, cli) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "urls.parquet").write_bytes(urls.read_bytes())
+    first = stage(cli, "data/urls.parquet", "out", *SMALL, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["pipeline"]["input"]["path"] == str(tmp_path / "data" / "urls.parquet")
+    crash_state(tmp_path / "out")
+    (tmp_path / "out" / "_done" / "00001").unlink()
+    again = stage(cli, "urls.parquet", "../out", *SMALL, cwd=tmp_path / "data")
+    assert again.returncode == 0, again.stderr
+    assert check_accounting(tmp_path / "out")["rows_in"] == 120
+
+
+def test_setup_failure_writes_nothing(tmp_path: Path, urls: Path, cli) -> None:
+    missing = stage(cli, tmp_path / "missing.csv", tmp_path / "out", *LAION)
+    assert_usage_error(missing, "does not exist")
+    (tmp_path / "in.csv").write_text("a,b\n1,2\n")  # parsed at planning (into the output's work folder)
+    assert_usage_error(stage(cli, tmp_path / "in.csv", tmp_path / "out2", *LAION), "no url column")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. validate fails incomplete output
+
+
+def test_validate_fails_incomplete_output(tmp_path: Path, urls: Path, cli) -> None:
+    out = tmp_path / "out"
+    assert stage(cli, urls, out, *SMALL).returncode == 0
+    assert cli("validate", out).stdout.strip() == "valid"
+    crash_state(out)
+    (out / "_done" / "00002").unlink()
+    crashed = cli("validate", out)
+    assert crashed.returncode == 1 and "not finished" in crashed.stdout and "_done/00002: missing" in crashed.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("validate", empty)
+    assert result.returncode == 1 and "no dataset" in result.stdout
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "run.json").write_text("{")
+    result = cli("validate", corrupt)
+    assert result.returncode == 1 and "run.json" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Pool workers die with their parent
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc")
+def test_pool_workers_exit_when_the_main_process_is_killed(tmp_path: Path, urls: Path) -> None:
+    config = write_yaml(
+        tmp_path / "p.yaml",
+        {
+            "input": {"path": str(urls), "url_col": "URL", "caption_col": "TEXT"},
+            "output": {"path": "out", "rows_per_shard": 10},
+            "workers": 2,
+            "stages": [{"caption_quality": {}}],
+        },
+    )
+    proc = subprocess.Popen([mmcurate_exe(), "run", str(config), "--no-progress"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(workers) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the pool did not start"
+        workers = {c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()}
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, "pool workers outlived their killed parent"
