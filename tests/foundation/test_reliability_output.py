@@ -14,21 +14,20 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import (
-    LAION,
-    assert_usage_error,
-    check_accounting,
-    cli_env,
-    mmcurate_exe,
-    register,
-    sorted_files,
-    write_yaml,
-)
 from mmcurate.engines.local import run_local
 from mmcurate.pipelines.config import Pipeline, StageSpec
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec
 from mmcurate.shards.writers import OutputSpec
+from mmcurate.tests.support.foundation import (
+    LAION,
+    assert_usage_error,
+    check_accounting,
+    mmcurate_exe,
+    register,
+    sorted_files,
+    write_yaml,
+)
 
 
 SMALL = (*LAION, "--rows-per-shard", "40")  # 3 shards of the 120 rows
@@ -314,7 +313,7 @@ def test_pool_workers_exit_when_the_main_process_is_killed(tmp_path: Path, urls:
             "stages": [{"caption_quality": {}}],
         },
     )
-    proc = subprocess.Popen([mmcurate_exe(), "run", str(config), "--no-progress"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([mmcurate_exe(), "run", str(config), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: set[int] = set()
     deadline = time.monotonic() + 60
     while len(workers) < 2:
