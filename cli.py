@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print the declared sample schema")
     schema.add_argument("--markdown", action="store_true")
 
+    export = sub.add_parser("export", help="write an mmcurate output in the format a grounded model trains on")
+    export.add_argument("format", metavar="FORMAT", help="kosmos2, qwen-vl, qwen2-vl, cogvlm, florence2, grit or llava")
+    export.add_argument("source", metavar="OUT", help="an mmcurate output folder")
+    export.add_argument("dest", metavar="DEST", help="a new or empty folder")
+    export.add_argument("--min-boxes", type=int, help="skip rows with fewer boxes (default: 1; llava: 0)")
+    export.add_argument("--instructions", metavar="FILE", help="instructions, one per line (default: LLaVA's brief ones)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the per-key instruction draw")
+
     demo = sub.add_parser("demo", help="run the demo pipeline on the sample images shipped with mmcurate")
     demo.add_argument("output", nargs="?", default="mmcurate-demo")
     demo.add_argument("--no-progress", action="store_true")
@@ -99,6 +107,21 @@ def _print_summary(summary: dict, out: str) -> None:
         if stage["rejected"]:
             reasons = ", ".join(f"{r} {n}" for r, n in stage["reasons"].items())
             print(f"  {name}: {stage['rejected']} rejected ({reasons})")
+
+
+def _export_options(args: argparse.Namespace):
+    from mmcurate.exports import ExportOptions
+
+    if args.min_boxes is not None and args.min_boxes < 0:
+        raise UsageError(f"--min-boxes must not be negative, not {args.min_boxes}")
+    if args.instructions is None:
+        return ExportOptions(min_boxes=args.min_boxes, seed=args.seed)
+    try:
+        with open(args.instructions, encoding="utf-8") as f:
+            instructions = tuple(line.strip() for line in f if line.strip())
+    except OSError as e:
+        raise UsageError(f"cannot read --instructions {args.instructions}: {e.strerror}") from None
+    return ExportOptions(min_boxes=args.min_boxes, instructions=instructions, seed=args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +177,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from mmcurate.examples.demo import run_demo
 
         _print_summary(run_demo(args.output, progress=not args.no_progress), args.output)
+        return 0
+    if args.command == "export":
+        from mmcurate.exports import export
+
+        record = export(args.format, args.source, args.dest, _export_options(args))
+        skipped = ", ".join(f"{reason} {n}" for reason, n in record["skipped"].items()) or "none"
+        mean_iou = record["quantisation"]["mean_iou"]
+        iou = f", mean IoU after quantisation {mean_iou:.4f}" if mean_iou is not None else ""
+        print(f"{record['rows']} rows, {record['boxes']} boxes exported as {args.format} (skipped: {skipped}{iou}) -> {args.dest}")
         return 0
     if args.command == "stages":
         from mmcurate.stages import STAGES

@@ -82,14 +82,21 @@ class OutputDir:
     def shard_path(self, folder: str, shard_id: int, ext: str) -> str:
         return self.path(folder, f"{shard_name(shard_id)}{ext}")
 
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` atomically: a temporary name in the same folder, then a rename."""
+    @contextmanager
+    def open_atomic(self, path: str) -> Iterator[Any]:
+        """A binary file that appears at ``path`` only when the block ends without an error: it is
+        written under a temporary name in the same folder, then renamed."""
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
         with self.fs.open(tmp, "wb") as f:
-            f.write(data)
+            yield f
         self.fs.mv(tmp, path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically (:meth:`open_atomic`)."""
+        with self.open_atomic(path) as f:
+            f.write(data)
 
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of writes that a killed run left unfinished."""
@@ -153,11 +160,8 @@ class OutputDir:
 
     def write_parquet_stream(self, path: str, tables: Iterable[pa.Table]) -> None:
         """Write a stream of same-schema tables (at least one) as one Parquet file, atomically."""
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
         writer = None
-        with self.fs.open(tmp, "wb") as f:
+        with self.open_atomic(path) as f:
             for table in tables:
                 if writer is None:
                     schema = table.schema.with_metadata({**(table.schema.metadata or {}), METADATA_KEY: SCHEMA_VERSION.encode()})
@@ -165,7 +169,6 @@ class OutputDir:
                 writer.write_table(table.cast(writer.schema))
             if writer is not None:
                 writer.close()
-        self.fs.mv(tmp, path)
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with open_parquet(self.fs, path) as pf:

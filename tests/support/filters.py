@@ -33,10 +33,10 @@ def rejects(out: Path) -> dict[str, str]:
     return dict(zip(table.column("key").to_pylist(), table.column("reject_reason").to_pylist(), strict=True)) if table.num_rows else {}
 
 
-def write_dataset(folder: Path, table: pa.Table, shards: int = 2) -> Path:
-    """``table`` written as an mmcurate output (Parquet shards with image bytes) that a run can read."""
+def write_dataset(folder: Path, table: pa.Table, shards: int = 2, output_format: str = "parquet") -> Path:
+    """``table`` written as an mmcurate output (Parquet shards with image bytes, or WebDataset) that a run can read."""
     out = OutputDir.open(str(folder))
-    spec = OutputSpec(str(folder), format="parquet")
+    spec = OutputSpec(str(folder), format=output_format)
     size = -(-table.num_rows // shards)
     for shard in range(shards):
         part = table.slice(shard * size, size)
