@@ -46,6 +46,20 @@ def seconds_column(position: int) -> str:
     return f"_seconds_{position}"
 
 
+def events_prefix(position: int) -> str:
+    """Ledger columns ``_events_{position}_{name}``: counts of a stage's events (:meth:`Stage.events`)."""
+    return f"_events_{position}_"
+
+
+def _add_events(table: pa.Table, position: int, events: dict[str, int]) -> pa.Table:
+    """Add a stage's event counts to its ledger columns (on the shard's first row)."""
+    for name, count in events.items():
+        column = events_prefix(position) + name
+        previous = table.column(column).fill_null(0) if column in table.column_names else pa.array(np.zeros(table.num_rows, np.int64))
+        table = set_column(table, column, pc.add(previous, pa.array((np.arange(table.num_rows) == 0) * count)), pa.int64())
+    return table
+
+
 def start_ledger(table: pa.Table) -> pa.Table:
     """A shard fresh from the reader: its rejected rows (malformed rows, failed img2dataset
     downloads...) are the reader's."""
@@ -82,6 +96,8 @@ def shard_stats(shard_id: int, table: pa.Table, stages: list[Stage]) -> dict:
         column = seconds_column(position)
         seconds = float(pc.sum(table.column(column)).as_py() or 0.0) if column in table.column_names else 0.0
         own = {} if stage is None else stage.shard_stats(rejected.filter(pc.equal(rejected.column(REJECTED_AT), position)))
+        prefix = events_prefix(position)
+        own |= {c.removeprefix(prefix): int(pc.sum(table.column(c)).as_py() or 0) for c in table.column_names if c.startswith(prefix)}
         entry = {"rows_in": table.num_rows - gone, "rejected": sum(reasons.values()), "reasons": reasons, "seconds": round(seconds, 4)}
         entries.append({"stage": "read" if stage is None else stage.name, **entry, **own})
         gone += sum(reasons.values())
@@ -124,7 +140,7 @@ def apply_stage(stage: Stage, table: pa.Table, position: int) -> pa.Table:
     processed = processed.set_column(processed.column_names.index("reject_stage"), "reject_stage", stage_col)
     table = mark_rejected(pa.concat_tables([processed, done], promote_options="permissive"), position)
     seen = pa.array(np.arange(table.num_rows) < kept.num_rows)
-    return _add_seconds(table, position, time.perf_counter() - start, seen)
+    return _add_events(_add_seconds(table, position, time.perf_counter() - start, seen), position, stage.events())
 
 
 def apply_decisions(stage: GlobalStage, position: int, table: pa.Table, decisions: pa.Table) -> pa.Table:

@@ -1,31 +1,41 @@
-"""The in-process engine: shards in a local process pool, global steps in the driver.
+"""The in-process engine: shards in a local process pool, model stages in pools of their own,
+global steps in the driver.
 
 A pipeline is cut into segments at its global stages. Each segment runs shard by shard; a segment
 that ends in a global stage leaves its shard's rows in ``OUT/_work/segN/`` and the global step writes
 its decision to ``OUT/_work/globalN.parquet``. The last segment writes the final files, the done
 marker last. Every file is atomic and every step skips what a previous run finished, so a run
 killed at any point and started again gives the same output as one that was never interrupted.
+
+With a process pool, a segment's model stages (:class:`stages.model.ModelStage`) cut it into
+steps: CPU stages run in the pool of ``workers`` processes, each model stage in a pool of its own
+beside it, one worker per GPU, or on CPU one worker whose torch uses ``workers`` threads, so the
+machine holds one copy of each model. A shard's table goes from step to step through the driver.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
 
-from mmcurate.engines.core import run_segment, shard_stats, start_ledger
+from mmcurate.engines.core import Segment, run_segment, shard_stats, start_ledger
 from mmcurate.engines.intermediate import kept_rows
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.readers import Reader, ShardPlan
 from mmcurate.shards.writers import write_shard
+from mmcurate.stages import STAGES
+from mmcurate.stages.model import ModelStage
 
 # Per-worker state: the run context with its stages, set up lazily once per worker.
 _CONTEXT: RunContext | None = None
@@ -33,12 +43,16 @@ _READY: set[str] = set()
 PARENT_POLL_SECONDS = 0.5
 
 
-def _init_worker(pipeline: Pipeline, reader: Reader, parent: int | None = None) -> None:
-    """Set up a worker's run context; a pool worker (``parent`` given) exits when its parent dies."""
+def _init_worker(pipeline: Pipeline, reader: Reader, registry: dict[str, str], devices: dict[int, str], parent: int | None = None) -> None:
+    """Set up a worker's run context with the driver's stage registry and model devices; a pool
+    worker (``parent`` given) exits when its parent dies."""
     global _CONTEXT
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="mmcurate-parent-watch").start()
+    STAGES.update(registry)
     _CONTEXT = RunContext.create(pipeline, reader)
+    for position, device in devices.items():
+        _CONTEXT.stages[position].device = device
     _READY.clear()
 
 
@@ -50,8 +64,17 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _process_shard(plan: ShardPlan, segment_index: int) -> int:
-    return process_shard(_CONTEXT, plan, segment_index, _READY)
+def _init_model_worker(worker: tuple, position: int, gpus: Any, threads: int) -> None:
+    """A model pool's worker: its stage on the next free GPU, or on CPU with ``threads`` torch threads."""
+    _init_worker(*worker)
+    stage = _CONTEXT.stages[position]
+    if stage.on_gpu and stage.device == "cuda":
+        stage.device = f"cuda:{gpus.get()}"
+    stage.threads = threads
+
+
+def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None) -> Any:
+    return run_step(_CONTEXT, plan, segment_index, lo, hi, carried, _READY)
 
 
 def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int, ready: set[str]) -> int:
@@ -60,18 +83,32 @@ def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int, ready: s
     ``ready`` names the stages of ``ctx`` already set up in this worker (the Spark engine runs
     shards through this same function).
     """
+    return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None, ready)
+
+
+def run_step(
+    ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None, ready: set[str]
+) -> Any:
+    """Stages ``lo:hi`` of a segment on one shard: read it first (``carried`` is None) or take the
+    table an earlier step returned; write its files after the segment's last stage (return its
+    rows), else return the table for the next step."""
     segment = ctx.segments[segment_index]
-    for stage in segment.stages:
+    stages = segment.stages[lo:hi]
+    for stage in stages:
         if stage.name not in ready:
             stage.setup()
             ready.add(stage.name)
     out = ctx.out
-    if segment_index == 0:
+    if carried is not None:
+        table = carried
+    elif segment_index == 0:
         table = start_ledger(ctx.reader.read(plan))
     else:
         table = out.read_parquet(ctx.work_path(segment_index - 1, plan.shard_id, ".parquet"))
-    decisions = ctx.decisions(segment_index - 1) if segment_index else None
-    table = run_segment(segment, table, decisions)
+    decisions = ctx.decisions(segment_index - 1) if segment_index and carried is None else None
+    table = run_segment(Segment(stages, segment.start + lo, applies=segment.applies if carried is None else None), table, decisions)
+    if hi < len(segment.stages):
+        return table
     if segment_index == len(ctx.segments) - 1:
         stats = shard_stats(plan.shard_id, table, ctx.stages)
         write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats)
@@ -80,22 +117,42 @@ def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int, ready: s
     return plan.rows
 
 
+def steps(segment: Segment) -> list[tuple[int, int]]:
+    """The segment's stages as ``(lo, hi)`` ranges: each model stage alone, CPU stages between them."""
+    models = [i for i, s in enumerate(segment.stages) if isinstance(s, ModelStage)]
+    cuts = sorted({0, len(segment.stages), *models, *(i + 1 for i in models)})
+    return list(itertools.pairwise(cuts)) or [(0, 0)]
+
+
 def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
-    """Run ``pipeline`` with a pool of ``pipeline.workers`` processes; return the run summary."""
+    """Run ``pipeline`` with a pool of ``pipeline.workers`` processes (and one pool per model
+    stage); return the run summary."""
     ctx = start_run(pipeline, "local")
     if ctx.finished:
         return finish_run(ctx)
-    pool = None
+    pools: dict[int | None, Executor] = {}
+    in_flight = 2 * pipeline.workers  # shards between steps: bounds the driver's memory
+    devices = {position: stage.device for position, stage in enumerate(ctx.stages) if isinstance(stage, ModelStage)}
+    worker = (ctx.pipeline, ctx.reader, dict(STAGES), devices)  # devices resolved here, on the driver
     if pipeline.workers > 1 and len(ctx.pending()) > 1:
-        pool = ProcessPoolExecutor(
-            pipeline.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(ctx.pipeline, ctx.reader, os.getpid())
-        )
+        spawn = multiprocessing.get_context("spawn")
+        pools[None] = ProcessPoolExecutor(pipeline.workers, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))
+        for position, stage in enumerate(ctx.stages):
+            if isinstance(stage, ModelStage):
+                gpus = spawn.Queue()
+                size = _gpu_workers(stage)
+                for gpu in range(size):
+                    gpus.put(gpu)
+                initargs = ((*worker, os.getpid()), position, gpus, pipeline.workers)
+                pools[position] = ProcessPoolExecutor(size, mp_context=spawn, initializer=_init_model_worker, initargs=initargs)
+                in_flight += 2 * size
     else:
-        _init_worker(ctx.pipeline, ctx.reader)
+        _init_worker(*worker)
     try:
         for index, segment in enumerate(ctx.segments):
             todo = ctx.pending(index)
-            _map(pool, todo, index, f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards", progress)
+            label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
+            _map(ctx, pools, in_flight, todo, index, label, progress)
             if ctx.needs_global(index):
                 stage = segment.global_stage
                 stage.setup()
@@ -103,19 +160,48 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
                 table = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
                 ctx.out.write_parquet(ctx.global_path(index), stage.decide(table))
     finally:
-        if pool is not None:
+        for pool in pools.values():
             pool.shutdown(cancel_futures=True)
     return finish_run(ctx)
 
 
-def _map(pool: ProcessPoolExecutor | None, todo: list[ShardPlan], segment: int, label: str, progress: bool) -> None:
+def _gpu_workers(stage: ModelStage) -> int:
+    """Workers of a model stage's pool: one per GPU for ``cuda``, else one."""
+    if stage.device != "cuda":
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def _map(
+    ctx: RunContext, pools: dict[int | None, Executor], in_flight: int, todo: list[ShardPlan], segment: int, label: str, progress: bool
+) -> None:
+    """Every shard of ``todo`` through the segment's steps, each step in its pool; in this process without pools."""
     bar = tqdm(total=sum(p.rows for p in todo), unit="rows", desc=label, disable=not progress or None, file=sys.stderr)
-    run: Callable[[ShardPlan], int] = lambda plan: _process_shard(plan, segment)  # noqa: E731
-    results: Iterable[int]
-    if pool is None:
-        results = map(run, todo)
-    else:
-        results = pool.map(_process_shard, todo, [segment] * len(todo))
-    for rows in results:
-        bar.update(rows)
+    if not pools:
+        for plan in todo:
+            bar.update(_run_step(plan, segment, 0, len(ctx.segments[segment].stages), None))
+        bar.close()
+        return
+    stages = ctx.segments[segment].stages
+    positions = {id(stage): position for position, stage in enumerate(ctx.stages)}
+    ranges = steps(ctx.segments[segment])
+    pool_of = [positions[id(stages[lo])] if hi == lo + 1 and isinstance(stages[lo], ModelStage) else None for lo, hi in ranges]
+    queue, running = deque(todo), {}
+
+    def submit(plan: ShardPlan, step: int, carried: pa.Table | None) -> None:
+        future: Future = pools[pool_of[step]].submit(_run_step, plan, segment, *ranges[step], carried)
+        running[future] = (plan, step)
+
+    while queue or running:
+        while queue and len(running) < in_flight:
+            submit(queue.popleft(), 0, None)
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            plan, step = running.pop(future)
+            if step == len(ranges) - 1:
+                bar.update(future.result())
+            else:
+                submit(plan, step + 1, future.result())
     bar.close()

@@ -8,9 +8,12 @@ stages. A chain whose stages have no ``setup()`` runs as Ray tasks; one with ``s
 runs as an actor pool whose ``__init__`` calls ``setup()``, sized from ``Stage.resources`` (GPU
 stages: one actor per ``gpus`` of the cluster; CPU chains: 1 to CPUs / ``cpus`` actors).
 
-Every block is one whole shard: batches are whole blocks (``batch_size=None``; a stage's own
-``batch_size`` slices inside :func:`engines.core.apply_stage`) and Ray's output-block splitting is
-off, so the writer sees whole shards and writes the same files, per shard id, as the local runner.
+Model stages (:mod:`mmcurate.stages.model`) get an actor pool of their own: ``num_gpus`` from
+their resources (their device is resolved for the cluster's GPUs on the driver), one actor on a
+cluster without GPUs, fed ``batch_size`` rows per call. Every other block is one whole shard:
+batches are whole blocks (``batch_size=None``; a stage's own ``batch_size`` slices inside
+:func:`engines.core.apply_stage`) and Ray's output-block splitting is off, so the writer sees whole
+shards and writes the same files, per shard id, as the local runner.
 Each row carries ``_shard`` and the ledger columns of :mod:`engines.core` (the position of the
 stage that rejected it, its share of each stage's seconds), from which the writer derives the
 shard's stats with the local runner's function.
@@ -39,6 +42,7 @@ from mmcurate.engines.worker_state import worker_context
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.writers import write_shard
 from mmcurate.stages.base import Stage, set_column
+from mmcurate.stages.model import ModelStage
 
 SHARD = "_shard"
 
@@ -53,6 +57,10 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     if ctx.finished:
         return finish_run(ctx)
     started = connect(pipeline.workers)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    for stage in ctx.stages:
+        if isinstance(stage, ModelStage):
+            stage.place(gpus)  # the cluster's GPUs decide the device, not the driver's
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.enable_progress_bars
     run_id = uuid.uuid4().hex
@@ -131,6 +139,12 @@ class Chain:
         return max((s.resources.cpus for s, _ in self.stages), default=1.0)
 
     @property
+    def model(self) -> ModelStage | None:
+        """The chain's model stage (a model stage is a chain of its own)."""
+        stage = self.stages[0][0] if len(self.stages) == 1 else None
+        return stage if isinstance(stage, ModelStage) else None
+
+    @property
     def stateful(self) -> bool:
         """Stages that load state in ``setup()`` or want a GPU keep it in long-lived actors."""
         return any(type(s).setup is not Stage.setup or s.resources.gpus > 0 for s, _ in self.stages)
@@ -161,7 +175,7 @@ def chains(ctx: RunContext, index: int, run_id: str) -> list[Chain]:
     positions = {id(stage): position for position, stage in enumerate(ctx.stages)}
     runs: list[list[tuple[Stage, int]]] = [[]]
     for stage in segment.stages:
-        if stage.resources.gpus > 0:
+        if stage.resources.gpus > 0 or isinstance(stage, ModelStage):
             runs += [[(stage, positions[id(stage)])], []]
         else:
             runs[-1].append((stage, positions[id(stage)]))
@@ -187,6 +201,9 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Data
     if not chain.stateful:
         return ds.map_batches(_run_chain, fn_kwargs={"chain": chain}, **common)
     size, gpus = pool_size(cpus, chain.gpus, cluster)
+    if chain.model is not None:
+        common["batch_size"] = chain.model.config.batch_size  # rows per call, not whole shards
+        size = size if gpus else 1  # on CPU one model copy per pool
     pool = ray.data.ActorPoolStrategy(min_size=size if gpus or alone else 1, max_size=size, max_tasks_in_flight_per_actor=2)
     return ds.map_batches(ChainActor, fn_constructor_kwargs={"chain": chain}, compute=pool, num_gpus=gpus, **common)
 

@@ -22,6 +22,7 @@ from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
 from mmcurate.shards.layout import DONE, META, REJECTS, RUN_JSON, SHARDS, STATS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
+from mmcurate.stages.model import ModelStage
 
 _VERSIONED = ("pyarrow", "numpy", "pillow", "aiohttp", "ray", "pyspark", "torch", "open_clip_torch", "transformers", "onnxruntime")
 
@@ -199,11 +200,15 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
         "engine": engine,
         "pipeline": config,
         "versions": versions(),
+        "models": [{"stage": stage.name, **stage.provenance()} for stage in ctx.stages if isinstance(stage, ModelStage)],
         "started": previous.get("started", started) if previous is not None else started,
         "finished": None,
         "shards": len(reader.shards),
     })
     return ctx
+
+
+_STATS_KEYS = ("stage", "rows_in", "rejected", "reasons", "seconds")
 
 
 def summarise(out: OutputDir, shard_ids: Iterable[int]) -> dict:
@@ -224,6 +229,9 @@ def summarise(out: OutputDir, shard_ids: Iterable[int]) -> dict:
             agg["rejected"] += entry["rejected"]
             agg["reasons"].update(entry["reasons"])
             agg["seconds"] += entry["seconds"]
+            for name, value in entry.items():  # a stage's own integer entries (oom_halvings, hosts_tripped): summed
+                if name not in _STATS_KEYS and isinstance(value, int):
+                    agg[name] = agg.get(name, 0) + value
     for agg in by_stage.values():
         agg["reasons"] = dict(agg["reasons"].most_common())
         agg["seconds"] = round(agg["seconds"], 3)

@@ -7,7 +7,8 @@ files, stats and done markers are the local runner's. A shard's rows stay in the
 only ``(shard, rows)`` goes back through Spark. Stages are set up once per Python worker process.
 
 Uses the active SparkSession (``spark-submit`` creates it: see ``jobs/spark_job.py``), or starts
-``local[workers]``.
+``local[workers]``. Model stages (:mod:`mmcurate.stages.model`) are refused: they run on the local
+or Ray engine.
 """
 
 from __future__ import annotations
@@ -27,13 +28,19 @@ from mmcurate.engines.local import process_shard
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.spark_global import global_decisions, shard_frame
 from mmcurate.engines.worker_state import worker_context
+from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
+from mmcurate.stages import stage_class
+from mmcurate.stages.model import ModelStage
 
 DONE_SCHEMA = "shard long, rows long"
 
 
 def run_spark(pipeline: Pipeline, progress: bool = True) -> dict:
     """Run ``pipeline`` on Spark and return the run summary."""
+    models = [spec.name for spec in pipeline.stages if issubclass(stage_class(spec.name), ModelStage)]
+    if models:
+        raise UsageError(f"stage {models[0]} runs a model: use --engine local or ray (Spark runs CPU stages only)")
     ctx = start_run(pipeline, "spark")
     if ctx.finished:
         return finish_run(ctx)

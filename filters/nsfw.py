@@ -19,16 +19,15 @@ extra and distributes or serves a product built on it must check the AGPL-3.0 ob
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from mmcurate.errors import UsageError
-from mmcurate.filters.common import Mode, check_mode, decode_image, prepared_batches, store_scores
-from mmcurate.stages.base import Resources, Stage, reject
+from mmcurate.filters.common import Mode, check_mode, store_scores
+from mmcurate.stages.base import Resources, reject
+from mmcurate.stages.model import ModelStage, Skip, decode_image, require
 
 EXPOSED = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
 _INPUT = 320  # the detector's input size
@@ -52,52 +51,41 @@ class NsfwConfig:
             raise ValueError("batch_size and workers must be at least 1")
 
 
-def _bgr(data: bytes | None) -> Any:
-    """The image as the BGR array NudeNet expects, or the reason there is none."""
-    if data is None:
-        return "image_missing"
-    image = decode_image(data, draft=(_INPUT, _INPUT))
-    return "decode_error" if image is None else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+class Nsfw(ModelStage):
+    """Score nudity with NudeNet; optionally reject images above ``max_score``.
 
-
-class Nsfw(Stage):
-    """Score nudity with NudeNet; optionally reject images above ``max_score``."""
+    A model stage (:mod:`mmcurate.stages.model`) on the CPU (onnxruntime): images are decoded in
+    ``workers`` threads ahead of the detector, which sees ``batch_size`` images per run."""
 
     name = "nsfw"
     Config = NsfwConfig
     resources = Resources(cpus=1, memory_gb=0.5)
+    uses_torch = False
     needs = ("image",)
     adds = ("nsfw_score",)
 
-    def setup(self) -> None:
-        try:
-            from nudenet import NudeDetector
-        except ImportError as e:
-            raise UsageError(f"nsfw needs {e.name}: pip install 'mmcurate[nsfw]'") from None
-
-        self._detector = NudeDetector()
+    def load(self) -> None:
+        self._detector = require("nudenet", self.name, "nsfw").NudeDetector()
         self._classes = set(self.config.classes)
+
+    def prepare(self, row: dict[str, Any]) -> Any:
+        """The image as the BGR array NudeNet expects, or the reason there is none."""
+        if row["image"] is None:
+            return Skip("image_missing")
+        image = decode_image(row["image"], draft=(_INPUT, _INPUT))
+        return Skip("decode_error") if image is None else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+
+    def infer(self, items: list[Any]) -> list[float]:
+        found = self._detector.detect_batch(items, batch_size=len(items))
+        return [max((d["score"] for d in detections if d["class"] in self._classes), default=0.0) for detections in found]
 
     def score(self, images: list[bytes | None]) -> tuple[np.ndarray, list[str | None]]:
         """NSFW score per image (NaN where there is none) and the reason for each missing score."""
-        n = len(images)
-        scores = np.full(n, np.nan, dtype=np.float32)
-        reasons: list[str | None] = [None] * n
-        with ThreadPoolExecutor(self.config.workers) as pool:
-            for batch in prepared_batches(pool, _bgr, images, self.config.batch_size, ahead=2):
-                decoded = []
-                for i, item in batch:
-                    if isinstance(item, str):
-                        reasons[i] = item
-                    else:
-                        decoded.append((i, item))
-                found = self._detector.detect_batch([item for _, item in decoded], batch_size=self.config.batch_size) if decoded else []
-                for (i, _), detections in zip(decoded, found, strict=True):
-                    scores[i] = max((d["score"] for d in detections if d["class"] in self._classes), default=0.0)
-        return scores, reasons
+        outputs, reasons = self.run(pa.table({"image": pa.array(images, pa.binary())}))
+        return np.array([np.nan if s is None else s for s in outputs], dtype=np.float32), reasons
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        scores, reasons = self.score(batch.column("image").to_pylist())
+    def finish(self, batch: pa.Table, outputs: list[Any], reasons: list[str | None]) -> pa.Table:
+        scores = np.array([np.nan if s is None else s for s in outputs], dtype=np.float32)
         batch = store_scores(batch, "nsfw_score", scores, reasons, self.config.mode)
         if self.config.mode == "filter" and self.config.max_score is not None:
             batch = reject(batch, scores.astype(np.float64) > self.config.max_score, "nsfw")

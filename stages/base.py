@@ -60,6 +60,11 @@ class Stage:
         """Entries this stage adds to its line of a shard's stats, from the shard's rows it rejected (none by default)."""
         return {}
 
+    def events(self) -> dict[str, int]:
+        """Counts of events since the last call (a model stage's out-of-memory halvings); the engines
+        keep them in the shard's ledger and add them to the stage's line of its stats."""
+        return {}
+
 
 class GlobalStage(Stage):
     """A stage whose decision needs the whole dataset (dedup, top-fraction selection).

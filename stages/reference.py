@@ -10,6 +10,7 @@ import typing
 from mmcurate.options import field_bounds
 from mmcurate.stages import STAGES, stage_class
 from mmcurate.stages.base import GlobalStage
+from mmcurate.stages.model import ModelStage
 
 
 def _type_name(hint: object) -> str:
@@ -44,10 +45,13 @@ def stage_markdown(name: str) -> str:
     cls = stage_class(name)
     doc = stage_doc(cls)
     kind = "global stage (a decision over the whole dataset)" if issubclass(cls, GlobalStage) else "per-shard stage"
+    if issubclass(cls, ModelStage):
+        kind = "model stage (batches of `batch_size` rows; local: a pool of its own; Ray: an actor pool; not on Spark)"
     lines = [f"## `{name}`", "", doc, "", f"- kind: {kind}"]
     lines.append(f"- needs: {', '.join(f'`{c}`' for c in cls.needs) or 'nothing'}; adds: {', '.join(f'`{c}`' for c in cls.adds) or 'nothing'}")
     r = cls.resources
-    lines.append(f"- resources per worker: {r.cpus:g} CPU, {r.gpus:g} GPU" + (f", {r.memory_gb:g} GB" if r.memory_gb else ""))
+    where = " when its device is a GPU (none on CPU)" if issubclass(cls, ModelStage) and r.gpus else ""
+    lines.append(f"- resources per worker: {r.cpus:g} CPU, {r.gpus:g} GPU{where}" + (f", {r.memory_gb:g} GB" if r.memory_gb else ""))
     fields = dataclasses.fields(cls.Config)
     if fields:
         hints = typing.get_type_hints(cls.Config)

@@ -139,6 +139,7 @@ class Crash(Stage):
 
 
 TEST_STAGES = {cls.name: f"{__name__}:{cls.__name__}" for cls in (Words, Chars, OnGpu, CaptionDedup, Longest, Crash)}
+TEST_STAGES["t_model"] = "mmcurate.tests.support.model_probe:Probe"  # importable by the local runner's worker processes
 for _pickler in ("ray.cloudpickle", "pyspark.cloudpickle"):
     importlib.import_module(_pickler).register_pickle_by_value(sys.modules[__name__])
 

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from mmcurate.tests.support.filters import write_dataset
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+from mmcurate.tests.support.filters import write_dataset, write_tiny_clip
 
 
 @pytest.fixture(scope="session")
@@ -52,17 +45,4 @@ def photo_dataset(tmp_path_factory, photos: pa.Table) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> str:
     """A tiny randomly initialised open_clip ViT saved as a local folder: ``local-dir:PATH``."""
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "mmcurate-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "mmcurate-tiny-clip.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("mmcurate-tiny-clip", pretrained=None)
-    target = folder / "model"
-    target.mkdir()
-    (target / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
-    save_file(model.state_dict(), str(target / "open_clip_model.safetensors"))
-    return f"local-dir:{target}"
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -12,7 +12,7 @@ import pytest
 
 from mmcurate.errors import UsageError
 from mmcurate.filters.clip_score import ClipScore
-from mmcurate.filters.common import decode_image
+from mmcurate.stages.model import decode_image
 from mmcurate.tests.support.filters import kept, rejects, run_command
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from mmcurate.filters.common import decode_image, prefetched, source_sizes
+
+from mmcurate.filters.common import source_sizes
+from mmcurate.stages.model import decode_image, prefetched
 
 
 def test_decode_image(photo_dir: Path) -> None:

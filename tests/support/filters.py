@@ -1,7 +1,8 @@
-"""Helpers of the filter tests: the CLI in this process and reading an output folder back."""
+"""Helpers of the filter tests: the CLI in this process, reading an output folder back, a tiny open_clip model."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,3 +61,27 @@ def run_command(command: str, name: str, source: Path, out: Path, *settings: str
     for setting in settings:
         args += ["--set", setting]
     return run_cli(*args)
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_clip(folder: Path) -> str:
+    """A tiny randomly initialised open_clip ViT saved under ``folder``: ``local-dir:PATH``."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "mmcurate-tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "mmcurate-tiny-clip.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("mmcurate-tiny-clip", pretrained=None)
+    target = folder / "model"
+    target.mkdir()
+    (target / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    save_file(model.state_dict(), str(target / "open_clip_model.safetensors"))
+    return f"local-dir:{target}"
