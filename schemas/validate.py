@@ -44,6 +44,11 @@ def check_table(table: pa.Table, path: str, kept: bool) -> list[str]:
             problems.append(f"{path}: row {row}, field key: empty")
         elif "." in key:
             problems.append(f"{path}: row {row}, field key: {key!r} contains a dot")
+    if "captions" in table.column_names:
+        for row, candidates in enumerate(table.column("captions").to_pylist()):
+            bad = [c for c in candidates or () if c["source"] not in ("web", "synthetic") or not c["text"]]
+            if bad:
+                problems.append(f"{path}: row {row}, field captions: entry {bad[0]!r} needs a text and source web or synthetic")
     reasons = table.column("reject_reason") if "reject_reason" in table.column_names else pa.nulls(table.num_rows, pa.string())
     bad = pc.is_valid(reasons) if kept else pc.is_null(reasons)
     for row in pc.indices_nonzero(bad).to_pylist():

@@ -48,6 +48,20 @@ def _describe(table: pa.Table, title: str, samples: int) -> list[str]:
     return lines
 
 
+def _captions_line(table: pa.Table) -> str:
+    """How many candidate captions capfilt stored, by source, and where the kept rows' caption came from."""
+    sources: Counter = Counter()
+    chosen: Counter = Counter()
+    for caption, candidates in zip(table.column("caption").to_pylist(), table.column("captions").to_pylist(), strict=True):
+        sources.update(c["source"] for c in candidates or ())
+        match = [c["source"] for c in candidates or () if c["text"] == caption]
+        chosen[match[0] if match else "none"] += 1
+    return (
+        f"captions: {sum(sources.values())} candidates ({sources['web']} web, {sources['synthetic']} synthetic); "
+        f"caption taken from: " + ", ".join(f"{source} {n}" for source, n in chosen.most_common())
+    )
+
+
 def _short(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -79,7 +93,10 @@ def inspect_dataset(path: str, samples: int = 3) -> str:
         tars = sorted(fs.glob(f"{root}/shards/*.tar"))
         done = len(fs.glob(f"{root}/_done/*"))
         lines.append(f"shards: {len(meta)} written, {done} done" + (f", {len(tars)} tars" if tars else ""))
-        lines += _describe(_tables(fs, meta), "kept", samples)
+        kept = _tables(fs, meta)
+        lines += _describe(kept, "kept", samples)
+        if "captions" in kept.column_names:
+            lines.append(_captions_line(kept))
         if tars:
             count, exts = _tar_samples(fs, tars)
             lines.append(f"tar samples: {count} ({', '.join(f'{n} .{e}' for e, n in sorted(exts.items()))})")

@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "phash_dedup": "mmcurate.dedup.phash:PhashDedup",
     "minhash_dedup": "mmcurate.dedup.minhash:MinhashDedup",
     "noun_phrases": "mmcurate.captioning.noun_phrases:NounPhrases",
+    "capfilt": "mmcurate.captioning.capfilt:Capfilt",
 }
 
 
