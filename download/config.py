@@ -7,6 +7,7 @@ from typing import Literal
 
 from mmcurate import __version__
 from mmcurate.options import bounded
+from mmcurate.shards.image_check import MAX_PIXELS
 
 ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 EncodeFormat = Literal["jpg", "png", "webp"]
@@ -37,7 +38,7 @@ class DownloadConfig:
     min_image_size: int = bounded(0, ge=0)
     max_image_area: float | None = bounded(None, gt=0)  # reject sources with more pixels (img2dataset's filter)
     max_aspect_ratio: float | None = bounded(None, gt=0)
-    max_pixels: int = bounded(89_478_485, ge=1)  # decompression-bomb guard, checked from the header before decoding
+    max_pixels: int = bounded(MAX_PIXELS, ge=1)  # decompression-bomb guard, checked from the header before decoding
     timeout: float = bounded(10.0, gt=0)
     deadline: float = bounded(60.0, gt=0)
     min_speed: int = bounded(4096, ge=0)  # bytes/s

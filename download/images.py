@@ -11,16 +11,14 @@ areas (Pillow's BOX filter, as img2dataset's INTER_AREA) and upscaling uses Lanc
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image
 
 from mmcurate.download.config import DownloadConfig
+from mmcurate.shards.image_check import DECODE_ERRORS, open_image
 
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-# Our own pixel limit (checked from the header) replaces Pillow's global warning.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -32,7 +30,6 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION = 0x0112
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
 @dataclass(frozen=True)
@@ -48,39 +45,25 @@ class Encoded:
 
 
 def process_image(data: bytes, opts: DownloadConfig) -> Encoded | str:
-    """Decode ``data`` and return the re-encoded image, or a rejection reason."""
-    if not data:
-        return "not_an_image"
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        return "decompression_bomb"
-    except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return "decode_error" if looks_like_image(data) else "not_an_image"
+    """Decode ``data`` and return the re-encoded image, or a rejection reason (the checks of
+    :mod:`mmcurate.shards.image_check`, which ingested images pass too, and the size filters)."""
+    im = open_image(data, opts.max_pixels)
+    if isinstance(im, str):
+        return im
     try:
         return _process(im, opts)
     except Image.DecompressionBombError:
         return "decompression_bomb"
-    except (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError, ZeroDivisionError, MemoryError):
+    except DECODE_ERRORS:
         return "decode_error"
     finally:
         im.close()
 
 
-def looks_like_image(data: bytes) -> bool:
-    """Whether ``data`` starts with the signature of a common image format."""
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-
-
 def _process(im: Image.Image, opts: DownloadConfig) -> Encoded | str:
-    raw_w, raw_h = im.size
-    if raw_w < 1 or raw_h < 1:
-        return "decode_error"
-    if raw_w * raw_h > opts.max_pixels:
-        return "decompression_bomb"
     orientation = _orientation(im)
     swapped = orientation in (5, 6, 7, 8)
-    width, height = (raw_h, raw_w) if swapped else (raw_w, raw_h)
+    width, height = (im.height, im.width) if swapped else im.size
     reason = _check_size(width, height, opts)
     if reason:
         return reason
