@@ -3,10 +3,15 @@
 Planning lists the input files and their row counts and cuts the concatenated rows into fixed
 slices. Text URL lists (csv, tsv, jsonl, txt) are parsed once at planning into Parquet under
 ``OUT/_work/input/`` so every shard reads its slice cheaply; malformed rows and invalid UTF-8 are
-kept there as rows with a ``reject_reason``, never dropped. Every table a reader returns has
-``key``, ``url``, ``caption``, ``reject_stage`` and ``reject_reason``, plus the source's other
-columns (renamed ``source_NAME`` where a name clashes with a declared column or starts with ``_``,
-which marks a stage's internal columns).
+kept there as rows with a ``reject_reason``, never dropped. Each input file's identity (size,
+modification time, hash of its head) is recorded there too, and a resume refuses a changed input.
+Every table a reader returns has ``key``, ``url``, ``caption``, ``reject_stage`` and
+``reject_reason``, plus the source's other columns (renamed ``source_NAME`` where a name clashes
+with a declared column or starts with ``_``, which marks a stage's internal columns).
+
+Images in img2dataset and mmcurate tars are read member by member (seeking by a per-tar index of
+the member headers) and checked like downloaded ones (:mod:`mmcurate.shards.image_check`); a member
+over ``max_image_bytes`` is rejected as ``too_large`` without being read.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import math
 import tarfile
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +35,7 @@ import pyarrow.compute as pc
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
+from mmcurate.shards.image_check import MAX_PIXELS, check_image
 from mmcurate.shards.layout import OutputDir, open_parquet
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ PARSE_CHUNK_ROWS = 100_000  # rows of a text URL list parsed and written at a ti
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 # img2dataset columns with a declared counterpart.
 _I2D_COLUMNS = ("key", "url", "caption", "width", "height", "original_width", "original_height", "sha256", "status")
+HEAD_BYTES = 65536  # the head of an input file that its recorded identity hashes
+TAR_INDEXES = 4  # tar indexes a reader keeps (consecutive shards mostly read the same tar)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,8 @@ class InputSpec:
     url_col: str = "url"
     caption_col: str | None = "caption"
     max_caption_chars: int = bounded(65536, ge=0)
+    max_image_bytes: int = bounded(32 * 1024 * 1024, ge=1)  # an img2dataset / mmcurate image over this is too_large, never read
+    max_image_pixels: int = bounded(MAX_PIXELS, ge=1)  # decompression-bomb guard for ingested images, from the header
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -65,6 +76,7 @@ class SourceFile:
     rows: int
     format: str
     tar: str | None = None  # img2dataset / mmcurate tar beside the Parquet
+    key_prefix: str = ""  # img2dataset files in a subfolder: its path, so merged runs keep their keys apart
 
 
 @dataclass(frozen=True)
@@ -88,28 +100,73 @@ class Reader:
     files: list[SourceFile]
     format: str
     shards: list[ShardPlan] = field(default_factory=list)
+    sources: dict[str, list] = field(default_factory=dict)  # identity of each input file, by path relative to the input
+    _tar_indexes: OrderedDict[str, tuple[dict[str, TarMember], str | None]] = field(default_factory=OrderedDict, repr=False, compare=False)
 
     def read(self, plan: ShardPlan) -> pa.Table:
         """The normalised rows of one shard."""
         tables = [self._read_piece(self.files[i], start, stop) for i, start, stop in plan.pieces]
-        return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
+        return _reject_repeated_keys(pa.concat_tables(tables, promote_options="permissive")) if tables else pa.table({})
 
     def _read_piece(self, src: SourceFile, start: int, stop: int) -> pa.Table:
         table = _read_rows(self.fs, src.path, start, stop)
         if src.format == "img2dataset":
-            return _from_img2dataset(table, self._images(src))
+            return self._with_images(_from_img2dataset(table, src, start), src, src.key_prefix)
         if src.format == "mmcurate":
-            return _from_mmcurate(table, self._images(src) if src.tar else None)
+            return self._with_images(_from_mmcurate(table), src)
         if src.format == "normalised":
             return table
         return normalise(table, src.rel, start, self.spec)
 
-    def _images(self, src: SourceFile) -> TarImages:
-        with self.fs.open(src.tar, "rb") as f:
-            images, error = read_tar_images(f, src.tar)
-        if error is not None:
-            logger.warning("%s; its rows without an image are rejected as tar_unreadable", error)
-        return TarImages(images, "tar_unreadable" if error else "image_missing")
+    def _with_images(self, table: pa.Table, src: SourceFile, prefix: str = "") -> pa.Table:
+        """Attach and check the images of the kept rows that should hold one: from the tar beside
+        the Parquet (looked up by key less ``prefix``), or already in an ``image`` column. A row
+        whose image is missing or fails a check is rejected at read, its ``status`` set to the reason."""
+        kept = [r is None for r in table.column("reject_reason").to_pylist()]
+        if src.tar is not None:
+            # An mmcurate run stores an image only where image_format says so (a run on a URL list stores none).
+            stored = table.column("image_format").to_pylist() if "image_format" in table.column_names else [None] * table.num_rows
+            wanted = [k and (s is not None or src.format == "img2dataset") for k, s in zip(kept, stored, strict=True)]
+            keys = [k[len(prefix) :] for k in table.column("key").to_pylist()]
+            images, missing = self._tar_images(src.tar, [k for k, w in zip(keys, wanted, strict=True) if w])
+            good = {k: v for k, v in images.items() if not isinstance(v, str)}
+            table = attach_images(table, good, wanted, keys)[0]
+            reasons = [_image_reason(images.get(k, missing)) if w else None for k, w in zip(keys, wanted, strict=True)]
+        elif "image" in table.column_names:
+            reasons = [self._check(data) if data is not None and k else None for data, k in zip(table.column("image").to_pylist(), kept, strict=True)]
+        else:
+            return table
+        return _reject_at_read(table, reasons, set_status=True)
+
+    def _tar_images(self, tar: str, keys: list[str]) -> tuple[dict[str, tuple[str, bytes] | str], str]:
+        """``{key: (extension, bytes)}`` of the checked images of ``keys`` in ``tar``, a rejection
+        reason in place of one that fails a check, and the reason for a key not found."""
+        index, error = self._tar_index(tar)
+        found: dict[str, tuple[str, bytes] | str] = {}
+        try:
+            with self.fs.open(tar, "rb") as f:
+                for key, member in read_members(f, index, keys, self.spec.max_image_bytes):
+                    found[key] = member if isinstance(member, str) else self._check(member[1]) or member
+        except TAR_ERRORS as e:
+            error = error or f"{tar}: not a readable tar ({e})"
+        return found, "tar_unreadable" if error else "image_missing"
+
+    def _check(self, data: bytes) -> str | None:
+        return "too_large" if len(data) > self.spec.max_image_bytes else check_image(data, self.spec.max_image_pixels)
+
+    def _tar_index(self, tar: str) -> tuple[dict[str, TarMember], str | None]:
+        if tar not in self._tar_indexes:
+            try:
+                with self.fs.open(tar, "rb") as f:
+                    self._tar_indexes[tar] = index_tar(f, tar)
+            except OSError as e:
+                self._tar_indexes[tar] = ({}, f"{tar}: cannot read ({e})")
+            if self._tar_indexes[tar][1] is not None:
+                logger.warning("%s; its rows without an image are rejected as tar_unreadable", self._tar_indexes[tar][1])
+            while len(self._tar_indexes) > TAR_INDEXES:
+                self._tar_indexes.popitem(last=False)
+        self._tar_indexes.move_to_end(tar)
+        return self._tar_indexes[tar]
 
 
 def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
@@ -119,13 +176,49 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     fs, root = fsspec.core.url_to_fs(spec.path)
     fmt, paths = _discover(fs, root.rstrip("/"), spec.format, out.root)
     base = _key_base(fs, root.rstrip("/"))
-    files: list[SourceFile] = []
-    for index, path in enumerate(paths):
-        rel = path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
-        files.append(_source_file(fs, path, rel, fmt, spec, out, index))
-    reader = Reader(spec, fs, files, fmt)
+    rels = [path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1] for path in paths]
+    record = out.path("_work", "input", "sources.json")
+    sources = _input_sources(fs, dict(zip(rels, paths, strict=True)), fmt)
+    recorded = out.exists(record)
+    if recorded:
+        _check_unchanged(out.read_json(record), sources)
+    # Parsed URL lists are reused only under a record of the input they were parsed from.
+    files = [_source_file(fs, path, rel, fmt, spec, out, index, recorded) for index, (path, rel) in enumerate(zip(paths, rels, strict=True))]
+    if not recorded:
+        out.write_json(record, sources)
+    reader = Reader(spec, fs, files, fmt, sources=sources)
     reader.shards = _cut(files, rows_per_shard)
     return reader
+
+
+def _input_sources(fs, paths: dict[str, str], fmt: str) -> dict[str, list]:
+    """The identity of every input file (and of the tar beside an img2dataset or mmcurate Parquet
+    file), by path relative to the input."""
+    if fmt in ("img2dataset", "mmcurate"):
+        paths = {**paths, **{rel[: -len(".parquet")] + ".tar": _tar_of(path, fmt) for rel, path in paths.items()}}
+    return {rel: file_identity(fs, path) for rel, path in paths.items() if fs.exists(path)}
+
+
+def _check_unchanged(before: dict[str, list], now: dict[str, list]) -> None:
+    """Refuse an input whose files differ from those an earlier, unfinished run of this output recorded."""
+    changed = sorted(set(before) ^ set(now)) or sorted(rel for rel in now if before[rel] != now[rel])
+    if changed:
+        what = "added or removed" if set(before) != set(now) else "changed"
+        raise UsageError(f"input file {changed[0]} was {what} since this run started (the run would mix two inputs); restore it or use a new output folder")
+
+
+def file_identity(fs, path: str) -> list:
+    """``[size, modification time, sha256 of the first HEAD_BYTES]`` of a file (time None where the filesystem has none)."""
+    try:
+        size = fs.size(path)
+        head = fs.cat_file(path, 0, HEAD_BYTES)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    try:
+        modified = fs.modified(path).isoformat()
+    except (NotImplementedError, OSError, AttributeError):
+        modified = None
+    return [size, modified, hashlib.sha256(head).hexdigest()]
 
 
 def _key_base(fs: fsspec.AbstractFileSystem, root: str) -> str:
@@ -178,27 +271,34 @@ def _mmcurate_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return meta or sorted(fs.glob(f"{root}/shards/*.parquet"))
 
 
-def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: OutputDir, index: int) -> SourceFile:
+def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: OutputDir, index: int, reuse: bool) -> SourceFile:
     if fmt == "img2dataset":
-        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=path[: -len(".parquet")] + ".tar")
+        _check_img2dataset(_read_rows(fs, path, 0, 0).schema, path)
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
+        prefix = folder.replace("/", "_").replace(".", "_") + "_" if folder else ""
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=_tar_of(path, fmt), key_prefix=prefix)
     if fmt == "mmcurate":
-        tar = path.replace("/meta/", "/shards/")[: -len(".parquet")] + ".tar"
-        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=tar if "/meta/" in path else None)
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=_tar_of(path, fmt) if "/meta/" in path else None)
     if fmt == "parquet":
         table = _read_rows(fs, path, 0, 0)
         _check_columns(table.column_names, spec, path)
         return SourceFile(path, rel, _parquet_rows(fs, path), fmt)
     # Text URL list: parse once into Parquet with keys and read-time rejections.
     target = out.path("_work", "input", f"{index:05d}.parquet")
-    if not out.exists(target):
+    if not (reuse and out.exists(target)):
         out.write_parquet_stream(target, _normalised_chunks(parse_text(fs, path, fmt, spec), rel, spec))
     return SourceFile(target, rel, _parquet_rows(out.fs, target), "normalised")
 
 
-def _normalised_chunks(chunks: Iterable[pa.Table], rel: str, spec: InputSpec) -> Iterator[pa.Table]:
+def _tar_of(path: str, fmt: str) -> str:
+    """The tar that holds the images of an img2dataset or mmcurate Parquet file."""
+    return (path.replace("/meta/", "/shards/") if fmt == "mmcurate" else path)[: -len(".parquet")] + ".tar"
+
+
+def _normalised_chunks(chunks: Iterable[tuple[pa.Table, pa.Array]], rel: str, spec: InputSpec) -> Iterator[pa.Table]:
     start = 0
-    for chunk in chunks:
-        yield normalise(chunk, rel, start, spec)
+    for chunk, reasons in chunks:
+        yield normalise(chunk, rel, start, spec, reasons)
         start += chunk.num_rows
 
 
@@ -257,11 +357,25 @@ def _check_columns(columns: list[str], spec: InputSpec, path: str) -> None:
         raise UsageError(f"{path}: no url column {spec.url_col!r} (columns: {', '.join(columns)}); set url_col")
     if spec.caption_col is not None and spec.caption_col not in columns and spec.caption_col != "caption":
         raise UsageError(f"{path}: no caption column {spec.caption_col!r} (columns: {', '.join(columns)}); set caption_col")
+    _check_names(columns, {spec.url_col: "url", spec.caption_col: "caption"}, path)
 
 
-def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> Iterator[pa.Table]:
+def _check_names(columns: list[str], declared: dict[str | None, str], path: str) -> None:
+    """Refuse a column name given twice, and two source columns that would get one output name
+    (``declared`` maps the columns taken as declared ones to their names)."""
+    twice = [name for name, n in Counter(columns).items() if n > 1]
+    if twice:
+        raise UsageError(f"{path}: column {twice[0]!r} appears twice; name each column once")
+    names = Counter(declared.get(name) or source_name(name) for name in columns)
+    clash = [name for name, n in names.items() if n > 1]
+    if clash:
+        raise UsageError(f"{path}: two columns would both be stored as {clash[0]!r} (a name mmcurate declares is renamed source_NAME); rename one")
+
+
+def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> Iterator[tuple[pa.Table, pa.Array]]:
     """Parse a csv/tsv/jsonl/txt URL list, streaming, into tables of at most ``PARSE_CHUNK_ROWS``
-    rows: the file's columns as strings plus ``reject_reason`` (malformed rows, invalid UTF-8)."""
+    rows of the file's columns as strings, each with its rows' read-time rejection reasons
+    (malformed rows, invalid UTF-8)."""
     header = _jsonl_header(fs, path) if fmt == "jsonl" else None
     chunk: list[list[str | None]] = []
     reasons: list[str | None] = []
@@ -308,9 +422,9 @@ def _open_text(fs, path: str) -> Iterator[io.TextIOWrapper]:
         raise UsageError(f"cannot read {path}: {e}") from None
 
 
-def _string_table(header: list[str], rows: list[list[str | None]], reasons: list[str | None]) -> pa.Table:
+def _string_table(header: list[str], rows: list[list[str | None]], reasons: list[str | None]) -> tuple[pa.Table, pa.Array]:
     columns = {name: pa.array([row[i] for row in rows], pa.string()) for i, name in enumerate(header)}
-    return pa.table({**columns, "reject_reason": pa.array(reasons, pa.string())})
+    return pa.table(columns), pa.array(reasons, pa.string())
 
 
 def _jsonl_header(fs, path: str) -> list[str]:
@@ -358,10 +472,11 @@ def sample_key(rel: str, row: int) -> str:
     return hashlib.sha256(f"{rel}\0{row}".encode()).hexdigest()[:16]
 
 
-def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec) -> pa.Table:
-    """Rename url/caption columns, add keys and read-time rejections; carry other columns through."""
+def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec, reasons: pa.Array | None = None) -> pa.Table:
+    """Rename url/caption columns, add keys and read-time rejections (``reasons``: those found while
+    parsing); carry other columns through, a reserved name as ``source_NAME``."""
     n = table.num_rows
-    reasons = table.column("reject_reason") if "reject_reason" in table.column_names else pa.nulls(n, pa.string())
+    reasons = pa.nulls(n, pa.string()) if reasons is None else reasons
     url, bad_url = _as_string(table.column(spec.url_col))
     has_caption = spec.caption_col is not None and spec.caption_col in table.column_names
     caption, bad_caption = _as_string(table.column(spec.caption_col)) if has_caption else (pa.nulls(n, pa.string()), [False] * n)
@@ -370,7 +485,7 @@ def normalise(table: pa.Table, rel: str, start: int, spec: InputSpec) -> pa.Tabl
         "url": url,
         "caption": caption,
     }
-    taken = {spec.url_col, spec.caption_col, "reject_reason"}
+    taken = {spec.url_col, spec.caption_col}
     for name in table.column_names:
         if name not in taken:
             out[source_name(name)] = table.column(name)
@@ -415,19 +530,32 @@ def _as_string(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError)
 
 
+def _member_name(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """``(key, extension)`` of a regular-file member: the key is the file name up to its first dot
+    (webdataset's rule). None for links, devices, sparse files and absolute or ``..`` paths."""
+    parts = member.name.split("/")
+    if not member.isfile() or member.issparse() or member.name.startswith("/") or ".." in parts:
+        return None
+    key, _, ext = parts[-1].partition(".")
+    return key, ext
+
+
+def _image_extension(ext: str) -> str | None:
+    """The image format an extension names (``jpeg`` as ``jpg``), None for no image."""
+    ext = "jpg" if ext.lower() == "jpeg" else ext.lower()
+    return ext if ext in IMAGE_EXTENSIONS else None
+
+
 def tar_members(fileobj, read: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes | None]]:
-    """``(key, extension, bytes)`` of the regular-file members of a tar, in order, streamed: the
-    key is the file name up to its first dot (webdataset's rule); bytes are read only for the
-    extensions ``read`` accepts (None otherwise). Members with absolute or ``..`` paths, links and
-    devices are skipped, and nothing is extracted to disk, so no tar can write anywhere. A corrupt
-    or truncated tar raises one of ``TAR_ERRORS``."""
+    """``(key, extension, bytes)`` of the regular-file members of a tar, in order, streamed;
+    bytes are read only for the extensions ``read`` accepts (None otherwise). Links, devices and
+    members with absolute or ``..`` paths are skipped, and nothing is extracted to disk, so no tar
+    can write anywhere. A corrupt or truncated tar raises one of ``TAR_ERRORS``."""
     with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
         for member in tar:
-            parts = member.name.split("/")
-            if not member.isfile() or member.name.startswith("/") or ".." in parts:
-                continue
-            key, _, ext = parts[-1].partition(".")
-            yield key, ext, tar.extractfile(member).read() if read(ext) else None
+            name = _member_name(member)
+            if name is not None:
+                yield name[0], name[1], tar.extractfile(member).read() if read(name[1]) else None
 
 
 def read_tar_images(fileobj, name: str) -> tuple[dict[str, tuple[str, bytes]], str | None]:
@@ -435,26 +563,61 @@ def read_tar_images(fileobj, name: str) -> tuple[dict[str, tuple[str, bytes]], s
     that stopped the reading of a corrupt or truncated tar (None when it was read to the end)."""
     images: dict[str, tuple[str, bytes]] = {}
     try:
-        for key, ext, data in tar_members(fileobj, lambda ext: ext.lower() in (*IMAGE_EXTENSIONS, "jpeg")):
+        for key, ext, data in tar_members(fileobj, lambda ext: _image_extension(ext) is not None):
             if data is not None:
-                images[key] = ("jpg" if ext.lower() == "jpeg" else ext.lower(), data)
+                images[key] = (_image_extension(ext), data)
     except TAR_ERRORS as e:
         return images, f"{name}: not a readable tar ({e})"
     return images, None
 
 
 @dataclass(frozen=True)
-class TarImages:
-    """The images of one tar, and the reason for a row whose image is not among them."""
+class TarMember:
+    """Where the bytes of an image member lie in its tar."""
 
-    images: dict[str, tuple[str, bytes]]
-    missing_reason: str = "image_missing"
+    ext: str
+    offset: int
+    size: int
 
 
-def attach_images(table: pa.Table, images: dict[str, tuple[str, bytes]], wanted: list[bool]) -> tuple[pa.Table, list[bool]]:
-    """Replace ``image``/``image_format`` by key from ``images`` where ``wanted``; also return, per
-    row, whether a wanted image was missing."""
-    keys = table.column("key").to_pylist()
+def index_tar(fileobj, name: str) -> tuple[dict[str, TarMember], str | None]:
+    """The image members of an uncompressed tar by key, from the member headers alone (``tarfile``
+    seeks over the data), and the error that stopped a corrupt or truncated tar (None when it was
+    read to the end)."""
+    index: dict[str, TarMember] = {}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for member in tar:
+                found = _member_name(member)
+                ext = _image_extension(found[1]) if found else None
+                if ext is not None:
+                    index[found[0]] = TarMember(ext, member.offset_data, member.size)
+    except TAR_ERRORS as e:
+        return index, f"{name}: not a readable tar ({e})"
+    return index, None
+
+
+def read_members(fileobj, index: dict[str, TarMember], keys: Iterable[str], max_bytes: int) -> Iterator[tuple[str, tuple[str, bytes] | str]]:
+    """``(key, (extension, bytes))`` of the members of ``keys`` that ``index`` lists, in tar order,
+    or ``(key, "too_large")`` for one over ``max_bytes``, which is not read. A member cut short by
+    the end of the file is left out."""
+    for key in sorted({k for k in keys if k in index}, key=lambda k: index[k].offset):
+        member = index[key]
+        if member.size > max_bytes:
+            yield key, "too_large"
+            continue
+        fileobj.seek(member.offset)
+        data = fileobj.read(member.size)
+        if len(data) == member.size:
+            yield key, (member.ext, data)
+
+
+def attach_images(
+    table: pa.Table, images: dict[str, tuple[str, bytes]], wanted: list[bool], keys: list[str] | None = None
+) -> tuple[pa.Table, list[bool]]:
+    """Replace ``image``/``image_format`` from ``images`` where ``wanted``, looked up by ``keys``
+    (default: the ``key`` column); also return, per row, whether a wanted image was missing."""
+    keys = table.column("key").to_pylist() if keys is None else keys
     found = [images.get(k) if want else None for k, want in zip(keys, wanted, strict=True)]
     table = table.drop_columns([c for c in ("image", "image_format") if c in table.column_names])
     table = table.append_column("image", pa.array([f[1] if f else None for f in found], pa.binary()))
@@ -462,42 +625,85 @@ def attach_images(table: pa.Table, images: dict[str, tuple[str, bytes]], wanted:
     return table, [want and f is None for want, f in zip(wanted, found, strict=True)]
 
 
-def _attach_images(table: pa.Table, tar: TarImages, ok: list[bool]) -> tuple[pa.Table, list[str | None]]:
-    """Add ``image``/``image_format`` by key; return reasons for ok rows whose image is missing."""
-    table, missing = attach_images(table, tar.images, ok)
-    return table, [tar.missing_reason if m else None for m in missing]
+def _image_reason(found: tuple[str, bytes] | str) -> str | None:
+    """The rejection reason of a looked-up image: None for an image, else the reason given."""
+    return found if isinstance(found, str) else None
 
 
-def _from_img2dataset(table: pa.Table, images: TarImages) -> pa.Table:
-    """img2dataset rows: failed downloads are rejected as ``not_downloaded``; keys are kept."""
+def _reject_at_read(table: pa.Table, reasons: list[str | None], set_status: bool = False) -> pa.Table:
+    """Reject at read the rows not yet rejected that have a reason; with ``set_status`` the reason
+    also becomes their ``status`` (as for a failed download)."""
+    given = pa.array(reasons, pa.string())
+    fresh = pc.and_(pc.is_valid(given), pc.is_null(table.column("reject_reason")))
+    if not pc.any(fresh).as_py():
+        return table
+    updates = {"reject_reason": given, "reject_stage": pa.scalar(READ_STAGE)}
+    if set_status and "status" in table.column_names:
+        updates["status"] = given
+    for name, value in updates.items():
+        index = table.column_names.index(name)
+        table = table.set_column(index, name, pc.if_else(fresh, value, table.column(index)))
+    return table
+
+
+def _reject_repeated_keys(table: pa.Table) -> pa.Table:
+    """Reject as ``duplicate_key`` every row whose key an earlier row of the shard holds, so no
+    output file holds one key twice."""
+    keys = table.column("key").to_pylist()
+    if len(set(keys)) == len(keys):
+        return table
+    seen: set[str] = set()
+    reasons = []
+    for key in keys:
+        reasons.append("duplicate_key" if key in seen else None)
+        seen.add(key)
+    return _reject_at_read(table, reasons)
+
+
+def _check_img2dataset(schema: pa.Schema, path: str) -> None:
+    """Refuse an img2dataset Parquet file without keys, or with a declared column of the wrong kind."""
+    _check_names(schema.names, {name: name for name in _I2D_COLUMNS}, path)
+    if "key" not in schema.names:
+        raise UsageError(f"{path}: no key column, so not an img2dataset output (to read it as a URL list, set input format parquet)")
+    for name in _I2D_COLUMNS:
+        found = schema.field(name).type if name in schema.names else pa.null()
+        numeric = pa.types.is_integer(BY_NAME[name].type)
+        fits = pa.types.is_integer(found) or pa.types.is_floating(found) if numeric else pa.types.is_string(found) or pa.types.is_large_string(found)
+        if not (fits or pa.types.is_null(found)):
+            raise UsageError(f"{path}: column {name!r} holds {found}, not {'numbers' if numeric else 'text'}")
+
+
+def _as_declared(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+    """An img2dataset column as its declared type; a size that is NaN (pandas' missing value) or
+    out of range becomes null."""
+    target = BY_NAME[name].type
+    if not pa.types.is_integer(target) or pa.types.is_null(column.type):
+        return column.cast(target)
+    values = column.cast(pa.float64())
+    fits = pc.and_(pc.is_finite(values), pc.less_equal(pc.abs(values), 2**31 - 1))
+    return pc.if_else(fits, values, pa.scalar(None, pa.float64())).cast(target, safe=False)
+
+
+def _from_img2dataset(table: pa.Table, src: SourceFile, start: int) -> pa.Table:
+    """img2dataset rows: failed downloads are rejected as ``not_downloaded``; keys are kept (dots
+    replaced) behind the file's key prefix (a missing key becomes mmcurate's own)."""
     status = table.column("status").to_pylist() if "status" in table.column_names else ["success"] * table.num_rows
     ok = [s == "success" for s in status]
     keep = {c: table.column(c) for c in table.column_names}
-    out = {}
-    for name in _I2D_COLUMNS:
-        if name in keep:
-            out[name] = keep.pop(name).cast(BY_NAME[name].type)
-    out["key"] = pa.array([k.replace(".", "_") for k in out["key"].to_pylist()], pa.string())
+    out = {name: _as_declared(keep.pop(name), name) for name in _I2D_COLUMNS if name in keep}
+    keys = [k.replace(".", "_") if k else sample_key(src.rel, start + i) for i, k in enumerate(out["key"].to_pylist())]
+    out["key"] = pa.array([src.key_prefix + k for k in keys], pa.string())
     errors = keep["error_message"].to_pylist() if "error_message" in keep else [None] * table.num_rows
     out["status"] = pa.array(["ok" if good else (err or s or "failed") for good, s, err in zip(ok, status, errors, strict=True)], pa.string())
     out.update({source_name(k): v for k, v in keep.items()})
-    result, missing = _attach_images(pa.table(out), images, ok)
-    reasons = [None if good and m is None else (m or "not_downloaded") for good, m in zip(ok, missing, strict=True)]
-    result = result.append_column("reject_stage", pa.array([None if r is None else READ_STAGE for r in reasons], pa.string()))
-    return result.append_column("reject_reason", pa.array(reasons, pa.string()))
+    reasons = pa.array([None if good else "not_downloaded" for good in ok], pa.string())
+    out["reject_stage"] = pc.if_else(pc.is_null(reasons), pa.scalar(None, pa.string()), READ_STAGE)
+    out["reject_reason"] = reasons
+    return pa.table(out)
 
 
-def _from_mmcurate(table: pa.Table, images: TarImages | None) -> pa.Table:
-    """Kept rows of an earlier mmcurate run, images from its tar when it wrote WebDataset.
-
-    Only rows whose ``image_format`` says the run stored an image expect one in the tar (a run on a
-    URL list stores none).
-    """
-    n = table.num_rows
-    reasons: list[str | None] = [None] * n
-    if images is not None:
-        stored = table.column("image_format").to_pylist() if "image_format" in table.column_names else [None] * n
-        table, reasons = _attach_images(table, images, [f is not None for f in stored])
+def _from_mmcurate(table: pa.Table) -> pa.Table:
+    """Kept rows of an earlier mmcurate run; their images are attached by the reader."""
     table = table.drop_columns([c for c in ("reject_stage", "reject_reason") if c in table.column_names])
-    table = table.append_column("reject_stage", pa.array([None if r is None else READ_STAGE for r in reasons], pa.string()))
-    return table.append_column("reject_reason", pa.array(reasons, pa.string()))
+    table = table.append_column("reject_stage", pa.nulls(table.num_rows, pa.string()))
+    return table.append_column("reject_reason", pa.nulls(table.num_rows, pa.string()))

@@ -36,13 +36,20 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes, hostile: str | None = 
 
 
 def write_img2dataset(
-    folder: Path, photos: list[dict], photo_dir: Path, shards: int = I2D_SHARDS, rows: int = I2D_ROWS, hostile: dict[str, str] | None = None
+    folder: Path,
+    photos: list[dict],
+    photo_dir: Path,
+    shards: int = I2D_SHARDS,
+    rows: int = I2D_ROWS,
+    hostile: dict[str, str] | None = None,
+    content: dict[str, bytes] | None = None,
 ) -> Path:
     """img2dataset's webdataset layout: NNNNN.tar (KEY.jpg/txt/json), NNNNN.parquet, NNNNN_stats.json.
 
     The last row of every shard is a failed download (in the Parquet, not in the tar).
     ``hostile`` maps an image member (``KEY.jpg``) to the name it is stored under instead (an absolute
-    or ``..`` path), or, written ``"->TARGET"``, to a symbolic link to TARGET.
+    or ``..`` path), or, written ``"->TARGET"``, to a symbolic link to TARGET. ``content`` maps an
+    image member (``KEY.jpg``) to the bytes stored instead of its photo.
     """
     folder.mkdir(parents=True, exist_ok=True)
     for shard in range(shards):
@@ -71,7 +78,7 @@ def write_img2dataset(
                         }
                     )
                     continue
-                data = (photo_dir / photo["file"]).read_bytes()
+                data = (content or {}).get(f"{key}.jpg") or (photo_dir / photo["file"]).read_bytes()
                 meta = {
                     "url": url,
                     "caption": caption,
