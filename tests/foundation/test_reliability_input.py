@@ -15,11 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from foundation_support import assert_usage_error, kept_table, read_folder, register, write_yaml
-from img2dataset_layout import write_img2dataset
 from mmcurate.cli import main
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
+from mmcurate.tests.support.foundation import assert_usage_error, kept_table, read_folder, register, write_yaml
+from mmcurate.tests.support.img2dataset_layout import write_img2dataset
 
 
 @pytest.fixture
