@@ -49,7 +49,7 @@ class RunContext:
         out = OutputDir.open(pipeline.output.path)
         stages = pipeline.build_stages()  # before planning writes parsed URL lists into the output folder
         reader = reader or plan_input(pipeline.input, pipeline.output.rows_per_shard, out)
-        check_columns(stages, reader.format)
+        check_columns(stages, reader.format, carried_columns(reader))
         return cls(pipeline, reader, stages, out)
 
     def work_path(self, segment: int, shard_id: int, ext: str) -> str:
@@ -169,7 +169,7 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
         if previous is not None:
             out.remove_partial_writes()
         reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out)
-        check_columns(stages, reader.format)
+        check_columns(stages, reader.format, carried_columns(reader))
         if previous is not None and previous["shards"] != len(reader.shards):
             raise UsageError(
                 f"the input changed since {pipeline.output.path} was started ({previous['shards']} shards then, {len(reader.shards)} now); use a new output folder"

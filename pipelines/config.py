@@ -74,9 +74,10 @@ class Pipeline:
         return [spec.build() for spec in self.stages]
 
 
-def check_columns(stages: list[Stage], input_format: str) -> None:
-    """Check that each stage finds the columns it needs in the input or an earlier stage's."""
-    available = set(input_columns(input_format))
+def check_columns(stages: list[Stage], input_format: str, carried: tuple[str, ...] = ()) -> None:
+    """Check that each stage finds the columns it needs in the input (``carried``: those an mmcurate
+    input already holds, e.g. ``grounding`` of an earlier ``noun_phrases`` run) or an earlier stage's."""
+    available = {*input_columns(input_format), *carried}
     for stage in stages:
         missing = [c for c in stage.needs if c not in available]
         if missing:

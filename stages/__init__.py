@@ -24,6 +24,7 @@ STAGES: dict[str, str] = {
     "minhash_dedup": "mmcurate.dedup.minhash:MinhashDedup",
     "noun_phrases": "mmcurate.captioning.noun_phrases:NounPhrases",
     "capfilt": "mmcurate.captioning.capfilt:Capfilt",
+    "grounding": "mmcurate.captioning.grounding:Grounding",
 }
 
 
