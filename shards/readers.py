@@ -133,7 +133,8 @@ class Reader:
             table = attach_images(table, good, wanted, keys)[0]
             reasons = [_image_reason(images.get(k, missing)) if w else None for k, w in zip(keys, wanted, strict=True)]
         elif "image" in table.column_names:
-            reasons = [self._check(data) if data is not None and k else None for data, k in zip(table.column("image").to_pylist(), kept, strict=True)]
+            images = table.column("image").to_pylist()
+            reasons = [self._check(data) if data is not None and k else None for data, k in zip(images, kept, strict=True)]
         else:
             return table
         return _reject_at_read(table, reasons, set_status=True)
@@ -183,7 +184,7 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     if recorded:
         _check_unchanged(out.read_json(record), sources)
     # Parsed URL lists are reused only under a record of the input they were parsed from.
-    files = [_source_file(fs, path, rel, fmt, spec, out, index, recorded) for index, (path, rel) in enumerate(zip(paths, rels, strict=True))]
+    files = [_source_file(fs, path, rel, fmt, spec, out, i, recorded) for i, (path, rel) in enumerate(zip(paths, rels, strict=True))]
     if not recorded:
         out.write_json(record, sources)
     reader = Reader(spec, fs, files, fmt, sources=sources)
@@ -192,11 +193,23 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
 
 
 def _input_sources(fs, paths: dict[str, str], fmt: str) -> dict[str, list]:
-    """The identity of every input file (and of the tar beside an img2dataset or mmcurate Parquet
-    file), by path relative to the input."""
+    """``[size, modification time, sha256 of the first HEAD_BYTES]`` of every input file (and of the
+    tar beside an img2dataset or mmcurate Parquet file), by path relative to the input. The heads are
+    read in one batch (concurrently on remote filesystems)."""
     if fmt in ("img2dataset", "mmcurate"):
-        paths = {**paths, **{rel[: -len(".parquet")] + ".tar": _tar_of(path, fmt) for rel, path in paths.items()}}
-    return {rel: file_identity(fs, path) for rel, path in paths.items() if fs.exists(path)}
+        with_tar = {rel: path for rel, path in paths.items() if fmt == "img2dataset" or "/meta/" in path}
+        paths = {**paths, **{rel[: -len(".parquet")] + ".tar": _tar_of(path, fmt) for rel, path in with_tar.items()}}
+    files = list(paths.values())
+    try:
+        infos = [fs.info(path) for path in files]
+        heads = fs.cat_ranges(files, [0] * len(files), [HEAD_BYTES] * len(files), on_error="raise")
+    except OSError as e:
+        raise UsageError(f"cannot read the input: {e}") from None
+    sources = {}
+    for rel, info, head in zip(paths, infos, heads, strict=True):
+        modified = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated") if info.get(k) is not None), None)
+        sources[rel] = [info["size"], None if modified is None else str(modified), hashlib.sha256(head).hexdigest()]
+    return sources
 
 
 def _check_unchanged(before: dict[str, list], now: dict[str, list]) -> None:
@@ -204,21 +217,7 @@ def _check_unchanged(before: dict[str, list], now: dict[str, list]) -> None:
     changed = sorted(set(before) ^ set(now)) or sorted(rel for rel in now if before[rel] != now[rel])
     if changed:
         what = "added or removed" if set(before) != set(now) else "changed"
-        raise UsageError(f"input file {changed[0]} was {what} since this run started (the run would mix two inputs); restore it or use a new output folder")
-
-
-def file_identity(fs, path: str) -> list:
-    """``[size, modification time, sha256 of the first HEAD_BYTES]`` of a file (time None where the filesystem has none)."""
-    try:
-        size = fs.size(path)
-        head = fs.cat_file(path, 0, HEAD_BYTES)
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
-    try:
-        modified = fs.modified(path).isoformat()
-    except (NotImplementedError, OSError, AttributeError):
-        modified = None
-    return [size, modified, hashlib.sha256(head).hexdigest()]
+        raise UsageError(f"input file {changed[0]} was {what} since this run started (a resume would mix inputs); use a new output folder")
 
 
 def _key_base(fs: fsspec.AbstractFileSystem, root: str) -> str:
@@ -241,7 +240,7 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output:
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
         if fmt in (None, "mmcurate") and ("run.json" in names or "_done" in names):
             return "mmcurate", _mmcurate_files(fs, root)
-        paths = sorted(p for p in fs.find(root) if not _within(p, output) and not any(part.startswith((".", "_")) for part in p[len(root) + 1 :].split("/")))
+        paths = sorted(p for p in fs.find(root) if not _within(p, output) and not _hidden(p[len(root) + 1 :]))
         if fmt in (None, "img2dataset"):
             tars = {p for p in paths if p.endswith(".tar")}
             pairs = [p for p in paths if p.endswith(".parquet") and p[: -len(".parquet")] + ".tar" in tars]
@@ -260,6 +259,11 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output:
     if not paths:
         raise UsageError(f"no {fmt} files found at {root!r}")
     return fmt, paths
+
+
+def _hidden(rel: str) -> bool:
+    """Whether a path below the input folder lies in (or is) a file or folder named ``.*`` or ``_*``."""
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
 def _within(path: str, folder: str) -> bool:
@@ -369,7 +373,7 @@ def _check_names(columns: list[str], declared: dict[str | None, str], path: str)
     names = Counter(declared.get(name) or source_name(name) for name in columns)
     clash = [name for name, n in names.items() if n > 1]
     if clash:
-        raise UsageError(f"{path}: two columns would both be stored as {clash[0]!r} (a name mmcurate declares is renamed source_NAME); rename one")
+        raise UsageError(f"{path}: two columns would both be stored as {clash[0]!r} (declared names are renamed source_NAME); rename one")
 
 
 def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> Iterator[tuple[pa.Table, pa.Array]]:
@@ -520,7 +524,8 @@ def _as_string(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, list[bool]]:
     try:
         return column.cast(pa.string()), clean
     except pa.ArrowException:
-        return pa.chunked_array([pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()], pa.string())]), clean
+        text = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
+        return pa.chunked_array([pa.array(text, pa.string())]), clean
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,7 +602,9 @@ def index_tar(fileobj, name: str) -> tuple[dict[str, TarMember], str | None]:
     return index, None
 
 
-def read_members(fileobj, index: dict[str, TarMember], keys: Iterable[str], max_bytes: int) -> Iterator[tuple[str, tuple[str, bytes] | str]]:
+def read_members(
+    fileobj, index: dict[str, TarMember], keys: Iterable[str], max_bytes: int
+) -> Iterator[tuple[str, tuple[str, bytes] | str]]:
     """``(key, (extension, bytes))`` of the members of ``keys`` that ``index`` lists, in tar order,
     or ``(key, "too_large")`` for one over ``max_bytes``, which is not read. A member cut short by
     the end of the file is left out."""
@@ -668,7 +675,10 @@ def _check_img2dataset(schema: pa.Schema, path: str) -> None:
     for name in _I2D_COLUMNS:
         found = schema.field(name).type if name in schema.names else pa.null()
         numeric = pa.types.is_integer(BY_NAME[name].type)
-        fits = pa.types.is_integer(found) or pa.types.is_floating(found) if numeric else pa.types.is_string(found) or pa.types.is_large_string(found)
+        if numeric:
+            fits = pa.types.is_integer(found) or pa.types.is_floating(found)
+        else:
+            fits = pa.types.is_string(found) or pa.types.is_large_string(found)
         if not (fits or pa.types.is_null(found)):
             raise UsageError(f"{path}: column {name!r} holds {found}, not {'numbers' if numeric else 'text'}")
 
@@ -694,7 +704,8 @@ def _from_img2dataset(table: pa.Table, src: SourceFile, start: int) -> pa.Table:
     keys = [k.replace(".", "_") if k else sample_key(src.rel, start + i) for i, k in enumerate(out["key"].to_pylist())]
     out["key"] = pa.array([src.key_prefix + k for k in keys], pa.string())
     errors = keep["error_message"].to_pylist() if "error_message" in keep else [None] * table.num_rows
-    out["status"] = pa.array(["ok" if good else (err or s or "failed") for good, s, err in zip(ok, status, errors, strict=True)], pa.string())
+    statuses = ["ok" if good else (err or s or "failed") for good, s, err in zip(ok, status, errors, strict=True)]
+    out["status"] = pa.array(statuses, pa.string())
     out.update({source_name(k): v for k, v in keep.items()})
     reasons = pa.array([None if good else "not_downloaded" for good in ok], pa.string())
     out["reject_stage"] = pc.if_else(pc.is_null(reasons), pa.scalar(None, pa.string()), READ_STAGE)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from mmcurate.cli import main
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec, plan_input
