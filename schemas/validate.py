@@ -15,7 +15,7 @@ from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, METADATA_KEY
 from mmcurate.shards.inspect import detect_layout
 from mmcurate.shards.layout import OutputDir, open_parquet
-from mmcurate.shards.readers import TAR_ERRORS, read_tar_images, tar_members
+from mmcurate.shards.readers import TAR_ERRORS, index_tar, tar_members
 
 
 def _read(fs, path: str, problems: list[str]) -> pa.Table | None:
@@ -170,7 +170,7 @@ def _validate_img2dataset(fs, root: str) -> list[str]:
         ok = table.filter(pc.equal(table.column("status"), "success")) if "status" in table.column_names else table
         expected = set(ok.column("key").to_pylist())
         with fs.open(tar, "rb") as f:
-            images, error = read_tar_images(f, tar)
+            images, error = index_tar(f, tar)  # the member headers only: no image is read
         if error is not None:
             problems.append(error)
         found = set(images)
