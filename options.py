@@ -60,7 +60,8 @@ class Bounds:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return
-        if (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt) or (self.le is not None and value > self.le):
+        below = (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+        if below or (self.le is not None and value > self.le):
             raise UsageError(f"{where} must {self.describe()}, not {value!r}")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmcurate.stages.base import GlobalStage, Stage, set_column
+from mmcurate.stages.base import Stage, set_column
 
 
 @dataclass
@@ -21,8 +21,13 @@ class Segment:
 
     stages: list[Stage]
     start: int = 0  # pipeline position of the first stage
-    global_stage: GlobalStage | None = None
-    applies: GlobalStage | None = None  # the previous segment's global stage, whose decisions open this one
+    global_stage: Stage | None = None
+    applies: Stage | None = None  # the previous segment's global stage, whose decisions open this one
+
+    @property
+    def positions(self) -> range:
+        """Pipeline positions of the segment's stages (the global stage last)."""
+        return range(self.start, self.start + len(self.stages))
 
 
 def segments(stages: list[Stage]) -> list[Segment]:
@@ -30,7 +35,7 @@ def segments(stages: list[Stage]) -> list[Segment]:
     result = [Segment([])]
     for position, stage in enumerate(stages):
         result[-1].stages.append(stage)
-        if isinstance(stage, GlobalStage):
+        if stage.is_global:
             result[-1].global_stage = stage
             result.append(Segment([], position + 1, applies=stage))
     return result
@@ -99,7 +104,7 @@ def shard_stats(shard_id: int, table: pa.Table, stages: list[Stage]) -> dict:
         prefix = events_prefix(position)
         own |= {c.removeprefix(prefix): int(pc.sum(table.column(c)).as_py() or 0) for c in table.column_names if c.startswith(prefix)}
         entry = {"rows_in": table.num_rows - gone, "rejected": sum(reasons.values()), "reasons": reasons, "seconds": round(seconds, 4)}
-        entries.append({"stage": "read" if stage is None else stage.name, **entry, **own})
+        entries.append({"stage": "read" if stage is None else stage.label, **entry, **own})
         gone += sum(reasons.values())
     return {
         "shard": shard_id,
@@ -124,7 +129,7 @@ def apply_stage(stage: Stage, table: pa.Table, position: int) -> pa.Table:
     mask = kept_mask(table)
     kept, done = table.filter(mask), table.filter(pc.invert(mask))
     # A global stage runs even on no rows, so that every shard has the columns its global step reads.
-    if kept.num_rows == 0 and not isinstance(stage, GlobalStage):
+    if kept.num_rows == 0 and not stage.is_global:
         return table
     parts = []
     size = stage.batch_size or max(kept.num_rows, 1)
@@ -132,18 +137,18 @@ def apply_stage(stage: Stage, table: pa.Table, position: int) -> pa.Table:
         batch = kept.slice(offset, size)
         result = stage.process(batch)
         if result.num_rows != batch.num_rows or not result.column("key").equals(batch.column("key")):
-            raise RuntimeError(f"stage {stage.name} returned other rows than it was given")
+            raise RuntimeError(f"stage {stage.label} returned other rows than it was given")
         parts.append(result)
     processed = pa.concat_tables(parts, promote_options="permissive")
     newly = pc.and_(pc.is_valid(processed.column("reject_reason")), pc.is_null(processed.column("reject_stage")))
-    stage_col = pc.if_else(newly, pa.scalar(stage.name), processed.column("reject_stage"))
+    stage_col = pc.if_else(newly, pa.scalar(stage.label), processed.column("reject_stage"))
     processed = processed.set_column(processed.column_names.index("reject_stage"), "reject_stage", stage_col)
     table = mark_rejected(pa.concat_tables([processed, done], promote_options="permissive"), position)
     seen = pa.array(np.arange(table.num_rows) < kept.num_rows)
     return _add_events(_add_seconds(table, position, time.perf_counter() - start, seen), position, stage.events())
 
 
-def apply_decisions(stage: GlobalStage, position: int, table: pa.Table, decisions: pa.Table) -> pa.Table:
+def apply_decisions(stage: Stage, position: int, table: pa.Table, decisions: pa.Table) -> pa.Table:
     """Reject the kept rows whose key a global stage's decision names (removal by key, never position);
     they count as rejected by the global stage at pipeline ``position``."""
     start = time.perf_counter()
@@ -153,7 +158,7 @@ def apply_decisions(stage: GlobalStage, position: int, table: pa.Table, decision
     picked = {name: pc.take(decisions.column(name), index) for name in ("reject_reason", "duplicate_of")}
     previous = table.column("duplicate_of") if "duplicate_of" in table.column_names else pa.nulls(table.num_rows, pa.string())
     table = set_column(table, "reject_reason", pc.if_else(hit, picked["reject_reason"], table.column("reject_reason")))
-    table = set_column(table, "reject_stage", pc.if_else(hit, pa.scalar(stage.name), table.column("reject_stage")))
+    table = set_column(table, "reject_stage", pc.if_else(hit, pa.scalar(stage.label), table.column("reject_stage")))
     table = set_column(table, "duplicate_of", pc.if_else(hit, picked["duplicate_of"], previous))
     return _add_seconds(mark_rejected(table, position), position, time.perf_counter() - start, kept)
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from mmcurate.engines.core import kept_mask
 from mmcurate.engines.run import RunContext
-from mmcurate.stages.base import GlobalStage
+from mmcurate.stages.base import Stage
 
 
-def kept_rows(ctx: RunContext, segment: int, stage: GlobalStage, shard_id: int, keys_only: bool = False) -> pa.Table:
+def kept_rows(ctx: RunContext, segment: int, stage: Stage, shard_id: int, keys_only: bool = False) -> pa.Table:
     """``key`` + ``stage.global_columns`` (or ``key`` alone) of the kept rows of one shard."""
     columns = [] if keys_only else list(stage.global_columns)
     table = ctx.out.read_parquet(ctx.work_path(segment, shard_id, ".parquet"), ["key", "reject_reason", *columns])
     return table.filter(kept_mask(table)).select(["key", *columns])
 
 
-def columns_schema(ctx: RunContext, segment: int, stage: GlobalStage) -> pa.Schema:
+def columns_schema(ctx: RunContext, segment: int, stage: Stage) -> pa.Schema:
     """Arrow types of ``key`` + ``stage.global_columns``, from an intermediate file's footer."""
     with ctx.out.fs.open(ctx.work_path(segment, ctx.reader.shards[0].shard_id, ".parquet"), "rb") as f:
         schema = pq.ParquetFile(f).schema_arrow

@@ -37,9 +37,8 @@ from mmcurate.shards.writers import write_shard
 from mmcurate.stages import STAGES
 from mmcurate.stages.model import ModelStage
 
-# Per-worker state: the run context with its stages, set up lazily once per worker.
+# Per-worker state: the run context, whose stages are set up lazily once per worker.
 _CONTEXT: RunContext | None = None
-_READY: set[str] = set()
 PARENT_POLL_SECONDS = 0.5
 
 
@@ -53,7 +52,6 @@ def _init_worker(pipeline: Pipeline, reader: Reader, registry: dict[str, str], d
     _CONTEXT = RunContext.create(pipeline, reader)
     for position, device in devices.items():
         _CONTEXT.stages[position].device = device
-    _READY.clear()
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -74,30 +72,21 @@ def _init_model_worker(worker: tuple, position: int, gpus: Any, threads: int) ->
 
 
 def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None) -> Any:
-    return run_step(_CONTEXT, plan, segment_index, lo, hi, carried, _READY)
+    return run_step(_CONTEXT, plan, segment_index, lo, hi, carried)
 
 
-def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int, ready: set[str]) -> int:
-    """Run one segment of the pipeline on one shard; write its intermediate or final files.
-
-    ``ready`` names the stages of ``ctx`` already set up in this worker (the Spark engine runs
-    shards through this same function).
-    """
-    return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None, ready)
+def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int) -> int:
+    """Run one segment of the pipeline on one shard; write its intermediate or final files (the
+    Spark engine runs shards through this same function)."""
+    return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None)
 
 
-def run_step(
-    ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None, ready: set[str]
-) -> Any:
-    """Stages ``lo:hi`` of a segment on one shard: read it first (``carried`` is None) or take the
-    table an earlier step returned; write its files after the segment's last stage (return its
-    rows), else return the table for the next step."""
+def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None) -> Any:
+    """Stages ``lo:hi`` of a segment on one shard (each set up once per process): read it first
+    (``carried`` is None) or take the table an earlier step returned; write its files after the
+    segment's last stage (return its rows), else return the table for the next step."""
     segment = ctx.segments[segment_index]
-    stages = segment.stages[lo:hi]
-    for stage in stages:
-        if stage.name not in ready:
-            stage.setup()
-            ready.add(stage.name)
+    stages = [ctx.ready(position) for position in segment.positions[lo:hi]]
     out = ctx.out
     if carried is not None:
         table = carried
@@ -154,8 +143,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
             label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
             _map(ctx, pools, in_flight, todo, index, label, progress)
             if ctx.needs_global(index):
-                stage = segment.global_stage
-                stage.setup()
+                stage = ctx.global_stage(index)
                 parts = [kept_rows(ctx, index, stage, p.shard_id) for p in ctx.reader.shards]
                 table = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
                 ctx.out.write_parquet(ctx.global_path(index), stage.decide(table))

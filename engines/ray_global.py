@@ -21,7 +21,7 @@ from mmcurate.dedup.cluster import ClusterStage, ClusterStep, run_step
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import run_phase
-from mmcurate.stages.base import GlobalStage, decisions
+from mmcurate.stages.base import Stage, decisions
 
 # The shuffle makes MAX_MAPS x MAX_PARTS objects at most: Ray tracks each one.
 MAX_MAPS = 1024
@@ -44,20 +44,19 @@ def global_decisions(ctx: RunContext, index: int) -> pa.Table:
         rows = shard_dataset(ids).map_batches(
             _kept_rows, fn_kwargs={"ctx": ctx, "segment": index, "stage": stage}, batch_format="pyarrow", batch_size=None
         )
-        stage.setup()
-        return stage.decide(_collect(rows, columns_schema(ctx, index, stage)))
+        return ctx.global_stage(index).decide(_collect(rows, columns_schema(ctx, index, stage)))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     parts = max(1, min(len(ids), 2 * cpus, MAX_PARTS))
     step = ClusterStep(stage, functools.partial(kept_rows, ctx, index, stage), columns_schema(ctx, index, stage), parts)
-    return run_step(step, ids, RayExchange(step), maps=min(4 * cpus, MAX_MAPS))
+    return run_step(step, ids, RayExchange(ctx, index, step), maps=min(4 * cpus, MAX_MAPS))
 
 
 class RayExchange:
     """The :class:`dedup.cluster.Exchange` of Ray: a phase's pieces are the object refs of one task;
-    the step travels once, through the object store."""
+    the step and the run travel once, through the object store."""
 
-    def __init__(self, step: ClusterStep) -> None:
-        self.ref = ray.put(step)
+    def __init__(self, ctx: RunContext, segment: int, step: ClusterStep) -> None:
+        self.ref, self.ctx, self.segment = ray.put(step), ray.put(ctx), segment
 
     def scatter(self, step: ClusterStep, phase: str, inputs: list[tuple]) -> list[list[ray.ObjectRef]]:
         return [self._submit(step.parts, phase, *args) for args in inputs]
@@ -66,23 +65,23 @@ class RayExchange:
         return [self._submit(step.parts, phase, *(refs[p] for refs in pieces)) for p in range(step.parts)]
 
     def gather(self, step: ClusterStep, phase: str, pieces: list[list[ray.ObjectRef]]) -> list:
-        return ray.get([_phase.remote(self.ref, phase, *(refs[p] for refs in pieces)) for p in range(step.parts)])
+        return ray.get([_phase.remote(self.ctx, self.segment, self.ref, phase, *(refs[p] for refs in pieces)) for p in range(step.parts)])
 
     def _submit(self, parts: int, phase: str, *args: object) -> list[ray.ObjectRef]:
         """Run ``phase`` as a task returning its ``parts`` pieces as objects; their refs."""
-        refs = _pieces.options(num_returns=parts).remote(self.ref, phase, *args)
+        refs = _pieces.options(num_returns=parts).remote(self.ctx, self.segment, self.ref, phase, *args)
         return refs if parts > 1 else [refs]
 
 
 @ray.remote
-def _pieces(step: ClusterStep, phase: str, *args: object) -> list | object:
-    pieces = run_phase(step, phase, *args)
+def _pieces(ctx: RunContext, segment: int, step: ClusterStep, phase: str, *args: object) -> list | object:
+    pieces = run_phase(ctx, segment, step, phase, *args)
     return pieces if len(pieces) > 1 else pieces[0]  # what a task with num_returns=len(pieces) returns
 
 
 @ray.remote
-def _phase(step: ClusterStep, phase: str, *args: object) -> object:
-    return run_phase(step, phase, *args)
+def _phase(ctx: RunContext, segment: int, step: ClusterStep, phase: str, *args: object) -> object:
+    return run_phase(ctx, segment, step, phase, *args)
 
 
 def _collect(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
@@ -90,5 +89,5 @@ def _collect(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([t.select(schema.names) for t in parts]) if parts else schema.empty_table()
 
 
-def _kept_rows(batch: pa.Table, ctx: RunContext, segment: int, stage: GlobalStage) -> pa.Table:
+def _kept_rows(batch: pa.Table, ctx: RunContext, segment: int, stage: Stage) -> pa.Table:
     return pa.concat_tables([kept_rows(ctx, segment, stage, i) for i in batch.column("shard").to_pylist()])

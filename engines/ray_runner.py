@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,14 +62,13 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
             stage.place(gpus)  # the cluster's GPUs decide the device, not the driver's
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size, context.enable_progress_bars
-    run_id = uuid.uuid4().hex
     context.target_max_block_size = None  # never split a shard's block
     context.enable_progress_bars = False
     try:
         for index in range(len(ctx.segments)):
             todo = [p.shard_id for p in ctx.pending(index)]
             if todo:
-                _run_segment(ctx, run_id, index, todo, progress)
+                _run_segment(ctx, index, todo, progress)
             if ctx.needs_global(index):
                 ctx.out.write_parquet(ctx.global_path(index), global_decisions(ctx, index))
     finally:
@@ -100,12 +98,12 @@ def connect(workers: int, **options: Any) -> bool:
     return True
 
 
-def _run_segment(ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
+def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> None:
     # A segment without stages only applies the previous decision and writes: its shards are cheap,
     # and Ray Data waits up to 0.1 s to notice a finished task, so such shards go a few per task.
     blocks = len(todo) if ctx.segments[index].stages else 2 * int(ray.cluster_resources().get("CPU", 1))
     ds = shard_dataset(todo, blocks)
-    steps = chains(ctx, index, run_id)
+    steps = chains(ctx, index)
     for chain in steps:
         ds = _map_chain(ds, chain, alone=len(steps) == 1)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
@@ -122,8 +120,7 @@ class Chain:
     """Consecutive steps of a segment that run in one Ray task or actor: the read (first chain),
     stages with their pipeline positions, the write (last chain)."""
 
-    ctx: RunContext
-    run_id: str  # workers keep one context per run: decisions are read once per process
+    ctx: RunContext  # workers keep the first copy of a session: stages set up, decisions read once per process
     segment: int
     stages: list[tuple[Stage, int]]
     read: bool
@@ -150,11 +147,12 @@ class Chain:
         return any(type(s).setup is not Stage.setup or s.resources.gpus > 0 for s, _ in self.stages)
 
     def setup(self) -> None:
-        for stage, _ in self.stages:
-            stage.setup()
+        ctx = worker_context(self.ctx)
+        for _, position in self.stages:
+            ctx.ready(position)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ctx, _ = worker_context(self.run_id, self.ctx)
+        ctx = worker_context(self.ctx)
         if self.read and self.write:  # the whole segment: one shard at a time, whatever the block holds
             return pa.concat_tables([self._steps(ctx, batch.slice(i, 1)) for i in range(batch.num_rows)])
         return self._steps(ctx, batch)
@@ -162,12 +160,12 @@ class Chain:
     def _steps(self, ctx: RunContext, batch: pa.Table) -> pa.Table:
         if self.read:
             batch = _read(batch, ctx, self.segment, self.applies)
-        for stage, position in self.stages:
-            batch = apply_stage(stage, batch, position)
+        for _, position in self.stages:
+            batch = apply_stage(ctx.ready(position), batch, position)
         return _write(batch, ctx, self.segment) if self.write else batch
 
 
-def chains(ctx: RunContext, index: int, run_id: str) -> list[Chain]:
+def chains(ctx: RunContext, index: int) -> list[Chain]:
     """Cut segment ``index`` at its GPU stages: CPU stages share a worker with the read and write
     next to them (no hand-over through the object store, and a small cluster's CPUs are not split
     between pools); each GPU stage gets its own actor pool."""
@@ -181,7 +179,7 @@ def chains(ctx: RunContext, index: int, run_id: str) -> list[Chain]:
             runs[-1].append((stage, positions[id(stage)]))
     runs = [run for i, run in enumerate(runs) if run or i in (0, len(runs) - 1)]
     applies = positions[id(segment.applies)] if segment.applies is not None else None
-    return [Chain(ctx, run_id, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
+    return [Chain(ctx, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
 
 
 def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Dataset:

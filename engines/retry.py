@@ -43,8 +43,8 @@ STAGE = "download"
 def retry_failed(pipeline: Pipeline) -> dict:
     """Retry the failed downloads of the finished run in ``pipeline.output.path``; return the run summary."""
     ctx = _open_finished_run(pipeline)
-    for stage in ctx.segments[0].stages:
-        stage.setup()
+    for position in ctx.segments[0].positions:
+        ctx.ready(position)
     retried = recovered = 0
     for plan in ctx.reader.shards:
         counts = _retry_shard(ctx, plan.shard_id)
@@ -131,7 +131,7 @@ def _kept_rows(ctx: RunContext, shard_id: int) -> pa.Table:
 
 def _ledger(table: pa.Table, ctx: RunContext) -> pa.Table:
     """Rows as written (kept rows and rejects) with the ledger's ``_rejected_at``: the position of
-    the first stage named by ``reject_stage``."""
-    names = pa.array(["read", *(stage.name for stage in ctx.stages)])
+    the stage labelled ``reject_stage``."""
+    names = pa.array(["read", *(stage.label for stage in ctx.stages)])
     at = pc.subtract(pc.index_in(table.column("reject_stage"), value_set=names), 1)
     return set_column(table, REJECTED_AT, pc.if_else(pc.is_valid(table.column("reject_reason")), at, None), pa.int16())

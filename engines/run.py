@@ -29,7 +29,11 @@ _VERSIONED = ("pyarrow", "numpy", "pillow", "aiohttp", "ray", "pyspark", "torch"
 
 @dataclass
 class RunContext:
-    """A planned run: the input's shards, the built stages cut into segments, the output folder."""
+    """A planned run: the input's shards, the built stages cut into segments, the output folder.
+
+    Engines send copies of it to their workers; a worker process keeps the first copy of a run
+    (:func:`engines.worker_state.worker_context`) and sets its stages up through :meth:`ready`.
+    """
 
     pipeline: Pipeline
     reader: Reader
@@ -38,7 +42,10 @@ class RunContext:
     finished: bool = False  # the output held this run, finished, when it started: nothing to do
     segments: list[Segment] = field(init=False)
     columns: list[str] = field(init=False)
+    # One per engine invocation (a resumed run is a new session): worker processes key their copies by it.
+    session: str = field(default_factory=lambda: uuid.uuid4().hex)
     _decisions: dict[int, pa.Table] = field(default_factory=dict)
+    _set_up: set[int] = field(default_factory=set)  # positions of the stages set up in this process
 
     def __post_init__(self) -> None:
         self.segments = segments(self.stages)
@@ -51,6 +58,21 @@ class RunContext:
         reader = reader or plan_input(pipeline.input, pipeline.output.rows_per_shard, out)
         check_columns(stages, reader.format, carried_columns(reader))
         return cls(pipeline, reader, stages, out)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_set_up": set()}  # a copy in another process sets its stages up again
+
+    def ready(self, position: int) -> Stage:
+        """The stage at pipeline ``position``, set up once in this process: the one set-up registry of
+        every engine, keyed by position, so two stages of one name are two stages."""
+        if position not in self._set_up:
+            self.stages[position].setup()
+            self._set_up.add(position)
+        return self.stages[position]
+
+    def global_stage(self, segment: int) -> Stage:
+        """The global stage that ends ``segment``, set up."""
+        return self.ready(self.segments[segment].positions[-1])
 
     def work_path(self, segment: int, shard_id: int, ext: str) -> str:
         return self.out.path(WORK, f"seg{segment}", shard_name(shard_id) + ext)

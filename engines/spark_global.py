@@ -23,7 +23,7 @@ from mmcurate.dedup.cluster import ClusterStage, ClusterStep, run_step
 from mmcurate.engines.intermediate import columns_schema, kept_rows
 from mmcurate.engines.run import RunContext
 from mmcurate.engines.worker_state import run_phase
-from mmcurate.stages.base import GlobalStage, decisions
+from mmcurate.stages.base import Stage, decisions
 
 
 def shard_frame(spark: SparkSession, ids: list[int]) -> DataFrame:
@@ -41,30 +41,33 @@ def global_decisions(spark: SparkSession, ctx: RunContext, index: int) -> pa.Tab
     if not isinstance(stage, ClusterStage):
         carried = spark_arrow_schema(schema)
         rows = shard_frame(spark, ids).mapInArrow(partial(_kept_rows, ctx, index, stage, carried), from_arrow_schema(carried))
-        stage.setup()
-        return stage.decide(rows.toArrow().cast(schema))
+        return ctx.global_stage(index).decide(rows.toArrow().cast(schema))
     cpus = spark.sparkContext.defaultParallelism
     step = ClusterStep(stage, partial(kept_rows, ctx, index, stage), schema, max(1, min(len(ids), 2 * cpus)))
-    return run_step(step, ids, SparkExchange(spark), maps=4 * cpus)
+    return run_step(step, ids, SparkExchange(spark, ctx, index), maps=4 * cpus)
 
 
 class SparkExchange:
     """The :class:`dedup.cluster.Exchange` of Spark: pieces are ``(partition, piece)`` records of an
     RDD partitioned by their partition number."""
 
-    def __init__(self, spark: SparkSession) -> None:
+    def __init__(self, spark: SparkSession, ctx: RunContext, segment: int) -> None:
         self.context = spark.sparkContext
+        self.run = partial(run_phase, ctx, segment)  # a phase with the segment's global stage set up in the worker
 
     def scatter(self, step: ClusterStep, phase: str, inputs: list[tuple]) -> RDD:
         tasks = self.context.parallelize(inputs, len(inputs))
-        return tasks.flatMap(lambda args: enumerate(run_phase(step, phase, *args))).partitionBy(step.parts, _partition)
+        run = self.run
+        return tasks.flatMap(lambda args: enumerate(run(step, phase, *args))).partitionBy(step.parts, _partition)
 
     def exchange(self, step: ClusterStep, phase: str, pieces: RDD) -> RDD:
-        pieces = pieces.mapPartitions(lambda records: enumerate(run_phase(step, phase, *(piece for _, piece in records))))
+        run = self.run
+        pieces = pieces.mapPartitions(lambda records: enumerate(run(step, phase, *(piece for _, piece in records))))
         return pieces.partitionBy(step.parts, _partition)
 
     def gather(self, step: ClusterStep, phase: str, pieces: RDD) -> list:
-        return pieces.mapPartitions(lambda records: [run_phase(step, phase, *(piece for _, piece in records))]).collect()
+        run = self.run
+        return pieces.mapPartitions(lambda records: [run(step, phase, *(piece for _, piece in records))]).collect()
 
 
 def _partition(part: int) -> int:
@@ -77,7 +80,7 @@ def spark_arrow_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def _kept_rows(
-    ctx: RunContext, segment: int, stage: GlobalStage, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
+    ctx: RunContext, segment: int, stage: Stage, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
 ) -> Iterator[pa.RecordBatch]:
     for batch in batches:
         for shard_id in batch.column("shard").to_pylist():

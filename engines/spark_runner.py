@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
@@ -45,12 +44,11 @@ def run_spark(pipeline: Pipeline, progress: bool = True) -> dict:
     if ctx.finished:
         return finish_run(ctx)
     spark, started = session(pipeline.workers)
-    run_id = uuid.uuid4().hex
     try:
         for index in range(len(ctx.segments)):
             todo = [p.shard_id for p in ctx.pending(index)]
             if todo:
-                _run_segment(spark, ctx, run_id, index, todo, progress)
+                _run_segment(spark, ctx, index, todo, progress)
             if ctx.needs_global(index):
                 ctx.out.write_parquet(ctx.global_path(index), global_decisions(spark, ctx, index))
     finally:
@@ -79,10 +77,10 @@ def session(workers: int) -> tuple[SparkSession, bool]:
     return spark, True
 
 
-def _run_segment(spark: SparkSession, ctx: RunContext, run_id: str, index: int, todo: list[int], progress: bool) -> None:
+def _run_segment(spark: SparkSession, ctx: RunContext, index: int, todo: list[int], progress: bool) -> None:
     """One job over the shards, all at once (``toLocalIterator`` would run a job per shard, one after
     another); the progress bar counts finished shards from Spark's status tracker."""
-    done = shard_frame(spark, todo).mapInArrow(partial(_process, ctx, run_id, index), DONE_SCHEMA)
+    done = shard_frame(spark, todo).mapInArrow(partial(_process, ctx, index), DONE_SCHEMA)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
     bar = tqdm(total=len(todo), unit="shards", desc=f"spark {label}", disable=not progress or None, file=sys.stderr)
     tracker = spark.sparkContext.statusTracker()
@@ -100,9 +98,9 @@ def _run_segment(spark: SparkSession, ctx: RunContext, run_id: str, index: int, 
     bar.close()
 
 
-def _process(ctx: RunContext, run_id: str, segment: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    ctx, ready = worker_context(run_id, ctx)
+def _process(ctx: RunContext, segment: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    ctx = worker_context(ctx)
     for batch in batches:
         for shard_id in batch.column("shard").to_pylist():
-            rows = process_shard(ctx, ctx.reader.shards[shard_id], segment, ready)
+            rows = process_shard(ctx, ctx.reader.shards[shard_id], segment)
             yield pa.record_batch({"shard": pa.array([shard_id], pa.int64()), "rows": pa.array([rows], pa.int64())})

@@ -1,6 +1,7 @@
-"""Per-process state of engine workers (Ray tasks, Spark Python workers), which receive fresh
-pickled copies of the run for every task: the run context and set-up stages are kept here, once
-per process."""
+"""Per-process state of engine workers (Ray tasks and actors, Spark Python workers), which receive
+fresh pickled copies of the run for every task: the first copy of a run's context is kept, once per
+process, with its stages set up (:meth:`RunContext.ready`, keyed by pipeline position) and its global
+decisions read once."""
 
 from __future__ import annotations
 
@@ -9,31 +10,20 @@ from typing import Any
 
 from mmcurate.dedup.cluster import ClusterStep
 from mmcurate.engines.run import RunContext
-from mmcurate.stages.base import Stage
 
-_READY: dict[tuple[str, str], Stage] = {}
-_CONTEXTS: dict[str, tuple[RunContext, set[str]]] = {}
+_CONTEXTS: dict[str, RunContext] = {}
 
 
-def ready(stage: Stage) -> Stage:
-    """``stage`` set up once per process: later copies of the same stage and config reuse it."""
-    key = (type(stage).__qualname__, repr(stage.config))
-    if key not in _READY:
-        stage.setup()
-        _READY[key] = stage
-    return _READY[key]
-
-
-def run_phase(step: ClusterStep, phase: str, *args: object) -> Any:
-    """``step``'s ``phase`` in a worker, with its stage set up once per process."""
-    return getattr(dataclasses.replace(step, stage=ready(step.stage)), phase)(*args)
-
-
-def worker_context(run_id: str, ctx: RunContext) -> tuple[RunContext, set[str]]:
-    """The first copy of run ``run_id``'s context this process received (its stages stay set up,
-    its global decisions are read once), with the names of its set-up stages. A new run id drops
-    the previous run's context, so a run into a reused output folder never sees stale decisions."""
-    if run_id not in _CONTEXTS:
+def worker_context(ctx: RunContext) -> RunContext:
+    """The first copy of ``ctx``'s session this process received. A new session drops the previous
+    one's context, so a run into a reused output folder never sees stale decisions or set-up stages."""
+    if ctx.session not in _CONTEXTS:
         _CONTEXTS.clear()
-        _CONTEXTS[run_id] = (ctx, set())
-    return _CONTEXTS[run_id]
+        _CONTEXTS[ctx.session] = ctx
+    return _CONTEXTS[ctx.session]
+
+
+def run_phase(ctx: RunContext, segment: int, step: ClusterStep, phase: str, *args: object) -> Any:
+    """``step``'s ``phase`` in a worker, with the global stage that ends ``segment`` set up once per process."""
+    stage = worker_context(ctx).global_stage(segment)
+    return getattr(dataclasses.replace(step, stage=stage), phase)(*args)

@@ -7,7 +7,8 @@
 Thresholds are inclusive (``min: 0.28`` keeps 0.28) and compare the stored value, so re-applying a
 filter's threshold here rejects exactly the rows the filter would have. ``top_fraction`` ranks the
 kept rows of the whole dataset (after the thresholds) by the column, best first, ties broken by
-key, and keeps ``round(fraction x rows)`` of them; with it, ``select`` is a global stage. Any
+key, and keeps ``round(fraction x rows)`` of them; with it, ``select`` is a global stage
+(``is_global``), a decision over the whole dataset after the thresholds shard by shard. Any
 numeric column works, extra source columns (e.g. LAION's ``similarity``) included.
 
 Reasons: ``COLUMN_missing`` (null or NaN score), ``COLUMN_below_min``, ``COLUMN_above_max``,
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
-from mmcurate.stages.base import GlobalStage, Resources, Stage, decisions, reject
+from mmcurate.stages.base import Resources, Stage, decisions, reject
 
 
 @dataclass
@@ -43,20 +44,24 @@ class SelectConfig:
 
 
 class Select(Stage):
-    """Reject rows whose stored scores are missing or outside ``min``/``max``.
+    """Select rows by stored scores: ``min``/``max`` thresholds, the best ``top_fraction`` of the dataset.
 
-    Built with a ``top_fraction``, ``Select(config)`` returns a :class:`TopFractionSelect`, the
-    global variant, so engines see a global stage exactly when one is needed.
+    Rows whose score is missing or outside the thresholds are rejected shard by shard; a
+    ``top_fraction`` then ranks the kept rows of the whole dataset in a global step.
     """
 
     name = "select"
     Config = SelectConfig
     resources = Resources(cpus=1)
 
-    def __new__(cls, config: SelectConfig | None = None) -> Select:
-        if cls is Select and config is not None and config.top_fraction:
-            return super().__new__(TopFractionSelect)
-        return super().__new__(cls)
+    @property
+    def is_global(self) -> bool:
+        """Global (a ranking over the whole dataset, after the thresholds) when given a ``top_fraction``."""
+        return bool(self.config.top_fraction)
+
+    @property
+    def global_columns(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.config.top_fraction)
 
     def process(self, batch: pa.Table) -> pa.Table:
         c = self.config
@@ -71,14 +76,6 @@ class Select(Stage):
         for name, bound in c.max.items():
             batch = reject(batch, pc.greater(values[name], bound), f"{name}_above_max")
         return batch
-
-
-class TopFractionSelect(Select, GlobalStage):
-    """``select`` with a ``top_fraction``: thresholds per shard, then ranking over the dataset."""
-
-    def __init__(self, config: SelectConfig | None = None) -> None:
-        super().__init__(config)
-        self.global_columns = tuple(self.config.top_fraction)
 
     def decide(self, table: pa.Table) -> pa.Table:
         rejected: dict[str, str] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,22 @@ class Pipeline:
         }
 
     def build_stages(self) -> list[Stage]:
-        """Instantiate every stage (unknown names and bad options raise UsageError)."""
-        return [spec.build() for spec in self.stages]
+        """Instantiate every stage (unknown names and bad options raise UsageError), each with its label."""
+        stages = [spec.build() for spec in self.stages]
+        for stage, label in zip(stages, stage_labels([s.name for s in self.stages]), strict=True):
+            stage.label = label
+        return stages
+
+
+def stage_labels(names: list[str]) -> list[str]:
+    """Each stage's label, how reject_stage, stats and ``--set`` name it: its name, or ``name#k``
+    for the k-th of several stages of one name (``language#1``, ``language#2``)."""
+    counts, seen = Counter(names), Counter()
+    labels = []
+    for name in names:
+        seen[name] += 1
+        labels.append(name if counts[name] == 1 else f"{name}#{seen[name]}")
+    return labels
 
 
 def check_columns(stages: list[Stage], input_format: str, carried: tuple[str, ...] = ()) -> None:
@@ -166,7 +181,8 @@ def _resolve(section: dict[str, Any], base: Path | None) -> dict[str, Any]:
 
 
 def apply_overrides(pipeline: Pipeline, settings: list[str]) -> Pipeline:
-    """Apply ``--set`` overrides: ``input.KEY=V``, ``output.KEY=V``, ``STAGE.KEY=V``, ``engine=V``."""
+    """Apply ``--set`` overrides: ``input.KEY=V``, ``output.KEY=V``, ``engine=V``, ``STAGE.KEY=V`` (every
+    stage of that name) or ``STAGE#K.KEY=V`` (the k-th of several, by its label)."""
     for item in settings:
         target, sep, value = item.partition("=")
         if not sep:
@@ -178,7 +194,8 @@ def apply_overrides(pipeline: Pipeline, settings: list[str]) -> Pipeline:
         elif section == "":
             pipeline = build_config(Pipeline, {**{f.name: getattr(pipeline, f.name) for f in dataclasses.fields(Pipeline)}, key: value}, "pipeline")
         else:
-            matches = [s for s in pipeline.stages if s.name == section]
+            labels = stage_labels([s.name for s in pipeline.stages])
+            matches = [s for s, label in zip(pipeline.stages, labels, strict=True) if section in (s.name, label)]
             if not matches:
                 raise UsageError(f"--set {item}: the pipeline has no stage {section!r}")
             for spec in matches:

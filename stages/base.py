@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from mmcurate.options import build_config
 
 
@@ -37,17 +38,30 @@ class Stage:
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
-    resources: ClassVar[Resources] = Resources()
     needs: ClassVar[tuple[str, ...]] = ()
     adds: ClassVar[tuple[str, ...]] = ()
     batch_size: ClassVar[int | None] = None  # rows per process() call; None: the whole shard
+    # What one worker needs: the class's default; a stage whose needs follow its options (a model on
+    # a GPU or not) sets its own in ``__init__``.
+    resources: Resources = Resources()
+    # Columns besides ``key`` that a global stage's ``decide`` reads: the class's, or derived from
+    # the options (``select``'s top_fraction columns).
+    global_columns: tuple[str, ...] = ()
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
+        # How the run names this stage in reject_stage and stats: its name, or ``name#k`` where a
+        # pipeline holds several stages of one name (set by the pipeline).
+        self.label = self.name
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> Stage:
         return cls(build_config(cls.Config, params or {}, f"stage {cls.name}"))
+
+    @property
+    def is_global(self) -> bool:
+        """Whether a global step follows ``process``: ``decide`` over the kept rows of the whole dataset."""
+        return False
 
     def setup(self) -> None:
         """Load models and other per-worker state. Called once per worker, before any batch."""
@@ -55,6 +69,11 @@ class Stage:
     def process(self, batch: pa.Table) -> pa.Table:
         """Return ``batch`` with the ``adds`` columns and ``reject_reason`` set on rejected rows."""
         raise NotImplementedError
+
+    def decide(self, table: pa.Table) -> pa.Table:
+        """For a global stage: ``(key, reject_reason, duplicate_of)`` naming the rows to reject, given
+        ``key`` plus ``global_columns`` of every kept row. Removal is always by key."""
+        raise NotImplementedError(f"stage {self.name} is not a global stage")
 
     def shard_stats(self, rejected: pa.Table) -> dict[str, Any]:
         """Entries this stage adds to its line of a shard's stats, from the shard's rows it rejected (none by default)."""
@@ -67,17 +86,16 @@ class Stage:
 
 
 class GlobalStage(Stage):
-    """A stage whose decision needs the whole dataset (dedup, top-fraction selection).
+    """A stage whose decision needs the whole dataset (dedup): always global.
 
     ``process`` adds per-row signature columns (it may reject rows, e.g. ones it cannot hash);
     ``decide`` receives ``key`` plus ``global_columns`` of every kept row and returns a table
     ``(key, reject_reason, duplicate_of)`` naming the rows to reject. Removal is always by key.
     """
 
-    global_columns: ClassVar[tuple[str, ...]] = ()
-
-    def decide(self, table: pa.Table) -> pa.Table:
-        raise NotImplementedError
+    @property
+    def is_global(self) -> bool:
+        return True
 
 
 DECISION_SCHEMA = pa.schema([("key", pa.string()), ("reject_reason", pa.string()), ("duplicate_of", pa.string())])

@@ -9,7 +9,7 @@ import typing
 
 from mmcurate.options import field_bounds
 from mmcurate.stages import STAGES, stage_class
-from mmcurate.stages.base import GlobalStage
+from mmcurate.stages.base import GlobalStage, Stage
 from mmcurate.stages.model import ModelStage
 
 
@@ -31,6 +31,16 @@ def _limits(field: dataclasses.Field) -> str:
     return f"`{bounds}`" if bounds is not None else ""
 
 
+def _kind(cls: type[Stage]) -> str:
+    """Global (a decision over the whole dataset), per-shard, or per-shard unless its options make it global."""
+    if issubclass(cls, GlobalStage):
+        return "global stage (a decision over the whole dataset)"
+    if cls.is_global is not Stage.is_global:
+        doc = inspect.getdoc(cls.is_global) or ""
+        return f"per-shard stage; {doc[:1].lower()}{doc[1:].rstrip('.')}"
+    return "per-shard stage"
+
+
 def stage_doc(cls: type) -> str:
     """The stage class's own docstring, else its module's (never one inherited from a base class)."""
     doc = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or ""
@@ -44,11 +54,13 @@ def _cell(text: str) -> str:
 def stage_markdown(name: str) -> str:
     cls = stage_class(name)
     doc = stage_doc(cls)
-    kind = "global stage (a decision over the whole dataset)" if issubclass(cls, GlobalStage) else "per-shard stage"
+    kind = _kind(cls)
     if issubclass(cls, ModelStage):
         kind = "model stage (batches of `batch_size` rows; local: a pool of its own; Ray: an actor pool; not on Spark)"
     lines = [f"## `{name}`", "", doc, "", f"- kind: {kind}"]
-    lines.append(f"- needs: {', '.join(f'`{c}`' for c in cls.needs) or 'nothing'}; adds: {', '.join(f'`{c}`' for c in cls.adds) or 'nothing'}")
+    lines.append(
+        f"- needs: {', '.join(f'`{c}`' for c in cls.needs) or 'nothing'}; adds: {', '.join(f'`{c}`' for c in cls.adds) or 'nothing'}"
+    )
     r = cls.resources
     where = " when its device is a GPU (none on CPU)" if issubclass(cls, ModelStage) and r.gpus else ""
     lines.append(f"- resources per worker: {r.cpus:g} CPU, {r.gpus:g} GPU{where}" + (f", {r.memory_gb:g} GB" if r.memory_gb else ""))

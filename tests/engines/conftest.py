@@ -48,22 +48,28 @@ class Words(Stage):
         return reject(batch, np.array(words) < self.config.min_words, "too_short")
 
 
+@dataclass
+class CharsConfig:
+    word: str = "pizza"
+
+
 class Chars(Stage):
-    """A stage with setup(): counts characters, rejects captions mentioning 'pizza'."""
+    """A stage with setup(): counts characters, rejects captions mentioning ``word``."""
 
     name = "t_chars"
+    Config = CharsConfig
     resources = Resources(cpus=0.5)
     needs = ("caption",)
     adds = ("caption_chars",)
     batch_size = 7
 
     def setup(self) -> None:
-        self.word = "pizza"
+        self.word = self.config.word
 
     def process(self, batch: pa.Table) -> pa.Table:
         captions = [c or "" for c in batch.column("caption").to_pylist()]
         batch = set_column(batch, "caption_chars", [len(c) for c in captions], pa.int32())
-        return reject(batch, [self.word in c.lower() for c in captions], "pizza")
+        return reject(batch, [self.word in c.lower() for c in captions], f"mentions_{self.word}")
 
 
 class OnGpu(Stage):
@@ -100,10 +106,16 @@ class CaptionDedup(ClusterStage):
         return pc.less_equal(pc.abs(pc.subtract(left.column("_length"), right.column("_length"))), 3)
 
 
+@dataclass
+class LongestConfig:
+    fraction: float = 0.8
+
+
 class Longest(GlobalStage):
-    """Keep the longest 80 % of captions (ties by key): a plain global decide()."""
+    """Keep the longest ``fraction`` of captions (ties by key): a plain global decide()."""
 
     name = "t_longest"
+    Config = LongestConfig
     needs = ("caption_words",)
     global_columns = ("caption_words",)
 
@@ -114,7 +126,7 @@ class Longest(GlobalStage):
         order = sorted(
             zip(table.column("caption_words").to_pylist(), table.column("key").to_pylist(), strict=True), key=lambda r: (-r[0], r[1])
         )
-        drop = [k for _, k in order[int(len(order) * 0.8) :]]
+        drop = [k for _, k in order[int(len(order) * self.config.fraction) :]]
         return decisions(drop, "below_fraction")
 
 

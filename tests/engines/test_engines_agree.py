@@ -60,6 +60,25 @@ def test_engines_agree_on_every_kind_of_stage(ray_local, spark, test_stages, cap
         _assert_same(local, result, engine)
 
 
+def test_engines_agree_on_two_stages_of_one_name(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):
+    """Two stages with setup() of one name and two global stages of one name: each is set up once per
+    worker, keeps its own options and is named apart (``t_chars#1``...) in reject_stage and stats."""
+    stages = [{"t_chars": {"word": "pizza"}}, {"t_chars": {"word": "dog"}}, "t_words", {"t_longest": {"fraction": 0.9}}, {"t_longest": {}}]
+    summary, local = run_and_read(make_pipeline(caption_input, stages, "local"))
+    found = {name: stage["reasons"] for name, stage in summary["stages"].items()}
+    assert found["t_chars#1"].keys() == {"mentions_pizza"} and found["t_chars#2"].keys() == {"mentions_dog"}
+    first, second = summary["stages"]["t_longest#1"], summary["stages"]["t_longest#2"]
+    assert first["rows_in"] == summary["stages"]["t_words"]["rows_in"] - summary["stages"]["t_words"]["rejected"]
+    assert first["rejected"] == first["rows_in"] - int(first["rows_in"] * 0.9)
+    assert second["rows_in"] == first["rows_in"] - first["rejected"]
+    assert second["rejected"] == second["rows_in"] - int(second["rows_in"] * 0.8)
+    rejected_at = {r["reject_stage"] for shard in local.values() for r in shard["rejects"]}
+    assert rejected_at == {"t_chars#1", "t_chars#2", "t_words", "t_longest#1", "t_longest#2"}
+    for engine in ("ray", "spark"):
+        _, result = run_and_read(make_pipeline(caption_input, stages, engine, engine=engine))
+        _assert_same(local, result, engine)
+
+
 # --- the real stages, images downloaded from a local server -------------------------------------
 
 

@@ -12,7 +12,7 @@ from mmcurate.engines.run import RunContext
 
 def test_segments_are_cut_at_gpu_stages(test_stages, caption_input, make_pipeline):
     ctx = RunContext.create(make_pipeline(caption_input, ["t_words", "t_chars", "t_gpu", "t_dedup", "t_longest"], "plan", engine="ray"))
-    first = chains(ctx, 0, "run")
+    first = chains(ctx, 0)
     assert [[s.name for s, _ in c.stages] for c in first] == [["t_words", "t_chars"], ["t_gpu"], ["t_dedup"]]
     assert [(c.read, c.write, c.stateful, c.gpus) for c in first] == [
         (True, False, True, 0),
@@ -20,7 +20,7 @@ def test_segments_are_cut_at_gpu_stages(test_stages, caption_input, make_pipelin
         (False, True, False, 0),
     ]
     assert [position for c in first for _, position in c.stages] == [0, 1, 2, 3]
-    second, third = chains(ctx, 1, "run"), chains(ctx, 2, "run")
+    second, third = chains(ctx, 1), chains(ctx, 2)
     assert [(c.read, c.write, c.applies, [s.name for s, _ in c.stages]) for c in second] == [(True, True, 3, ["t_longest"])]
     assert [(c.read, c.write, c.applies, c.stages) for c in third] == [(True, True, 4, [])]
 

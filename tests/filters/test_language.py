@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from mmcurate.errors import UsageError
 from mmcurate.filters.language import Language, normalize_code
-from mmcurate.tests.support.filters import kept, rejects, run_command
+from mmcurate.tests.support.filters import kept, rejects, run_cli, run_command
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +95,29 @@ def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
     assert all(s >= 0.3 for s in table.column("language_score").to_pylist())
     missing = sum(c is None for c in photos.column("caption").to_pylist())
     assert table.num_rows + len(rejects(out)) == photos.num_rows and list(rejects(out).values()).count("caption_missing") == missing
+
+
+def test_two_language_stages_apply_their_own_settings(tmp_path: Path) -> None:
+    """Two stages of one name are two stages: each is set up and keeps its own options, and the
+    run names them apart (``language#1``, ``language#2``) in reject_stage, stats and ``--set``."""
+    captions = [
+        "A dog is running on the beach with a ball.",
+        "Un chien court sur la plage avec une balle.",
+        "Ein Hund rennt mit einem Ball am Strand entlang.",
+        "El perro corre por la playa con una pelota.",
+        "ok",
+    ]
+    pq.write_table(pa.table({"url": [f"http://x.invalid/{i}.jpg" for i in range(5)], "caption": captions}), tmp_path / "in.parquet")
+    stages = [{"language": {"keep": ["en", "fr", "de"]}}, {"language": {"keep": ["en", "fr", "de"], "min_score": 0.9}}]
+    pipeline = {"input": {"path": "in.parquet"}, "output": {"path": "out", "format": "parquet"}, "stages": stages}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(pipeline))
+    assert run_cli("run", str(tmp_path / "two.yaml"), "--set", "language#2.keep=en,fr") == 0
+    out = pq.read_table(tmp_path / "out" / "rejects" / "00000.parquet").sort_by("url")
+    found = zip(*(out.column(c).to_pylist() for c in ("url", "reject_stage", "reject_reason")), strict=True)
+    assert list(found) == [
+        ("http://x.invalid/2.jpg", "language#2", "unwanted_language"),  # de: kept by the first, not by the second
+        ("http://x.invalid/3.jpg", "language#1", "unwanted_language"),  # es: kept by neither
+        ("http://x.invalid/4.jpg", "language#2", "language_uncertain"),  # en below the second's min_score
+    ]
+    stats = json.loads((tmp_path / "out" / "_stats" / "00000.json").read_text())["stages"]
+    assert [(s["stage"], s["rows_in"], s["rejected"]) for s in stats] == [("read", 5, 0), ("language#1", 5, 1), ("language#2", 4, 2)]

@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pytest
 
 from mmcurate.errors import UsageError
-from mmcurate.filters.select import Select, TopFractionSelect
-from mmcurate.stages.base import GlobalStage
+from mmcurate.filters.select import Select
+from mmcurate.stages.reference import stage_markdown
 from mmcurate.tests.support.filters import kept, rejects, run_cli, run_command
 
 
@@ -29,16 +29,17 @@ def scored() -> pa.Table:
 
 def test_thresholds_are_inclusive_and_missing_scores_rejected() -> None:
     stage = Select.from_params({"min": {"clip_score": 0.28}, "max": {"nsfw_score": 0.5}})
-    assert type(stage) is Select and not isinstance(stage, GlobalStage)
+    assert not stage.is_global and stage.global_columns == ()
     reasons = stage.process(scored()).column("reject_reason").to_pylist()
     assert reasons == [None, "nsfw_score_above_max", "clip_score_below_min", "clip_score_missing", None, None]
 
 
 def test_top_fraction_is_a_global_stage() -> None:
     stage = Select.from_params({"top_fraction": {"clip_score": 0.5}, "min": {"clip_score": 0.2}})
-    assert isinstance(stage, TopFractionSelect) and isinstance(stage, GlobalStage)
-    assert stage.global_columns == ("clip_score",)
-    assert type(pickle.loads(pickle.dumps(stage))) is TopFractionSelect
+    assert type(stage) is Select and stage.is_global and stage.global_columns == ("clip_score",)
+    assert pickle.loads(pickle.dumps(stage)).is_global
+    assert Select.from_params({"min": {"x": 0}}).global_columns == ()  # one instance's options never reach another
+    assert "kind: per-shard stage; global (a ranking over the whole dataset" in stage_markdown("select")
     out = stage.process(scored())
     survivors = out.filter(pc.is_null(out.column("reject_reason"))).select(["key", "clip_score"])
     assert survivors.column("key").to_pylist() == ["a", "b", "e", "f"]
