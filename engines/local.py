@@ -120,7 +120,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
     if ctx.finished:
         return finish_run(ctx)
     pools: dict[int | None, Executor] = {}
-    in_flight = 2 * pipeline.workers  # shards between steps: bounds the driver's memory
+    in_flight = pipeline.workers  # shards in the pools at once, one per CPU worker and two per model worker: bounds memory
     devices = {position: stage.device for position, stage in enumerate(ctx.stages) if isinstance(stage, ModelStage)}
     worker = (ctx.pipeline, ctx.reader, dict(STAGES), devices)  # devices resolved here, on the driver
     if pipeline.workers > 1 and len(ctx.pending()) > 1:

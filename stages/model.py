@@ -102,7 +102,7 @@ class ModelStage(Stage):
         self.place(gpu_count() if wanted != "cpu" else 0)
         self.threads: int | None = None
         self._limit: int | None = None  # batch size after out-of-memory halvings
-        self._counters: dict[str, int] = {}
+        self._halvings = 0  # out-of-memory halvings since the last events() call
 
     def place(self, gpus: int) -> None:
         """Resolve the device for a machine or cluster with ``gpus`` GPUs; ``resources`` follow it."""
@@ -178,7 +178,7 @@ class ModelStage(Stage):
                     raise
                 _empty_cache()
                 self._limit = size // 2
-                self._counters["oom_halvings"] = self._counters.get("oom_halvings", 0) + 1
+                self._halvings += 1
                 continue
             results.extend(part)
             start += size
@@ -202,8 +202,8 @@ class ModelStage(Stage):
 
     def events(self) -> dict[str, int]:
         """Out-of-memory halvings since the last call."""
-        counts, self._counters = self._counters, {}
-        return counts
+        count, self._halvings = self._halvings, 0
+        return {"oom_halvings": count}  # zeros too: every batch of the stage carries the same ledger columns
 
 
 def is_out_of_memory(error: BaseException) -> bool:
