@@ -19,7 +19,7 @@ def _add_io(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--input-format", help="parquet, csv, tsv, jsonl, txt, img2dataset or mmcurate (default: detected)")
     p.add_argument("--url-col", help="URL column of a URL list (default: url)")
     p.add_argument("--caption-col", help="caption column of a URL list (default: caption)")
-    p.add_argument("--output-format", choices=("webdataset", "parquet"))
+    p.add_argument("--output-format", help="webdataset or parquet (default: webdataset when the rows carry images, else parquet)")
     p.add_argument("--rows-per-shard", type=int)
     p.add_argument("--workers", type=int, help="local worker processes (default: CPU count)")
     p.add_argument("--engine", choices=("local", "ray", "spark"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import os
 import platform
 import uuid
@@ -24,12 +25,14 @@ from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
 from mmcurate.stages.model import ModelStage
 
+logger = logging.getLogger(__name__)
 _VERSIONED = ("pyarrow", "numpy", "pillow", "aiohttp", "ray", "pyspark", "torch", "open_clip_torch", "transformers", "onnxruntime")
 
 
 @dataclass
 class RunContext:
-    """A planned run: the input's shards, the built stages cut into segments, the output folder.
+    """A planned run: the input's shards, the built stages cut into segments, the output folder
+    (``pipeline.output.format`` resolved: see :meth:`OutputSpec.resolved`).
 
     Engines send copies of it to their workers; a worker process keeps the first copy of a run
     (:func:`engines.worker_state.worker_context`) and sets its stages up through :meth:`ready`.
@@ -50,6 +53,8 @@ class RunContext:
     def __post_init__(self) -> None:
         self.segments = segments(self.stages)
         self.columns = output_columns(self.stages, self.reader.format, carried_columns(self.reader))
+        output = self.pipeline.output.resolved(carries_images(self.reader, self.stages))
+        self.pipeline = dataclasses.replace(self.pipeline, output=output)
 
     @classmethod
     def create(cls, pipeline: Pipeline, reader: Reader | None = None) -> RunContext:
@@ -105,6 +110,13 @@ def carried_columns(reader: Reader) -> tuple[str, ...]:
         return ()
     with open_parquet(reader.fs, reader.files[0].path) as pf:
         return tuple(name for name in pf.schema_arrow.names if name in BY_NAME)
+
+
+def carries_images(reader: Reader, stages: list[Stage]) -> bool:
+    """Whether the rows hold image bytes: a stage adds them (download) or the input has them."""
+    if any("image" in s.adds for s in stages) or reader.format == "img2dataset" or any(f.tar for f in reader.files):
+        return True
+    return "image" in carried_columns(reader)
 
 
 def versions() -> dict[str, str]:
@@ -227,6 +239,8 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
         "finished": None,
         "shards": len(reader.shards),
     })
+    if pipeline.output.format is None and ctx.pipeline.output.format == "parquet":
+        logger.warning("the rows carry no image: writing Parquet shards (output.format=webdataset writes tars)")
     return ctx
 
 

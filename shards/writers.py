@@ -1,13 +1,17 @@
-"""Writers: one finished shard to its output, rejects, stats and done marker, every file atomic."""
+"""Writers: one finished shard to its output, rejects, stats and done marker, every file atomic.
+
+Each output format is a :class:`ShardWriter` subclass registered in :data:`WRITERS` by its ``name``
+(the ``output.format`` option): a new format is a new class, not another branch.
+"""
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
-import tarfile
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,18 +21,62 @@ from mmcurate.schemas import CAPTION_EXTENSION, IMAGE_EXTENSIONS, JSON_EXTENSION
 from mmcurate.shards.layout import OutputDir
 
 
+class ShardWriter:
+    """How one output format writes a shard's kept rows (the ledger files are common to all)."""
+
+    name: ClassVar[str]
+
+    def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
+        raise NotImplementedError
+
+
+class WebDatasetWriter(ShardWriter):
+    """``shards/ID.tar`` (per sample ``KEY.<image_format>``, ``KEY.txt``, ``KEY.json``) and
+    ``meta/ID.parquet`` (every column but the image bytes)."""
+
+    name = "webdataset"
+
+    def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
+        out.write_bytes(out.shard_path("shards", shard_id, ".tar"), tar_bytes(kept))
+        out.write_parquet(out.shard_path("meta", shard_id, ".parquet"), _drop(kept, "image"))
+
+
+class ParquetWriter(ShardWriter):
+    """``shards/ID.parquet``: every column, image bytes included."""
+
+    name = "parquet"
+
+    def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
+        out.write_parquet(out.shard_path("shards", shard_id, ".parquet"), kept)
+
+
+WRITERS: dict[str, type[ShardWriter]] = {cls.name: cls for cls in (WebDatasetWriter, ParquetWriter)}
+
+
 @dataclass(frozen=True)
 class OutputSpec:
-    """Where and how to write: WebDataset tars (+ ``meta/`` Parquet) or Parquet with image bytes."""
+    """Where and how to write. ``format`` names a writer of :data:`WRITERS`; unset, it is
+    ``webdataset`` when the rows carry images and ``parquet`` when they do not (see :meth:`resolved`)."""
 
     path: str
-    format: Literal["webdataset", "parquet"] = "webdataset"
+    format: str | None = None
     rows_per_shard: int = bounded(10_000, ge=1)
     save_rejected_images: bool = False
 
     def __post_init__(self) -> None:
-        if self.format not in ("webdataset", "parquet"):
-            raise UsageError(f"output format must be webdataset or parquet, not {self.format!r}")
+        if self.format is not None and self.format not in WRITERS:
+            raise UsageError(f"output format must be one of {', '.join(WRITERS)}, not {self.format!r}")
+
+    def resolved(self, carries_images: bool) -> OutputSpec:
+        """This spec with its format set: as given, else by whether the rows carry images."""
+        if self.format is not None:
+            return self
+        return dataclasses.replace(self, format="webdataset" if carries_images else "parquet")
+
+    def writer(self) -> ShardWriter:
+        if self.format is None:
+            raise ValueError("the output format is not resolved yet (OutputSpec.resolved)")
+        return WRITERS[self.format]()
 
 
 def split_kept(table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -41,11 +89,7 @@ def write_shard(out: OutputDir, spec: OutputSpec, shard_id: int, table: pa.Table
     """Write every file of a finished shard, the done marker last."""
     table = conform(table, columns)
     kept, rejected = split_kept(table)
-    if spec.format == "webdataset":
-        out.write_bytes(out.shard_path("shards", shard_id, ".tar"), tar_bytes(kept))
-        out.write_parquet(out.shard_path("meta", shard_id, ".parquet"), _drop(kept, "image"))
-    else:
-        out.write_parquet(out.shard_path("shards", shard_id, ".parquet"), kept)
+    spec.writer().write(out, shard_id, kept)
     if not spec.save_rejected_images:
         rejected = _drop(rejected, "image")
     out.write_parquet(out.shard_path("rejects", shard_id, ".parquet"), rejected)
@@ -57,37 +101,143 @@ def _drop(table: pa.Table, column: str) -> pa.Table:
     return table.drop_columns([column]) if column in table.column_names else table
 
 
-def tar_bytes(table: pa.Table) -> bytes:
-    """A WebDataset tar: per sample ``KEY.<image_format>``, ``KEY.txt`` and ``KEY.json``.
+# ---------------------------------------------------------------------------------------------
+# WebDataset tars, built column-wise: JSON members with Arrow compute, tar headers with numpy.
 
-    Members are written in row order with fixed metadata so the same rows give the same bytes.
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tarfile pads an archive to whole records
+# A USTAR header as Python's tarfile (3.11+) writes it for a regular file with mode 0644, uid/gid 0, mtime 0;
+# per member only the name (bytes 0-100), the size (124-136) and the checksum (148-156) change.
+_TEMPLATE = np.frombuffer(
+    b"\0" * 100  # name
+    + b"0000644\0"  # mode
+    + b"0000000\0" * 2  # uid, gid
+    + b"\0" * 12  # size
+    + b"00000000000\0"  # mtime
+    + b" " * 8  # checksum, counted as spaces
+    + b"0"  # regular file
+    + b"\0" * 100  # link name
+    + b"ustar\x0000"  # magic and version
+    + b"\0" * 247,  # user and group names, device numbers, name prefix, padding
+    np.uint8,
+)
+_OCTAL = np.array([8**i for i in range(10, -1, -1)], np.int64)
+
+
+def tar_bytes(table: pa.Table) -> bytes:
+    """A WebDataset tar: per sample ``KEY.<image_format>`` (when there is an image), ``KEY.txt`` and
+    ``KEY.json`` (every column but key, image and caption), in row order.
+
+    The bytes are those Python's tarfile writes (USTAR, mode 0644, mtime 0), so the same rows give
+    the same tar; names longer than USTAR's 100 bytes are refused, as tarfile refuses them.
     """
-    buf = io.BytesIO()
-    json_columns = [c for c in table.column_names if c not in NOT_IN_JSON]
-    rows = table.select(json_columns).to_pylist()
-    keys = table.column("key").to_pylist()
-    images = table.column("image").to_pylist() if "image" in table.column_names else [None] * len(keys)
-    formats = table.column("image_format").to_pylist() if "image_format" in table.column_names else [None] * len(keys)
-    captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(keys)
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, image, fmt, caption, row in zip(keys, images, formats, captions, rows, strict=True):
-            if image is not None:
-                ext = fmt if fmt in IMAGE_EXTENSIONS else "jpg"
-                _add(tar, f"{key}.{ext}", image)
-            _add(tar, f"{key}.{CAPTION_EXTENSION}", (caption or "").encode())
-            _add(tar, f"{key}.{JSON_EXTENSION}", json.dumps({"key": key, **row}, ensure_ascii=False, default=_json_default).encode())
-    return buf.getvalue()
+    n = table.num_rows
+    keys = table.column("key")
+    kinds = []  # per member kind: (names, payloads), one row per sample; a null name: no member
+    if "image" in table.column_names:
+        image = table.column("image")
+        fmt = table.column("image_format") if "image_format" in table.column_names else pa.nulls(n, pa.string())
+        ext = pc.if_else(pc.fill_null(pc.is_in(fmt, pa.array(IMAGE_EXTENSIONS)), False), fmt, "jpg")
+        kinds.append((pc.if_else(pc.is_valid(image), pc.binary_join_element_wise(keys, ext, "."), pa.scalar(None, pa.string())), image))
+    caption = table.column("caption") if "caption" in table.column_names else pa.nulls(n, pa.string())
+    kinds.append((pc.binary_join_element_wise(keys, CAPTION_EXTENSION, "."), pc.fill_null(pc.cast(caption, pa.string()), "")))
+    kinds.append((pc.binary_join_element_wise(keys, JSON_EXTENSION, "."), json_rows(table)))
+    # Members in sample order (kinds interleaved), absent ones dropped.
+    order = pa.array(np.arange(n * len(kinds)).reshape(len(kinds), n).T.ravel())
+    names = pa.concat_arrays([_flat(names, pa.large_binary()) for names, _ in kinds]).take(order)
+    payload = pa.concat_arrays([_flat(data, pa.large_binary()) for _, data in kinds]).take(order)
+    present = pc.is_valid(names)
+    names, payload = names.filter(present), payload.filter(present)
+    sizes = pc.binary_length(payload).to_numpy().astype(np.int64)
+    padded = pc.binary_join_element_wise(
+        payload, pc.binary_repeat(pa.scalar(b"\0", pa.large_binary()), pa.array(-sizes % _BLOCK)), pa.scalar(b"", pa.large_binary())
+    )
+    data_blocks = (sizes + _BLOCK - 1) // _BLOCK
+    first = np.concatenate([[0], np.cumsum(1 + data_blocks)])  # each member's header block
+    used = int(first[-1]) + 2  # two zero blocks end the archive
+    blocks = np.zeros((used + (-used * _BLOCK) % _RECORD // _BLOCK, _BLOCK), np.uint8)
+    blocks[first[:-1]] = _headers(names, sizes)
+    is_data = np.ones(int(first[-1]), bool)
+    is_data[first[:-1]] = False
+    blocks[: int(first[-1])][is_data] = _buffer(padded).reshape(-1, _BLOCK)
+    return blocks.tobytes()
+
+
+def _flat(values: pa.Array | pa.ChunkedArray, kind: pa.DataType) -> pa.Array:
+    values = pc.cast(values, kind)
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _buffer(values: pa.Array) -> np.ndarray:
+    """The bytes of a (large) binary array without nulls, back to back."""
+    offsets = np.frombuffer(values.buffers()[1], np.int64, len(values) + 1, values.offset * 8)
+    data = values.buffers()[2]
+    return np.frombuffer(data, np.uint8, int(offsets[-1] - offsets[0]), int(offsets[0])) if data is not None else np.empty(0, np.uint8)
+
+
+def _headers(names: pa.Array, sizes: np.ndarray) -> np.ndarray:
+    """USTAR headers, one 512-byte row per member."""
+    lengths = pc.binary_length(names).to_numpy().astype(np.int64)
+    if len(lengths) and lengths.max() > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {names[int(lengths.argmax())].as_py()[:120]!r}...")
+    headers = np.tile(_TEMPLATE, (len(lengths), 1))
+    flat = headers.reshape(-1)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    flat[np.repeat(np.arange(len(lengths)) * _BLOCK - starts, lengths) + np.arange(int(lengths.sum()))] = _buffer(names)
+    headers[:, 124:135] = (sizes[:, None] // _OCTAL % 8) + ord("0")
+    checksum = headers.sum(axis=1, dtype=np.int64)  # the checksum field counts as eight spaces
+    headers[:, 148:154] = (checksum[:, None] // _OCTAL[-6:] % 8) + ord("0")
+    headers[:, 154] = 0
+    return headers
+
+
+def json_rows(table: pa.Table) -> pa.Array:
+    """Per row the JSON member: ``{"key": ..., COLUMN: value, ...}`` over the columns not stored as
+    members of their own, as ``json.dumps(row, ensure_ascii=False)`` spells it (bytes as null)."""
+    names = ["key", *(c for c in table.column_names if c not in NOT_IN_JSON)]
+    pieces: list = []
+    for i, name in enumerate(names):
+        pieces += [("{" if i == 0 else ", ") + json.dumps(name, ensure_ascii=False) + ": ", _json_values(table.column(name))]
+    pieces.append("}")
+    if table.num_rows == 0:
+        return pa.array([], pa.string())
+    return pc.binary_join_element_wise(*[pa.scalar(p) if isinstance(p, str) else p for p in pieces], "")
+
+
+def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """The column's values as JSON text (null for nulls)."""
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return _json_strings(column)
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        return pc.fill_null(pc.cast(column, pa.string()), "null")
+    if pa.types.is_floating(kind):  # Python's repr, as json.dumps writes floats (Arrow's shortest form differs)
+        return pa.array(["null" if v is None else _FLOATS.get(r := repr(v), r) for v in column.to_pylist()], pa.string())
+    if pa.types.is_null(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return pa.array(["null"] * len(column), pa.string())
+    return pa.array([json.dumps(v, ensure_ascii=False, default=_json_default) for v in column.to_pylist()], pa.string())
+
+
+_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
+
+
+def _json_strings(column: pa.ChunkedArray) -> pa.Array:
+    """JSON string literals; the rare strings with other control characters go through json.dumps."""
+    text = column
+    for raw, escaped in _ESCAPES:
+        text = pc.replace_substring(text, raw, escaped)
+    text = pc.binary_join_element_wise('"', text, '"', "")
+    odd = pc.fill_null(pc.match_substring_regex(column, r"[\x00-\x07\x0b\x0e-\x1f]"), False)
+    if pc.any(odd).as_py():
+        values = column.to_pylist()
+        fixed = [json.dumps(values[i], ensure_ascii=False) for i in np.flatnonzero(odd.to_numpy(zero_copy_only=False))]
+        text = pa.array(text.to_pylist(), pa.string())
+        text = pc.replace_with_mask(text, pa.array(odd.to_numpy(zero_copy_only=False)), pa.array(fixed, pa.string()))
+    return pc.fill_null(text, "null")
 
 
 def _json_default(value: object) -> object:
     if isinstance(value, bytes):
         return None
     return str(value)
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))

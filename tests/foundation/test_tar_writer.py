@@ -1,0 +1,115 @@
+"""The column-wise tar writer against Python's tarfile, writers by name, the Parquet default for rows without images."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mmcurate.errors import UsageError
+from mmcurate.schemas import IMAGE_EXTENSIONS, NOT_IN_JSON
+from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, WebDatasetWriter, tar_bytes
+from mmcurate.tests.support.foundation import LAION, kept_table, toy_stage
+
+
+def tarfile_bytes(table: pa.Table) -> bytes:
+    """The same tar written member by member with tarfile and json.dumps, as a reference."""
+    buf = io.BytesIO()
+    rows = table.select([c for c in table.column_names if c not in NOT_IN_JSON]).to_pylist()
+    column = {
+        name: table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+        for name in ("image", "image_format", "caption")
+    }
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, key in enumerate(table.column("key").to_pylist()):
+            if column["image"][i] is not None:
+                fmt = column["image_format"][i]
+                add(tar, f"{key}.{fmt if fmt in IMAGE_EXTENSIONS else 'jpg'}", column["image"][i])
+            add(tar, f"{key}.txt", (column["caption"][i] or "").encode())
+            row = {k: None if isinstance(v, bytes) else v for k, v in rows[i].items()}
+            add(tar, f"{key}.json", json.dumps({"key": key, **row}, ensure_ascii=False).encode())
+    return buf.getvalue()
+
+
+ROWS = pa.table(
+    {
+        "key": ["000a", "000b", "000c", "000d", "000e"],
+        "url": ['http://x.org/é"q\\', None, "tab\there\nnew line", "bell\x07 and \x1f unit", "plain"],
+        "caption": ["un café", None, "x" * 700, "🙂 smile", ""],
+        "image": pa.array([b"\xff\xd8" * 300, None, b"\x89PNG", b"", b"GIF89a"], pa.binary()),
+        "image_format": ["jpg", None, "png", "webp", "gif"],
+        "width": pa.array([640, None, -3, 0, 2**40], pa.int64()),
+        "score": pa.array([0.5, None, 1.0, float("nan"), -0.0]),
+        "big": pa.array([1e16, 1e-5, float("inf"), -float("inf"), 123456789.125]),
+        "clip_score": pa.array([0.28, None, 1.0, 1e-7, 3e38], pa.float32()),
+        "ok": [True, None, False, True, False],
+        "tags": pa.array([["a", "b"], None, [], ["ü"], ["x"]], pa.list_(pa.string())),
+        "exif": pa.array([b"raw", None, b"", b"x", None], pa.binary()),
+        "reject_reason": pa.nulls(5, pa.string()),
+    }
+)
+
+
+@pytest.mark.parametrize("columns", [None, ["key", "caption", "url", "reject_reason"], ["key", "url"]])
+def test_tar_equals_the_one_tarfile_writes(columns: list[str] | None) -> None:
+    table = ROWS if columns is None else ROWS.select(columns)
+    assert tar_bytes(table) == tarfile_bytes(table)
+    assert tar_bytes(table.slice(0, 0)) == tarfile_bytes(table.slice(0, 0))
+
+
+def test_tar_reads_back_with_tarfile() -> None:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes(ROWS))) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert members["000a.jpg"] == b"\xff\xd8" * 300 and members["000e.jpg"] == b"GIF89a" and "000b.jpg" not in members
+    assert members["000d.webp"] == b"" and members["000c.txt"] == b"x" * 700 and members["000b.txt"] == b""
+    record = json.loads(members["000d.json"])
+    assert record["url"] == "bell\x07 and \x1f unit" and np.isnan(record["score"]) and record["tags"] == ["ü"] and record["exif"] is None
+    assert isinstance(json.loads(members["000c.json"])["score"], float)
+
+
+def test_names_longer_than_ustar_allows_are_refused() -> None:
+    with pytest.raises(ValueError, match="longer than 100 bytes"):
+        tar_bytes(pa.table({"key": ["k" * 97], "caption": ["c"]}))
+
+
+def test_writers_are_chosen_by_name() -> None:
+    assert WRITERS == {"webdataset": WebDatasetWriter, "parquet": ParquetWriter}
+    assert isinstance(OutputSpec("out", format="parquet").writer(), ParquetWriter)
+    with pytest.raises(UsageError, match="webdataset, parquet"):
+        OutputSpec("out", format="lance")
+    assert OutputSpec("out").resolved(carries_images=True).format == "webdataset"
+    assert OutputSpec("out").resolved(carries_images=False).format == "parquet"
+    assert OutputSpec("out", format="webdataset").resolved(carries_images=False).format == "webdataset"
+
+
+def test_rows_without_images_default_to_parquet_and_say_so(tmp_path: Path, laion_sample: Path, img2dataset_output: Path) -> None:
+    captions = toy_stage("drop_word", laion_sample, tmp_path / "captions", *LAION, "--rows-per-shard", "400")
+    assert captions.returncode == 0, captions.stderr
+    assert "writing Parquet shards" in captions.stderr
+    assert sorted(p.name for p in (tmp_path / "captions" / "shards").iterdir()) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    assert json.loads((tmp_path / "captions" / "run.json").read_text())["pipeline"]["output"]["format"] is None
+
+    tars = toy_stage("drop_word", laion_sample, tmp_path / "tars", *LAION, "--rows-per-shard", "400", "--output-format", "webdataset")
+    assert tars.returncode == 0 and "Parquet" not in tars.stderr
+    assert len(list((tmp_path / "tars" / "shards").glob("*.tar"))) == 3
+    assert kept_table(tmp_path / "tars").equals(kept_table(tmp_path / "captions"))
+
+    images = toy_stage("drop_word", img2dataset_output, tmp_path / "images")
+    assert images.returncode == 0 and "Parquet" not in images.stderr
+    assert [p.name for p in (tmp_path / "images" / "shards").glob("*.tar")] == ["00000.tar"]
+
+
+def test_an_unknown_output_format_is_a_usage_error(tmp_path: Path, laion_sample: Path) -> None:
+    result = toy_stage("drop_word", laion_sample, tmp_path / "out", *LAION, "--output-format", "lance")
+    assert result.returncode == 2 and "output format must be one of webdataset, parquet, not 'lance'" in result.stderr
