@@ -6,7 +6,12 @@ threshold 0.8. Everything runs in this one process, one thread; shingling is inc
 signature figure. Rates are documents per CPU-second of this process (``time.process_time``), so
 other work on the machine does not skew them; ratios are measured in the same run.
 
-    python bench/minhash.py [--docs 100000] [--loop-docs 5000] [--repeat 2]
+Then a whole command, ``mmcurate stage minhash_dedup --workers 1`` on ``--cli-docs`` captions in a
+Parquet file (process start, reading, signatures, LSH, writing the output in its default format,
+Parquet for captions, and ``--output-format webdataset`` for tars), timed in CPU-seconds of the
+child process, against ``MinHash.bulk`` (signatures only) on the same captions.
+
+    python bench/minhash.py [--docs 100000] [--loop-docs 5000] [--cli-docs 200000] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import argparse
 import csv
 import os
 import random
+import resource
+import shutil
 import string
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,11 +130,25 @@ def rensa_signatures(docs: list[str]) -> list:
     return matrix.to_rows()
 
 
+def cli_run(docs: list[str], *options: str) -> tuple[float, float]:
+    """(CPU-seconds, wall seconds) of ``mmcurate stage minhash_dedup`` on ``docs`` in one worker."""
+    with tempfile.TemporaryDirectory(prefix="mmcurate-bench-") as tmp:
+        src = Path(tmp) / "captions.parquet"
+        pq.write_table(pa.table({"url": [f"https://example.com/{i}.jpg" for i in range(len(docs))], "caption": docs}), src)
+        cmd = [sys.executable, "-m", "mmcurate.cli", "stage", "minhash_dedup", "--input", str(src), "--output", f"{tmp}/out"]
+        before, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        subprocess.run([*cmd, "--workers", "1", "--no-progress", *options], check=True, capture_output=True)
+        wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_CHILDREN)
+        shutil.rmtree(f"{tmp}/out")
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, wall
+
+
 def main() -> None:
     pa.set_cpu_count(1)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--loop-docs", type=int, default=5_000, help="documents for the slow per-document datasketch loop")
+    parser.add_argument("--cli-docs", type=int, default=200_000, help="captions for the whole-command figure (0: skip it)")
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     docs = corpus(args.docs)
@@ -154,6 +178,15 @@ def main() -> None:
     print(f"ratio mmcurate signatures+LSH / datasketch bulk alone: {t_bulk / t_ours:.1f}x")
     print(f"ratio mmcurate signatures / datasketch bulk: {t_bulk / sig_s:.1f}x; / rensa + to_rows: {t_rensa / sig_s:.1f}x")
     print(f"duplicates removed: mmcurate {removed}, datasketch LSH {ds_removed} ({100 * removed / n:.1f}% vs {100 * ds_removed / n:.1f}%)")
+    if args.cli_docs:
+        cli_docs = corpus(args.cli_docs, seed=1)
+        t_cli_bulk, _ = best(lambda: datasketch_bulk(cli_docs), args.repeat)
+        print(f"\nwhole command on {len(cli_docs)} captions, one worker (CPU-seconds of the process; wall in brackets)")
+        print(f"{'datasketch MinHash.bulk, signatures only':58s} {len(cli_docs) / t_cli_bulk:>10,.0f} docs/s")
+        for label, options in (("default output (Parquet)", ()), ("--output-format webdataset", ("--output-format", "webdataset"))):
+            cpu, wall = min((cli_run(cli_docs, *options) for _ in range(args.repeat)), key=lambda r: r[0])
+            print(f"{'mmcurate stage minhash_dedup, ' + label:58s} {len(cli_docs) / cpu:>10,.0f} docs/s ({len(cli_docs) / wall:,.0f} wall)")
+            print(f"ratio whole command ({label}) / datasketch bulk: {t_cli_bulk / cpu:.1f}x")
 
 
 if __name__ == "__main__":
