@@ -74,7 +74,7 @@ def stage(cli, src: Path | str, out: Path | str, *extra: str, cwd: Path | None =
 
 def pipeline(src: Path, out: Path, stages: list[StageSpec] | None = None, workers: int = 1) -> Pipeline:
     stages = [StageSpec("drop_word", {"word": "wallpaper"}), StageSpec("caption_dedup")] if stages is None else stages
-    return Pipeline(InputSpec(str(src), url_col="URL", caption_col="TEXT"), OutputSpec(str(out), rows_per_shard=40), stages, workers=workers)
+    return Pipeline(InputSpec(str(src), url_col="URL", caption_col="TEXT"), OutputSpec(str(out), format="webdataset", rows_per_shard=40), stages, workers=workers)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
