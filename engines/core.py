@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmcurate import killpoints
 from mmcurate.stages.base import Stage, set_column
 
 
@@ -145,6 +146,7 @@ def apply_stage(stage: Stage, table: pa.Table, position: int) -> pa.Table:
     processed = processed.set_column(processed.column_names.index("reject_stage"), "reject_stage", stage_col)
     table = mark_rejected(pa.concat_tables([processed, done], promote_options="permissive"), position)
     seen = pa.array(np.arange(table.num_rows) < kept.num_rows)
+    killpoints.reached("stage")
     return _add_events(_add_seconds(table, position, time.perf_counter() - start, seen), position, stage.events())
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm import tqdm
 
+from mmcurate import killpoints
 from mmcurate.engines.core import Segment, run_segment, shard_stats, start_ledger
 from mmcurate.engines.intermediate import kept_rows
 from mmcurate.engines.run import RunContext, finish_run, start_run
@@ -92,6 +93,7 @@ def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: 
         table = carried
     elif segment_index == 0:
         table = start_ledger(ctx.reader.read(plan))
+        killpoints.reached("read")
     else:
         table = out.read_parquet(ctx.work_path(segment_index - 1, plan.shard_id, ".parquet"))
     decisions = ctx.decisions(segment_index - 1) if segment_index and carried is None else None
@@ -146,7 +148,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
                 stage = ctx.global_stage(index)
                 parts = [kept_rows(ctx, index, stage, p.shard_id) for p in ctx.reader.shards]
                 table = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
-                ctx.out.write_parquet(ctx.global_path(index), stage.decide(table))
+                ctx.write_decision(index, stage.decide(table))
     finally:
         for pool in pools.values():
             pool.shutdown(cancel_futures=True)

@@ -70,7 +70,7 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
             if todo:
                 _run_segment(ctx, index, todo, progress)
             if ctx.needs_global(index):
-                ctx.out.write_parquet(ctx.global_path(index), global_decisions(ctx, index))
+                ctx.write_decision(index, global_decisions(ctx, index))
     finally:
         context.target_max_block_size, context.enable_progress_bars = saved
         if started:

@@ -15,7 +15,7 @@ from importlib import metadata
 
 import pyarrow as pa
 
-from mmcurate import __version__
+from mmcurate import __version__, killpoints
 from mmcurate.engines.core import Segment, segments
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline, StageSpec, check_columns, output_columns
@@ -96,6 +96,11 @@ class RunContext:
         """Whether the global step ending ``segment`` is still to run (some shard is unfinished, no decision yet)."""
         return self.segments[segment].global_stage is not None and bool(self.pending()) and not self.out.exists(self.global_path(segment))
 
+    def write_decision(self, segment: int, decision: pa.Table) -> None:
+        """Write the decision of the global stage that ends ``segment``."""
+        killpoints.reached("global")
+        self.out.write_parquet(self.global_path(segment), decision)
+
     def decisions(self, segment: int) -> pa.Table:
         """The decision of the global stage that ends ``segment`` (read once per worker)."""
         if segment not in self._decisions:
@@ -160,7 +165,7 @@ def previous_run(out: OutputDir) -> dict | None:
     if foreign & {SHARDS, META, REJECTS, STATS, DONE}:
         raise UsageError(f"{out.root} holds shards but no run.json; use a new output folder")
     if foreign:
-        raise UsageError(f"{out.root} is not empty and holds no mmcurate run ({sorted(foreign)[0]}, ...); use an empty or new output folder")
+        raise UsageError(f"{out.root} is not empty and holds no mmcurate run ({min(foreign)}, ...); use an empty or new output folder")
     if names:  # an interrupted start: its parsed input may be stale
         out.remove_work()
         out.remove_partial_writes()
@@ -193,9 +198,8 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
     previous = previous_run(out)
     stages = pipeline.build_stages()
     config = pipeline.as_dict()
-    if previous is not None and (
-        _comparable(previous["pipeline"]) != _comparable(config) or _typed_stages(previous["pipeline"]["stages"]) != [_typed(s) for s in stages]
-    ):
+    before = previous["pipeline"] if previous is not None else None
+    if before is not None and (_comparable(before) != _comparable(config) or _typed_stages(before["stages"]) != list(map(_typed, stages))):
         raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
     existed = out.exists(out.root)
     out.claim()
@@ -206,7 +210,8 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
         check_columns(stages, reader.format, carried_columns(reader))
         if previous is not None and previous["shards"] != len(reader.shards):
             raise UsageError(
-                f"the input changed since {pipeline.output.path} was started ({previous['shards']} shards then, {len(reader.shards)} now); use a new output folder"
+                f"the input changed since {pipeline.output.path} was started ({previous['shards']} shards then, {len(reader.shards)} now);"
+                " use a new output folder"
             )
     except UsageError:
         if previous is None:  # leave no trace of a run that never started
@@ -224,7 +229,8 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
             return ctx
         if len(ctx.segments) > 1:
             raise UsageError(
-                f"{len(pending)} shards of the finished run in {pipeline.output.path} were changed or removed, and its global step cannot be redone; use a new output folder"
+                f"{len(pending)} shards of the finished run in {pipeline.output.path} were changed or removed, and its global step"
+                " cannot be redone; use a new output folder"
             )
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     ctx.out.write_json(ctx.out.path(RUN_JSON), {
@@ -295,7 +301,8 @@ def finish_run(ctx: RunContext) -> dict:
         write_sizes(ctx.out, ids)
     run_json = ctx.out.path(RUN_JSON)
     record = ctx.out.read_json(run_json)
-    record.update(finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), totals={k: summary[k] for k in ("rows_in", "kept", "rejected")})
+    finished = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    record.update(finished=finished, totals={k: summary[k] for k in ("rows_in", "kept", "rejected")})
     ctx.out.write_json(run_json, record)
     ctx.out.remove_work()
     return summary

@@ -50,7 +50,7 @@ def run_spark(pipeline: Pipeline, progress: bool = True) -> dict:
             if todo:
                 _run_segment(spark, ctx, index, todo, progress)
             if ctx.needs_global(index):
-                ctx.out.write_parquet(ctx.global_path(index), global_decisions(spark, ctx, index))
+                ctx.write_decision(index, global_decisions(spark, ctx, index))
     finally:
         if started:
             spark.stop()

@@ -125,7 +125,8 @@ def _run_problems(out: OutputDir) -> tuple[list[str], int]:
 def _validate_mmcurate(fs, root: str, path: str) -> list[str]:
     out = OutputDir.open(path)
     problems, shards = _run_problems(out)
-    found = {p.rsplit("/", 1)[-1].split(".")[0] for folder in ("shards", "meta", "rejects", "_stats", "_done") for p in fs.glob(f"{root}/{folder}/*")}
+    folders = ("shards", "meta", "rejects", "_stats", "_done")
+    found = {p.rsplit("/", 1)[-1].split(".")[0] for folder in folders for p in fs.glob(f"{root}/{folder}/*")}
     ids = sorted({i for i in found if i.isdigit()} | {f"{i:05d}" for i in range(shards)})
     seen: dict[str, str] = {}
     for sid in ids:

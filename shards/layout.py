@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
+from mmcurate import killpoints
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
 
@@ -91,6 +92,7 @@ class OutputDir:
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
         with self.fs.open(tmp, "wb") as f:
             yield f
+        killpoints.reached("write")
         self.fs.mv(tmp, path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
@@ -126,14 +128,16 @@ class OutputDir:
         return {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
 
     def owns_work(self) -> bool:
-        """Whether ``_work/`` is a work folder mmcurate created."""
-        return self.exists(self.path(WORK, WORK_MARK))
+        """Whether ``_work/`` is a work folder mmcurate created (or an empty one, left by a start killed before its marker)."""
+        return self.exists(self.path(WORK, WORK_MARK)) or (self.fs.isdir(self.path(WORK)) and not self.fs.ls(self.path(WORK), detail=False))
 
     def claim(self) -> None:
         """Create the folder and mark its work folder as mmcurate's; UsageError if it cannot be written."""
         try:
-            if not self.owns_work():
-                self.write_bytes(self.path(WORK, WORK_MARK), b"mmcurate's work folder: removed when the run finishes\n")
+            if not self.owns_work():  # written in place: even a half-written marker marks the folder
+                self.fs.makedirs(self.path(WORK), exist_ok=True)
+                with self.fs.open(self.path(WORK, WORK_MARK), "wb") as f:
+                    f.write(b"mmcurate's work folder: removed when the run finishes\n")
         except OSError as e:
             raise UsageError(f"cannot write to the output folder {self.root}: {e.strerror or e}") from None
 

@@ -5,30 +5,36 @@ about the output are one line with exit 2."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from mmcurate import killpoints
 from mmcurate.engines.local import run_local
-from mmcurate.pipelines.config import Pipeline, StageSpec
+from mmcurate.pipelines.config import Pipeline, StageSpec, parse_pipeline
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec
 from mmcurate.shards.writers import OutputSpec
 from mmcurate.tests.support.foundation import (
     LAION,
+    assert_same_output,
     assert_usage_error,
     check_accounting,
     mmcurate_exe,
     register,
     sorted_files,
+    toy_cli_command,
     write_yaml,
 )
-
 
 SMALL = (*LAION, "--rows-per-shard", "40")  # 3 shards of the 120 rows
 
@@ -74,7 +80,8 @@ def stage(cli, src: Path | str, out: Path | str, *extra: str, cwd: Path | None =
 
 def pipeline(src: Path, out: Path, stages: list[StageSpec] | None = None, workers: int = 1) -> Pipeline:
     stages = [StageSpec("drop_word", {"word": "wallpaper"}), StageSpec("caption_dedup")] if stages is None else stages
-    return Pipeline(InputSpec(str(src), url_col="URL", caption_col="TEXT"), OutputSpec(str(out), format="webdataset", rows_per_shard=40), stages, workers=workers)
+    spec = InputSpec(str(src), url_col="URL", caption_col="TEXT")
+    return Pipeline(spec, OutputSpec(str(out), format="webdataset", rows_per_shard=40), stages, workers=workers)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -329,3 +336,62 @@ def test_pool_workers_exit_when_the_main_process_is_killed(tmp_path: Path, urls:
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, "pool workers outlived their killed parent"
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: a run killed at any point and resumed gives the output of an uninterrupted run
+
+
+KILL_STAGES = [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seconds": 0}}]
+
+
+@pytest.fixture(scope="module")
+def kill_input(tmp_path_factory, laion_sample: Path) -> Path:
+    """120 LAION rows as CSV (parsed into the output's work folder at planning), with duplicate captions."""
+    rows = pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, 120).to_pylist()
+    for i in range(7, len(rows), 7):
+        rows[i]["TEXT"] = rows[i - 1]["TEXT"]
+    path = tmp_path_factory.mktemp("kill") / "urls.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["URL", "TEXT"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def kill_pipeline(src: Path, out: Path, engine: str = "local") -> dict:
+    return {
+        "input": {"path": str(src), "url_col": "URL", "caption_col": "TEXT"},
+        "output": {"path": str(out), "rows_per_shard": 30},
+        "workers": 1 if engine == "local" else 2,
+        "engine": engine,
+        "stages": KILL_STAGES,
+    }
+
+
+def run_killed(config: Path, point: str) -> None:
+    """Run ``config`` in a process that SIGKILLs itself at kill point ``point`` (``NAME:N``)."""
+    env = {**os.environ, killpoints.ENV: point}
+    result = subprocess.run(toy_cli_command("run", str(config), "--no-progress"), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, (point, result.returncode, result.stderr)
+
+
+def test_resume_after_a_kill_anywhere_equals_the_uninterrupted_run(tmp_path: Path, kill_input: Path, monkeypatch) -> None:
+    """Kill points drawn at random (fixed seed) over every pass of reading, stages, the global step
+    and the file writes (input parse, run.json, intermediates, shards, markers) of the local engine."""
+    register(monkeypatch)
+    passes: Counter[str] = Counter()
+    monkeypatch.setattr(killpoints, "reached", lambda name: passes.update([name]))
+    whole = tmp_path / "whole"
+    run_local(parse_pipeline(kill_pipeline(kill_input, whole)), progress=False)
+    monkeypatch.undo()
+    register(monkeypatch)
+    assert {"read", "stage", "global", "write"} <= set(passes) and passes["global"] == 1
+    rng = random.Random(15)
+    points = ["read", "stage", "global", "write", "stage", *["write"] * 5]
+    for i, point in enumerate(points):
+        out = tmp_path / f"killed{i}"
+        config = write_yaml(tmp_path / f"killed{i}.yaml", kill_pipeline(kill_input, out))
+        run_killed(config, f"{point}:{rng.randint(1, passes[point])}")
+        run_local(parse_pipeline(kill_pipeline(kill_input, out)), progress=False)
+        assert_same_output(out, whole)

@@ -21,6 +21,7 @@ from mmcurate.shards.readers import InputSpec, plan_input
 from mmcurate.shards.writers import OutputSpec
 from mmcurate.tests.support.foundation import (
     LAION,
+    assert_same_output,
     assert_usage_error,
     check_accounting,
     kept_table,
@@ -29,7 +30,6 @@ from mmcurate.tests.support.foundation import (
     register,
     run_cli,
     sorted_files,
-    stats_without_seconds,
     toy_cli_command,
     toy_stage,
     write_yaml,
@@ -119,23 +119,6 @@ def resume_config(tmp_path: Path, src: Path, name: str) -> Path:
             "stages": [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seconds": 0.25}}],
         },
     )
-
-
-def assert_same_output(a: Path, b: Path) -> None:
-    """Two outputs equal file by file: shards, meta and rejects byte-identical, stats but for seconds,
-    done markers naming the same files (their run ids differ)."""
-    files = sorted_files(a)
-    assert files == sorted_files(b)
-    for name in files:
-        if name.startswith("_stats/"):
-            assert stats_without_seconds(a / name) == stats_without_seconds(b / name), name
-        elif name.startswith("_done/"):
-            assert sorted(json.loads((a / name).read_text())["files"]) == sorted(json.loads((b / name).read_text())["files"]), name
-        elif name == "run.json":
-            ra, rb = (json.loads((p / name).read_text()) for p in (a, b))
-            assert ra["totals"] == rb["totals"] and ra["pipeline"]["stages"] == rb["pipeline"]["stages"]
-        else:
-            assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 @pytest.mark.slow
