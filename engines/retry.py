@@ -21,7 +21,6 @@ from mmcurate.engines.run import RunContext, finish_run
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.layout import OutputDir
-from mmcurate.shards.readers import attach_images, read_tar_images
 from mmcurate.shards.writers import write_shard
 from mmcurate.stages.base import set_column
 
@@ -104,7 +103,8 @@ def _retry_shard(ctx: RunContext, shard_id: int) -> tuple[int, int]:
         if name in again.column_names:
             again = again.set_column(again.column_names.index(name), name, pa.nulls(again.num_rows, pa.string()))
     again = run_segment(ctx.segments[0], start_ledger(again), None)
-    earlier = _ledger(pa.concat_tables([_kept_rows(ctx, shard_id), rejects.filter(pc.invert(failed))], promote_options="permissive"), ctx)
+    kept = ctx.pipeline.output.writer().read(ctx.out, shard_id)  # as written, images included
+    earlier = _ledger(pa.concat_tables([kept, rejects.filter(pc.invert(failed))], promote_options="permissive"), ctx)
     table = pa.concat_tables([earlier, again], promote_options="permissive")
     stats = shard_stats(shard_id, table, ctx.stages)
     previous = out.read_json(out.shard_path("_stats", shard_id, ".json"))
@@ -113,20 +113,6 @@ def _retry_shard(ctx: RunContext, shard_id: int) -> tuple[int, int]:
     out.fs.rm(out.shard_path("_done", shard_id, ""))
     write_shard(out, ctx.pipeline.output, shard_id, table, ctx.columns, stats)
     return again.num_rows, int(pc.sum(pc.is_null(again.column("reject_reason"))).as_py() or 0)
-
-
-def _kept_rows(ctx: RunContext, shard_id: int) -> pa.Table:
-    """The shard's kept rows as written, images included."""
-    out = ctx.out
-    if ctx.pipeline.output.format == "parquet":
-        return out.read_parquet(out.shard_path("shards", shard_id, ".parquet"))
-    meta = out.read_parquet(out.shard_path("meta", shard_id, ".parquet"))
-    tar = out.shard_path("shards", shard_id, ".tar")
-    with out.fs.open(tar, "rb") as f:
-        images, error = read_tar_images(f, tar)
-    if error is not None:
-        raise UsageError(error)
-    return attach_images(meta, images, [True] * meta.num_rows)[0]
 
 
 def _ledger(table: pa.Table, ctx: RunContext) -> pa.Table:

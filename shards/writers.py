@@ -18,15 +18,22 @@ import pyarrow.compute as pc
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import CAPTION_EXTENSION, IMAGE_EXTENSIONS, JSON_EXTENSION, NOT_IN_JSON, conform
-from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.layout import META, REJECTS, SHARDS, STATS, OutputDir
+from mmcurate.shards.readers import attach_images, read_tar_images
 
 
 class ShardWriter:
-    """How one output format writes a shard's kept rows (the ledger files are common to all)."""
+    """How one output format writes a shard's kept rows, and reads them back (the ledger files are
+    common to all)."""
 
     name: ClassVar[str]
+    shard_ext: ClassVar[str]  # the extension of its file in ``shards/``
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
+        raise NotImplementedError
+
+    def read(self, out: OutputDir, shard_id: int) -> pa.Table:
+        """The shard's kept rows as written, images included."""
         raise NotImplementedError
 
 
@@ -35,22 +42,44 @@ class WebDatasetWriter(ShardWriter):
     ``meta/ID.parquet`` (every column but the image bytes)."""
 
     name = "webdataset"
+    shard_ext = ".tar"
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
-        out.write_bytes(out.shard_path("shards", shard_id, ".tar"), tar_bytes(kept))
-        out.write_parquet(out.shard_path("meta", shard_id, ".parquet"), _drop(kept, "image"))
+        out.write_bytes(out.shard_path(SHARDS, shard_id, ".tar"), tar_bytes(kept))
+        out.write_parquet(out.shard_path(META, shard_id, ".parquet"), _drop(kept, "image"))
+
+    def read(self, out: OutputDir, shard_id: int) -> pa.Table:
+        meta = out.read_parquet(out.shard_path(META, shard_id, ".parquet"))
+        tar = out.shard_path(SHARDS, shard_id, ".tar")
+        with out.fs.open(tar, "rb") as f:
+            images, error = read_tar_images(f, tar)
+        if error is not None:
+            raise UsageError(error)
+        return attach_images(meta, images, [True] * meta.num_rows)[0]
 
 
 class ParquetWriter(ShardWriter):
     """``shards/ID.parquet``: every column, image bytes included."""
 
     name = "parquet"
+    shard_ext = ".parquet"
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
-        out.write_parquet(out.shard_path("shards", shard_id, ".parquet"), kept)
+        out.write_parquet(out.shard_path(SHARDS, shard_id, ".parquet"), kept)
+
+    def read(self, out: OutputDir, shard_id: int) -> pa.Table:
+        return out.read_parquet(out.shard_path(SHARDS, shard_id, ".parquet"))
 
 
 WRITERS: dict[str, type[ShardWriter]] = {cls.name: cls for cls in (WebDatasetWriter, ParquetWriter)}
+
+
+def written_by(out: OutputDir, shard_id: int) -> ShardWriter:
+    """The writer of a finished shard, found by its file in ``shards/``."""
+    for cls in WRITERS.values():
+        if out.exists(out.shard_path(SHARDS, shard_id, cls.shard_ext)):
+            return cls()
+    raise UsageError(f"{out.root}: shard {shard_id} has no file in {SHARDS}/")
 
 
 @dataclass(frozen=True)
@@ -92,8 +121,8 @@ def write_shard(out: OutputDir, spec: OutputSpec, shard_id: int, table: pa.Table
     spec.writer().write(out, shard_id, kept)
     if not spec.save_rejected_images:
         rejected = _drop(rejected, "image")
-    out.write_parquet(out.shard_path("rejects", shard_id, ".parquet"), rejected)
-    out.write_json(out.shard_path("_stats", shard_id, ".json"), stats)
+    out.write_parquet(out.shard_path(REJECTS, shard_id, ".parquet"), rejected)
+    out.write_json(out.shard_path(STATS, shard_id, ".json"), stats)
     out.mark_done(shard_id)
 
 
