@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON")
             p.add_argument("--plot", metavar="PNG", help="also draw the filter funnel to this PNG")
 
+    diff = sub.add_parser("diff", help="compare two outputs: exit 0 when they agree, 1 when they differ")
+    diff.add_argument("a", metavar="A")
+    diff.add_argument("b", metavar="B")
+    diff.add_argument("--tolerance", type=float, default=1e-6, help="relative tolerance of float values (default 1e-6)")
+
     stages = sub.add_parser("stages", help="list the stages with their options (--markdown: the docs/stages.md reference)")
     stages.add_argument("--markdown", action="store_true")
 
@@ -219,6 +224,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(p)
         print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}" if problems else "valid")
         return 1 if problems else 0
+    if args.command == "diff":
+        from mmcurate.shards.diff import diff_outputs
+
+        differences = diff_outputs(args.a, args.b, tolerance=args.tolerance)
+        for line in differences:
+            print(line)
+        print(f"{args.a} and {args.b} differ" if differences else f"{args.a} and {args.b} agree")
+        return 1 if differences else 0
     if args.command == "stats":
         from mmcurate.engines.run import summarise
         from mmcurate.shards.layout import STATS, OutputDir
