@@ -312,7 +312,8 @@ def hub_status(repo_id: str, filename: str, revision: str | None = None) -> Lite
 def hf_load(cls: Any, name: str, revision: str | None = None, stage: str = "", **kwargs: Any) -> Any:
     """``cls.from_pretrained`` (a transformers model or processor class) on a local folder or a hub id.
 
-    A hub id is checked first (:func:`hub_status`), so a missing model is one clear line within seconds.
+    A hub id is checked first (:func:`hub_status`), so a missing model is one clear line within
+    seconds; one in the local cache loads from it without a round trip to the hub.
     """
     where = f"{stage}: " if stage else ""
     local = Path(name).expanduser()
@@ -325,7 +326,7 @@ def hf_load(cls: Any, name: str, revision: str | None = None, stage: str = "", *
             status = hub_status(name, "config.json", revision)
         except UsageError as e:
             raise UsageError(f"{where}{e}") from None
-        source, options = name, {**kwargs, "revision": revision, "local_files_only": status == "cached" and _offline()}
+        source, options = name, {**kwargs, "revision": revision, "local_files_only": status == "cached"}  # no hub round trip when cached
     try:
         return cls.from_pretrained(source, **options)
     except (OSError, ValueError) as e:
