@@ -69,12 +69,13 @@ def clip_tokenizer(folder: Path) -> Any:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
 
 
-def save_owlv2(folder: Path, tiny: bool = True) -> Path:
-    """An OWLv2 detector with random weights saved as a local folder: tiny, or OWLv2-B/16 at 960 px."""
+def save_owlv2(folder: Path, tiny: bool = True, tokenizer: Any = None) -> Path:
+    """An OWLv2 detector with random weights saved as a local folder: tiny, or OWLv2-B/16 at 960 px;
+    ``tokenizer`` (default: :func:`clip_tokenizer`, which needs open_clip) is its CLIP tokenizer."""
     import torch
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    tokenizer = clip_tokenizer(folder)
+    tokenizer = tokenizer or clip_tokenizer(folder)
     config = Owlv2Config(**TINY_OWLV2) if tiny else Owlv2Config(vision_config={"image_size": 960})
     config.text_config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
