@@ -151,11 +151,11 @@ def _resumable(output: str | None) -> bool:
     """Whether ``output`` holds a started, unfinished run (which the same command resumes)."""
     if not output:
         return False
-    from mmcurate.shards.layout import RUN_JSON, OutputDir
+    from mmcurate.shards.layout import OutputDir
 
     try:
         out = OutputDir.open(output)
-        return out.read_json(out.path(RUN_JSON)).get("finished") is None
+        return out.read_json(out.run_json).get("finished") is None
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -217,7 +217,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(inspect_dataset(args.path, samples=args.samples))
         return 0
     if args.command == "validate":
-        from mmcurate.schemas.validate import validate
+        from mmcurate.tooling.validate import validate
 
         problems = validate(args.path)
         for p in problems:

@@ -49,7 +49,7 @@ def retry_failed(pipeline: Pipeline) -> dict:
         counts = _retry_shard(ctx, plan.shard_id)
         retried += counts[0]
         recovered += counts[1]
-    run_json = ctx.out.path("run.json")
+    run_json = ctx.out.run_json
     record = ctx.out.read_json(run_json)
     at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     record.setdefault("retries", []).append(
@@ -65,11 +65,11 @@ def _download_params(config: dict) -> dict | None:
 
 def _open_finished_run(pipeline: Pipeline) -> RunContext:
     out = OutputDir.open(pipeline.output.path)
-    if not out.exists(out.path("run.json")):
+    if not out.exists(out.run_json):
         raise UsageError(f"--retry-failed needs the output of an earlier run; {pipeline.output.path} has none")
     if not any(spec.name == STAGE for spec in pipeline.stages):
         raise UsageError("--retry-failed needs a pipeline with a download stage")
-    previous = out.read_json(out.path("run.json"))["pipeline"]
+    previous = out.read_json(out.run_json)["pipeline"]
     current = pipeline.as_dict()
     if _without_download(previous) != _without_download(current):
         raise UsageError(
@@ -91,7 +91,7 @@ def _without_download(config: dict) -> dict:
 def _retry_shard(ctx: RunContext, shard_id: int) -> tuple[int, int]:
     """Retry one shard's failed downloads and rewrite it; (rows retried, rows now kept)."""
     out = ctx.out
-    rejects = out.read_parquet(out.shard_path("rejects", shard_id, ".parquet"))
+    rejects = out.read_parquet(out.rejects_path(shard_id))
     failed = pc.and_(
         pc.equal(rejects.column("reject_stage"), STAGE), pc.invert(pc.is_in(rejects.column("reject_reason"), pa.array(sorted(NOT_RETRIED))))
     )
@@ -107,10 +107,10 @@ def _retry_shard(ctx: RunContext, shard_id: int) -> tuple[int, int]:
     earlier = _ledger(pa.concat_tables([kept, rejects.filter(pc.invert(failed))], promote_options="permissive"), ctx)
     table = pa.concat_tables([earlier, again], promote_options="permissive")
     stats = shard_stats(shard_id, table, ctx.stages)
-    previous = out.read_json(out.shard_path("_stats", shard_id, ".json"))
+    previous = out.read_json(out.stats_path(shard_id))
     for entry, before in zip(stats["stages"], previous["stages"], strict=True):
         entry["seconds"] = round(entry["seconds"] + before["seconds"], 4)
-    out.fs.rm(out.shard_path("_done", shard_id, ""))
+    out.fs.rm(out.done_path(shard_id))
     write_shard(out, ctx.pipeline.output, shard_id, table, ctx.columns, stats)
     return again.num_rows, int(pc.sum(pc.is_null(again.column("reject_reason"))).as_py() or 0)
 

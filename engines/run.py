@@ -20,7 +20,7 @@ from mmcurate.engines.core import Segment, segments
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline, StageSpec, check_columns, output_columns
 from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
-from mmcurate.shards.layout import DONE, META, REJECTS, RUN_JSON, SHARDS, STATS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
+from mmcurate.shards.layout import RUN_JSON, SHARD_FOLDERS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
 from mmcurate.stages.model import ModelStage
@@ -80,10 +80,10 @@ class RunContext:
         return self.ready(self.segments[segment].positions[-1])
 
     def work_path(self, segment: int, shard_id: int, ext: str) -> str:
-        return self.out.path(WORK, f"seg{segment}", shard_name(shard_id) + ext)
+        return self.out.work_path(f"seg{segment}", shard_name(shard_id) + ext)
 
     def global_path(self, segment: int) -> str:
-        return self.out.path(WORK, f"global{segment}.parquet")
+        return self.out.work_path(f"global{segment}.parquet")
 
     def pending(self, segment: int | None = None) -> list[ShardPlan]:
         """Shards without a done marker (and, for an inner segment, without its intermediate)."""
@@ -162,7 +162,7 @@ def previous_run(out: OutputDir) -> dict | None:
     if RUN_JSON in names:
         return out.run_record()
     foreign = {n for n in names if not is_partial_write(n)} - ({WORK} if out.owns_work() else set())
-    if foreign & {SHARDS, META, REJECTS, STATS, DONE}:
+    if foreign & set(SHARD_FOLDERS):
         raise UsageError(f"{out.root} holds shards but no run.json; use a new output folder")
     if foreign:
         raise UsageError(f"{out.root} is not empty and holds no mmcurate run ({min(foreign)}, ...); use an empty or new output folder")
@@ -233,7 +233,7 @@ def start_run(pipeline: Pipeline, engine: str) -> RunContext:
                 " cannot be redone; use a new output folder"
             )
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    ctx.out.write_json(ctx.out.path(RUN_JSON), {
+    ctx.out.write_json(ctx.out.run_json, {
         "mmcurate_version": __version__,
         "schema_version": SCHEMA_VERSION,
         "run_id": ctx.out.run_id,
@@ -258,7 +258,7 @@ def summarise(out: OutputDir, shard_ids: Iterable[int]) -> dict:
     totals = {"shards": 0, "rows_in": 0, "kept": 0, "rejected": 0}
     by_stage: dict[str, dict] = {}
     for shard_id in shard_ids:
-        path = out.shard_path(STATS, shard_id, ".json")
+        path = out.stats_path(shard_id)
         if not out.exists(path):
             continue
         stats = out.read_json(path)
@@ -282,8 +282,8 @@ def summarise(out: OutputDir, shard_ids: Iterable[int]) -> dict:
 
 def write_sizes(out: OutputDir, shard_ids: Iterable[int]) -> None:
     """``shards/sizes.json``: samples per tar, which open_clip's training reads for the dataset size."""
-    sizes = {f"{shard_name(i)}.tar": out.read_json(out.shard_path(STATS, i, ".json"))["kept"] for i in shard_ids}
-    out.write_json(out.path(SHARDS, "sizes.json"), sizes)
+    sizes = {out.tar_path(i).rsplit("/", 1)[-1]: out.read_json(out.stats_path(i))["kept"] for i in shard_ids}
+    out.write_json(out.sizes_path(), sizes)
 
 
 def finish_run(ctx: RunContext) -> dict:
@@ -299,7 +299,7 @@ def finish_run(ctx: RunContext) -> dict:
         return summary
     if ctx.pipeline.output.format == "webdataset":
         write_sizes(ctx.out, ids)
-    run_json = ctx.out.path(RUN_JSON)
+    run_json = ctx.out.run_json
     record = ctx.out.read_json(run_json)
     finished = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     record.update(finished=finished, totals={k: summary[k] for k in ("rows_in", "kept", "rejected")})

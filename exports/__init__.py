@@ -21,8 +21,7 @@ from mmcurate.errors import UsageError
 from mmcurate.exports.base import ExportOptions, Format, Phrase, Sample
 from mmcurate.exports.datasets import Grit, Llava
 from mmcurate.exports.text import CogVLM, Florence2, Kosmos2, Qwen2VL, QwenVL
-from mmcurate.shards.inspect import detect_layout
-from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.layout import OutputDir, detect_layout
 from mmcurate.shards.readers import InputSpec, ShardPlan, plan_input
 
 __all__ = ["FORMATS", "ExportOptions", "export"]

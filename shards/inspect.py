@@ -9,21 +9,8 @@ import pyarrow as pa
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY
-from mmcurate.shards.layout import OutputDir, open_parquet
+from mmcurate.shards.layout import DONE, OutputDir, detect_layout, open_parquet
 from mmcurate.shards.readers import tar_members
-
-
-def detect_layout(fs: fsspec.AbstractFileSystem, root: str) -> str:
-    """``mmcurate``, ``img2dataset`` or ``parquet`` (a file or folder of Parquet files)."""
-    if not fs.exists(root):
-        raise UsageError(f"{root!r} does not exist")
-    if fs.isdir(root):
-        names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-        if "run.json" in names or "_done" in names:
-            return "mmcurate"
-        if any(n.endswith(".tar") for n in names):
-            return "img2dataset"
-    return "parquet"
 
 
 def _tables(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -85,13 +72,13 @@ def inspect_dataset(path: str, samples: int = 3) -> str:
     layout = detect_layout(fs, root)
     lines = [f"{path}: {layout} dataset"]
     if layout == "mmcurate":
-        run = OutputDir.open(path).run_record()
+        out = OutputDir.open(path)
+        run = out.run_record()
         if run is not None:
             stages = ", ".join(next(iter(s)) for s in run["pipeline"]["stages"]) or "none"
             lines.append(f"run: engine {run['engine']}, stages {stages}, started {run['started']}, finished {run.get('finished')}")
-        meta = sorted(fs.glob(f"{root}/meta/*.parquet")) or sorted(fs.glob(f"{root}/shards/*.parquet"))
-        tars = sorted(fs.glob(f"{root}/shards/*.tar"))
-        done = len(fs.glob(f"{root}/_done/*"))
+        meta, tars = out.kept_files(), out.tar_files()
+        done = sum(out.is_done(i) for i in out.shard_ids(DONE))
         lines.append(f"shards: {len(meta)} written, {done} done" + (f", {len(tars)} tars" if tars else ""))
         kept = _tables(fs, meta)
         lines += _describe(kept, "kept", samples)
@@ -100,7 +87,7 @@ def inspect_dataset(path: str, samples: int = 3) -> str:
         if tars:
             count, exts = _tar_samples(fs, tars)
             lines.append(f"tar samples: {count} ({', '.join(f'{n} .{e}' for e, n in sorted(exts.items()))})")
-        rejects = _tables(fs, sorted(fs.glob(f"{root}/rejects/*.parquet")), None)
+        rejects = _tables(fs, out.rejects_files(), None)
         lines.append(f"rejected: {rejects.num_rows} rows")
         if rejects.num_rows:
             counts = Counter(zip(rejects.column("reject_stage").to_pylist(), rejects.column("reject_reason").to_pylist(), strict=True))

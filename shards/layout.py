@@ -1,8 +1,10 @@
-"""The output folder layout and atomic file writes, through fsspec.
+"""The output folder layout and atomic file writes, through fsspec. :class:`OutputDir` is the only
+place that knows the layout's names:
 
 ```
 OUT/run.json                 resolved config, versions, engine, start/end
 OUT/shards/{id:05d}.tar      WebDataset (or shards/{id:05d}.parquet with image bytes)
+OUT/shards/sizes.json        samples per tar
 OUT/meta/{id:05d}.parquet    every column but the image bytes (tar output only)
 OUT/rejects/{id:05d}.parquet rejected rows with reject_stage, reject_reason, duplicate_of
 OUT/_stats/{id:05d}.json     rows in / kept / rejected by stage and reason, timings
@@ -35,6 +37,7 @@ from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
 RUN_JSON = "run.json"
 SHARDS, META, REJECTS, STATS, DONE, WORK = "shards", "meta", "rejects", "_stats", "_done", "_work"
 WORK_MARK = ".mmcurate-work"  # marks a work folder mmcurate created (it removes only such a folder)
+SHARD_FOLDERS = (SHARDS, META, REJECTS, STATS, DONE)
 _SHARD_FILES = ((SHARDS, ".tar"), (SHARDS, ".parquet"), (META, ".parquet"), (REJECTS, ".parquet"), (STATS, ".json"))
 _TMP = re.compile(r"\.tmp-[0-9a-f]+-")
 
@@ -72,7 +75,7 @@ class OutputDir:
         fs, root = fsspec.core.url_to_fs(url)
         out = cls(fs, root.rstrip("/"))
         try:
-            record = out.read_json(out.path(RUN_JSON))
+            record = out.read_json(out.run_json)
         except (OSError, ValueError):
             return out
         return cls(out.fs, out.root, record.get("run_id") if isinstance(record, dict) else None)
@@ -82,6 +85,57 @@ class OutputDir:
 
     def shard_path(self, folder: str, shard_id: int, ext: str) -> str:
         return self.path(folder, f"{shard_name(shard_id)}{ext}")
+
+    @property
+    def run_json(self) -> str:
+        return self.path(RUN_JSON)
+
+    def tar_path(self, shard_id: int) -> str:
+        """A WebDataset shard: the kept rows' samples."""
+        return self.shard_path(SHARDS, shard_id, ".tar")
+
+    def meta_path(self, shard_id: int) -> str:
+        """The kept rows of a WebDataset shard, but the image bytes."""
+        return self.shard_path(META, shard_id, ".parquet")
+
+    def parquet_path(self, shard_id: int) -> str:
+        """The kept rows of a Parquet shard, image bytes included."""
+        return self.shard_path(SHARDS, shard_id, ".parquet")
+
+    def kept_path(self, shard_id: int) -> str:
+        """The Parquet file of a shard's kept rows: ``meta/`` beside a tar, else the Parquet shard."""
+        return self.meta_path(shard_id) if self.exists(self.tar_path(shard_id)) else self.parquet_path(shard_id)
+
+    def rejects_path(self, shard_id: int) -> str:
+        return self.shard_path(REJECTS, shard_id, ".parquet")
+
+    def stats_path(self, shard_id: int) -> str:
+        return self.shard_path(STATS, shard_id, ".json")
+
+    def done_path(self, shard_id: int) -> str:
+        return self.shard_path(DONE, shard_id, "")
+
+    def sizes_path(self) -> str:
+        """Samples per tar (open_clip's training reads it for the dataset size)."""
+        return self.path(SHARDS, "sizes.json")
+
+    def work_path(self, *parts: str) -> str:
+        """A file of the run's work folder (parsed input, intermediates)."""
+        return self.path(WORK, *parts)
+
+    def kept_files(self) -> list[str]:
+        """The Parquet files of the kept rows, in shard order (``meta/``, else the Parquet shards)."""
+        return sorted(self.fs.glob(self.path(META, "*.parquet"))) or sorted(self.fs.glob(self.path(SHARDS, "*.parquet")))
+
+    def tar_files(self) -> list[str]:
+        return sorted(self.fs.glob(self.path(SHARDS, "*.tar")))
+
+    def rejects_files(self) -> list[str]:
+        return sorted(self.fs.glob(self.path(REJECTS, "*.parquet")))
+
+    def found_shard_ids(self) -> list[int]:
+        """Ids of the shards with any file in the output (a crashed or damaged run may lack some)."""
+        return sorted({i for folder in SHARD_FOLDERS for i in self.shard_ids(folder)})
 
     @contextmanager
     def open_atomic(self, path: str) -> Iterator[Any]:
@@ -108,7 +162,7 @@ class OutputDir:
 
     def run_record(self) -> dict | None:
         """The folder's ``run.json`` (None if there is none); UsageError if it is not a run record."""
-        path = self.path(RUN_JSON)
+        path = self.run_json
         try:
             record = self.read_json(path)
         except FileNotFoundError:
@@ -193,7 +247,7 @@ class OutputDir:
     def is_done(self, shard_id: int) -> bool:
         """Whether the shard's done marker names this run and files that are all there, unchanged in size."""
         try:
-            marker = self.read_json(self.shard_path(DONE, shard_id, ""))
+            marker = self.read_json(self.done_path(shard_id))
         except (OSError, ValueError):
             return False
         if not isinstance(marker, dict) or marker.get("run") != self.run_id or not isinstance(marker.get("files"), dict):
@@ -205,7 +259,7 @@ class OutputDir:
 
     def mark_done(self, shard_id: int) -> None:
         """Write the done marker: this run's id and the shard's files with their sizes."""
-        self.write_json(self.shard_path(DONE, shard_id, ""), {"run": self.run_id, "files": self.shard_files(shard_id)})
+        self.write_json(self.done_path(shard_id), {"run": self.run_id, "files": self.shard_files(shard_id)})
 
     def shard_ids(self, folder: str) -> list[int]:
         """Ids of the shards with a file in ``folder`` (temporary files ignored)."""
@@ -222,3 +276,27 @@ class OutputDir:
 def is_partial_write(name: str) -> bool:
     """Whether a file name is one of mmcurate's temporary names (a write not yet renamed)."""
     return _TMP.match(name) is not None
+
+
+def holds_run(names: set[str]) -> bool:
+    """Whether a folder holding ``names`` is an mmcurate output."""
+    return RUN_JSON in names or DONE in names
+
+
+def tar_beside(kept_file: str) -> str | None:
+    """The tar of a kept rows' ``meta/ID.parquet`` file (None for a Parquet shard, which holds its images)."""
+    folder, sep, name = kept_file.rpartition(f"/{META}/")
+    return f"{folder}/{SHARDS}/{name[: -len('.parquet')]}.tar" if sep else None
+
+
+def detect_layout(fs: AbstractFileSystem, root: str) -> str:
+    """``mmcurate``, ``img2dataset`` or ``parquet`` (a file or folder of Parquet files)."""
+    if not fs.exists(root):
+        raise UsageError(f"{root!r} does not exist")
+    if fs.isdir(root):
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+        if holds_run(names):
+            return "mmcurate"
+        if any(n.endswith(".tar") for n in names):
+            return "img2dataset"
+    return "parquet"

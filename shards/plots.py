@@ -16,15 +16,12 @@ SCORE_COLUMNS = ("clip_score", "language_score", "nsfw_score", "caption_words")
 def score_table(out: OutputDir) -> pa.Table:
     """The stored score columns of every row, kept and rejected (scores are kept for both)."""
     tables = []
-    for folder in ("meta", "shards", "rejects"):
-        for shard_id in out.shard_ids(folder):
-            path = out.shard_path(folder, shard_id, ".parquet")
-            if out.exists(path):
-                with open_parquet(out.fs, path) as pf:
-                    names = pf.schema_arrow.names
-                wanted = [c for c in SCORE_COLUMNS if c in names]
-                if wanted:
-                    tables.append(out.read_parquet(path, wanted))
+    for path in out.kept_files() + out.rejects_files():
+        with open_parquet(out.fs, path) as pf:
+            names = pf.schema_arrow.names
+        wanted = [c for c in SCORE_COLUMNS if c in names]
+        if wanted:
+            tables.append(out.read_parquet(path, wanted))
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
 

@@ -36,7 +36,7 @@ from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
 from mmcurate.shards.image_check import MAX_PIXELS, check_image
-from mmcurate.shards.layout import OutputDir, open_parquet
+from mmcurate.shards.layout import OutputDir, holds_run, open_parquet, tar_beside
 
 logger = logging.getLogger(__name__)
 URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
@@ -178,7 +178,7 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     fmt, paths = _discover(fs, root.rstrip("/"), spec.format, out.root)
     base = _key_base(fs, root.rstrip("/"))
     rels = [path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1] for path in paths]
-    record = out.path("_work", "input", "sources.json")
+    record = out.work_path("input", "sources.json")
     sources = _input_sources(fs, dict(zip(rels, paths, strict=True)), fmt)
     recorded = out.exists(record)
     if recorded:
@@ -197,7 +197,7 @@ def _input_sources(fs, paths: dict[str, str], fmt: str) -> dict[str, list]:
     tar beside an img2dataset or mmcurate Parquet file), by path relative to the input. The heads are
     read in one batch (concurrently on remote filesystems)."""
     if fmt in ("img2dataset", "mmcurate"):
-        with_tar = {rel: path for rel, path in paths.items() if fmt == "img2dataset" or "/meta/" in path}
+        with_tar = {rel: path for rel, path in paths.items() if _tar_of(path, fmt) is not None}
         paths = {**paths, **{rel[: -len(".parquet")] + ".tar": _tar_of(path, fmt) for rel, path in with_tar.items()}}
     files = list(paths.values())
     try:
@@ -238,8 +238,8 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output:
             raise UsageError(f"no files match {root!r}")
     elif fs.isdir(root):
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-        if fmt in (None, "mmcurate") and ("run.json" in names or "_done" in names):
-            return "mmcurate", _mmcurate_files(fs, root)
+        if fmt in (None, "mmcurate") and holds_run(names):
+            return "mmcurate", OutputDir(fs, root).kept_files()
         paths = sorted(p for p in fs.find(root) if not _within(p, output) and not _hidden(p[len(root) + 1 :]))
         if fmt in (None, "img2dataset"):
             tars = {p for p in paths if p.endswith(".tar")}
@@ -270,11 +270,6 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
-def _mmcurate_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    meta = sorted(fs.glob(f"{root}/meta/*.parquet"))
-    return meta or sorted(fs.glob(f"{root}/shards/*.parquet"))
-
-
 def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: OutputDir, index: int, reuse: bool) -> SourceFile:
     if fmt == "img2dataset":
         _check_img2dataset(_read_rows(fs, path, 0, 0).schema, path)
@@ -282,21 +277,22 @@ def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: Output
         prefix = folder.replace("/", "_").replace(".", "_") + "_" if folder else ""
         return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=_tar_of(path, fmt), key_prefix=prefix)
     if fmt == "mmcurate":
-        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=_tar_of(path, fmt) if "/meta/" in path else None)
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=_tar_of(path, fmt))
     if fmt == "parquet":
         table = _read_rows(fs, path, 0, 0)
         _check_columns(table.column_names, spec, path)
         return SourceFile(path, rel, _parquet_rows(fs, path), fmt)
     # Text URL list: parse once into Parquet with keys and read-time rejections.
-    target = out.path("_work", "input", f"{index:05d}.parquet")
+    target = out.work_path("input", f"{index:05d}.parquet")
     if not (reuse and out.exists(target)):
         out.write_parquet_stream(target, _normalised_chunks(parse_text(fs, path, fmt, spec), rel, spec))
     return SourceFile(target, rel, _parquet_rows(out.fs, target), "normalised")
 
 
-def _tar_of(path: str, fmt: str) -> str:
-    """The tar that holds the images of an img2dataset or mmcurate Parquet file."""
-    return (path.replace("/meta/", "/shards/") if fmt == "mmcurate" else path)[: -len(".parquet")] + ".tar"
+def _tar_of(path: str, fmt: str) -> str | None:
+    """The tar that holds the images of an img2dataset or mmcurate Parquet file (None for an mmcurate
+    Parquet shard, which holds its images)."""
+    return tar_beside(path) if fmt == "mmcurate" else path[: -len(".parquet")] + ".tar"
 
 
 def _normalised_chunks(chunks: Iterable[tuple[pa.Table, pa.Array]], rel: str, spec: InputSpec) -> Iterator[pa.Table]:

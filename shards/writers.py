@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import CAPTION_EXTENSION, IMAGE_EXTENSIONS, JSON_EXTENSION, NOT_IN_JSON, conform
-from mmcurate.shards.layout import META, REJECTS, SHARDS, STATS, OutputDir
+from mmcurate.shards.layout import SHARDS, OutputDir
 from mmcurate.shards.readers import attach_images, read_tar_images
 
 
@@ -45,12 +45,12 @@ class WebDatasetWriter(ShardWriter):
     shard_ext = ".tar"
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
-        out.write_bytes(out.shard_path(SHARDS, shard_id, ".tar"), tar_bytes(kept))
-        out.write_parquet(out.shard_path(META, shard_id, ".parquet"), _drop(kept, "image"))
+        out.write_bytes(out.tar_path(shard_id), tar_bytes(kept))
+        out.write_parquet(out.meta_path(shard_id), _drop(kept, "image"))
 
     def read(self, out: OutputDir, shard_id: int) -> pa.Table:
-        meta = out.read_parquet(out.shard_path(META, shard_id, ".parquet"))
-        tar = out.shard_path(SHARDS, shard_id, ".tar")
+        meta = out.read_parquet(out.meta_path(shard_id))
+        tar = out.tar_path(shard_id)
         with out.fs.open(tar, "rb") as f:
             images, error = read_tar_images(f, tar)
         if error is not None:
@@ -65,10 +65,10 @@ class ParquetWriter(ShardWriter):
     shard_ext = ".parquet"
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
-        out.write_parquet(out.shard_path(SHARDS, shard_id, ".parquet"), kept)
+        out.write_parquet(out.parquet_path(shard_id), kept)
 
     def read(self, out: OutputDir, shard_id: int) -> pa.Table:
-        return out.read_parquet(out.shard_path(SHARDS, shard_id, ".parquet"))
+        return out.read_parquet(out.parquet_path(shard_id))
 
 
 WRITERS: dict[str, type[ShardWriter]] = {cls.name: cls for cls in (WebDatasetWriter, ParquetWriter)}
@@ -121,8 +121,8 @@ def write_shard(out: OutputDir, spec: OutputSpec, shard_id: int, table: pa.Table
     spec.writer().write(out, shard_id, kept)
     if not spec.save_rejected_images:
         rejected = _drop(rejected, "image")
-    out.write_parquet(out.shard_path(REJECTS, shard_id, ".parquet"), rejected)
-    out.write_json(out.shard_path(STATS, shard_id, ".json"), stats)
+    out.write_parquet(out.rejects_path(shard_id), rejected)
+    out.write_json(out.stats_path(shard_id), stats)
     out.mark_done(shard_id)
 
 

@@ -14,8 +14,8 @@ from mmcurate.captioning.capfilt import Capfilt, _choose
 from mmcurate.cli import main
 from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME
-from mmcurate.schemas.validate import validate
 from mmcurate.tests.support.capfilt import photo_table, read_rows
+from mmcurate.tooling.validate import validate
 
 pytest.importorskip("transformers")
 
@@ -126,8 +126,8 @@ def test_missing_models_are_one_line(tmp_path: Path) -> None:
 
 
 def test_inspect_and_validate_cover_captions(tmp_path: Path, img2dataset_output: Path, tiny_blip: dict) -> None:
-    from mmcurate.schemas.validate import check_table
     from mmcurate.shards.inspect import inspect_dataset
+    from mmcurate.tooling.validate import check_table
 
     settings = [f"captioner={tiny_blip['captioner']}", f"filter_model={tiny_blip['itm']}", "num_captions=2", "mode=score"]
     args = ["stage", "capfilt", "--input", str(img2dataset_output), "--output", str(tmp_path / "out"), "--workers", "1", "--no-progress"]

@@ -13,8 +13,7 @@ import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, METADATA_KEY
-from mmcurate.shards.inspect import detect_layout
-from mmcurate.shards.layout import OutputDir, open_parquet
+from mmcurate.shards.layout import OutputDir, detect_layout, open_parquet
 from mmcurate.shards.readers import TAR_ERRORS, index_tar, tar_members
 
 
@@ -96,7 +95,7 @@ def validate(path: str) -> list[str]:
     if fs.isdir(root) and not fs.ls(root, detail=False):
         return [f"{root}: an empty folder, no dataset"]
     if layout == "mmcurate":
-        return _validate_mmcurate(fs, root, path)
+        return _validate_mmcurate(fs, path)
     if layout == "img2dataset":
         return _validate_img2dataset(fs, root)
     problems: list[str] = []
@@ -114,30 +113,26 @@ def _run_problems(out: OutputDir) -> tuple[list[str], int]:
     except UsageError as e:
         return [str(e).split("; ")[0]], 0
     if record is None:
-        return [f"{out.path('run.json')}: missing"], 0
+        return [f"{out.run_json}: missing"], 0
     problems = []
     if not record.get("finished"):
         done = sum(out.is_done(i) for i in range(record["shards"]))
-        problems.append(f"{out.path('run.json')}: the run is not finished ({done} of {record['shards']} shards done)")
+        problems.append(f"{out.run_json}: the run is not finished ({done} of {record['shards']} shards done)")
     return problems, record["shards"]
 
 
-def _validate_mmcurate(fs, root: str, path: str) -> list[str]:
+def _validate_mmcurate(fs, path: str) -> list[str]:
     out = OutputDir.open(path)
     problems, shards = _run_problems(out)
-    folders = ("shards", "meta", "rejects", "_stats", "_done")
-    found = {p.rsplit("/", 1)[-1].split(".")[0] for folder in folders for p in fs.glob(f"{root}/{folder}/*")}
-    ids = sorted({i for i in found if i.isdigit()} | {f"{i:05d}" for i in range(shards)})
     seen: dict[str, str] = {}
-    for sid in ids:
-        tar = f"{root}/shards/{sid}.tar"
-        kept_path = f"{root}/meta/{sid}.parquet" if fs.exists(tar) else f"{root}/shards/{sid}.parquet"
-        files = {"kept": kept_path, "rejects": f"{root}/rejects/{sid}.parquet", "stats": f"{root}/_stats/{sid}.json", "done": f"{root}/_done/{sid}"}
+    for sid in sorted({*out.found_shard_ids(), *range(shards)}):
+        tar, kept_path = out.tar_path(sid), out.kept_path(sid)
+        files = {"kept": kept_path, "rejects": out.rejects_path(sid), "stats": out.stats_path(sid), "done": out.done_path(sid)}
         missing = [p for p in files.values() if not fs.exists(p)]
         problems += [f"{p}: missing" for p in missing]
         if missing:
             continue
-        if not out.is_done(int(sid)):
+        if not out.is_done(sid):
             problems.append(f"{files['done']}: names another run or files that changed since")
         kept = _read(fs, kept_path, problems)
         rejects = _read(fs, files["rejects"], problems)

@@ -1,0 +1,1 @@
+"""Tooling over finished outputs (the engines' floor): ``mmcurate validate``."""
