@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
-from mmcurate.shards.layout import DONE, REJECTS, STATS, OutputDir
+from mmcurate.shards.layout import DONE, OutputDir
 from mmcurate.shards.writers import written_by
 
 # run.json entries that differ between runs of one pipeline.
@@ -97,7 +97,7 @@ def _comparable(run: dict) -> dict:
 
 
 def _stats(out: OutputDir, shard_id: int) -> dict:
-    stats = out.read_json(out.shard_path(STATS, shard_id, ".json"))
+    stats = out.read_json(out.stats_path(shard_id))
     for entry in stats.get("stages", []):
         entry.pop("seconds", None)
     return stats
@@ -118,7 +118,7 @@ def _dict_diff(a: Any, b: Any, path: str = "") -> Iterator[str]:
 def _compare_shards(report: Report, outs: list[OutputDir], ids: list[list[int]], tolerance: float) -> None:
     kept = [_concat([written_by(out, i).read(out, i) for i in shard_ids]) for out, shard_ids in zip(outs, ids, strict=True)]
     rejects = [
-        _concat([out.read_parquet(out.shard_path(REJECTS, i, ".parquet")) for i in shard_ids])
+        _concat([out.read_parquet(out.rejects_path(i)) for i in shard_ids])
         for out, shard_ids in zip(outs, ids, strict=True)
     ]
     _compare_tables(report, "kept", kept, tolerance)
