@@ -93,7 +93,7 @@ class ModelStage(Stage):
     """Base class of the stages that run a model over batches of rows (see the module docstring)."""
 
     Config: ClassVar[type] = ModelConfig
-    resources: ClassVar[Resources] = Resources(cpus=1, gpus=1, memory_gb=2)  # on a GPU; on CPU gpus is 0
+    resources: Resources = Resources(cpus=1, gpus=1, memory_gb=2)  # the class default, on a GPU; place() sets the instance's
     uses_torch: ClassVar[bool] = True  # False: the model is not torch (ONNX): no inference mode, no bf16
 
     def __init__(self, config: Any = None) -> None:
