@@ -63,7 +63,8 @@ def test_engines_agree_on_every_kind_of_stage(ray_local, spark, test_stages, cap
 def test_engines_agree_on_two_stages_of_one_name(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):
     """Two stages with setup() of one name and two global stages of one name: each is set up once per
     worker, keeps its own options and is named apart (``t_chars#1``...) in reject_stage and stats."""
-    stages = [{"t_chars": {"word": "pizza"}}, {"t_chars": {"word": "dog"}}, "t_words", {"t_longest": {"fraction": 0.9}}, {"t_longest": {}}]
+    chars = [{"t_chars": {"word": "pizza"}}, {"t_chars": {"word": "dog"}}]
+    stages = [*chars, {"t_words": {"min_words": 9}}, {"t_longest": {"fraction": 0.9}}, {"t_longest": {}}]
     summary, local = run_and_read(make_pipeline(caption_input, stages, "local"))
     found = {name: stage["reasons"] for name, stage in summary["stages"].items()}
     assert found["t_chars#1"].keys() == {"mentions_pizza"} and found["t_chars#2"].keys() == {"mentions_dog"}
