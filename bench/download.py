@@ -1,12 +1,24 @@
-"""Benchmark the download stage against img2dataset 1.47 on the same local corpus, in one run.
+"""Benchmark the download stage against img2dataset 1.47 on the same local corpus, clean and on a slow web, in one run.
 
-Builds a corpus of ~800 px JPEGs from the test photos, serves it with nginx on 127.0.0.1, then
-downloads it with img2dataset (in its own venv) and with ``mmcurate run`` using the same settings:
-256 px keep_ratio, JPEG q95, WebDataset, 2 processes, 500 rows per shard. Prints images/s (ok
-images over wall-clock seconds, process start included), the ratio, the peak RSS of the largest
-worker process and of the whole process tree, and the single-core decode+resize+encode ceiling.
+Builds a corpus of ~800 px JPEGs from the test photos and serves it with nginx; the misbehaving
+hosts are served by this script. Both tools download each scenario's URL list at 256 px
+keep_ratio, JPEG q95, WebDataset. img2dataset (in its own venv) runs 2 processes x 64 threads,
+500-row shards, timeout 10; mmcurate runs ``mmcurate run`` with its default settings (one
+10,000-row shard for 4,000 URLs, one worker per core). Scenarios, all on loopback addresses:
 
-    python bench/download.py [--images 4000] [--repeat 1] [--autogroup-nice -10] [--set KEY=VALUE]
+- ``clean``: every URL good, on 127.0.0.1;
+- ``a``: 5% of the URLs on one host (127.0.0.2) that trickles one byte a second (and hangs up after 60 s);
+- ``b``: the same 5% spread over 20 trickling hosts (127.0.0.2 to 127.0.0.21);
+- ``c``: 2% of the hosts (1 of 50, with 2% of the URLs) answer 429 with Retry-After: 1;
+- ``d``: 2% of the hosts accept connections and never answer (hang up after 60 s).
+
+In a-d the good URLs are spread over 49 hosts (127.0.1.1 to 127.0.1.49). Prints, per scenario and
+tool, images/s (ok images over wall-clock seconds, process start included), CPU ms per image and
+peak RSS (largest process, process tree), then the ratio; last the single-core
+decode+resize+encode ceiling. A run that passes ``--limit`` seconds is killed and reported.
+
+    python bench/download.py [--images 4000] [--scenarios clean,a,b,c,d] [--repeat 1] [--limit 300]
+                             [--autogroup-nice -10] [--set KEY=VALUE]
 
 Linux schedules sessions (autogroups) fairly against each other, so on a machine shared with other
 sessions either tool gets only a share of the cores and the figures swing run to run;
@@ -20,6 +32,7 @@ writes lives under bench/out/download/ (gitignored).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import resource
@@ -40,14 +53,26 @@ REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "tests" / "data" / "images"
 WORK = REPO / "bench" / "out" / "download"
 I2D_VENV = WORK / "venv-img2dataset"
-ROWS_PER_SHARD = 500
+I2D_ROWS_PER_SHARD = 500
 PROCESSES = 2
+GOOD_HOSTS = [f"127.0.1.{i}" for i in range(1, 50)]
+TRICKLE_HOSTS = [f"127.0.0.{i}" for i in range(2, 22)]
+RATE_LIMITED_HOST = "127.0.2.1"
+SILENT_HOST = "127.0.3.1"
+HANG_UP_S = 60.0
+SCENARIOS = {
+    "clean": "every URL good, one host",
+    "a": "5% of URLs on one trickling host",
+    "b": "5% of URLs trickling, over 20 hosts",
+    "c": "2% of hosts answer 429, Retry-After: 1",
+    "d": "2% of hosts never answer",
+}
 
 
 def build_corpus(count: int) -> Path:
-    """``count`` JPEGs of about 800 px (random crops, flips and scales of the test photos)."""
+    """At least ``count`` JPEGs of about 800 px (random crops, flips and scales of the test photos); the first ``count`` are used."""
     corpus = WORK / "corpus"
-    if corpus.exists() and len(list(corpus.glob("*.jpg"))) == count:
+    if corpus.exists() and len(list(corpus.glob("*.jpg"))) >= count:
         return corpus
     shutil.rmtree(corpus, ignore_errors=True)
     corpus.mkdir(parents=True)
@@ -75,16 +100,18 @@ def free_port() -> int:
 
 
 def start_nginx(root: Path, port: int) -> subprocess.Popen:
+    """nginx serving ``root`` on 127.0.0.1 and the good hosts, and 429 with Retry-After on the rate-limited host."""
     if shutil.which("nginx") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, stdout=subprocess.DEVNULL)
     conf_dir = WORK / "nginx"
     conf_dir.mkdir(parents=True, exist_ok=True)
     conf = conf_dir / "nginx.conf"
+    listens = "".join(f"listen {host}:{port}; " for host in ["127.0.0.1", *GOOD_HOSTS])
     conf.write_text(f"""daemon off;
 worker_processes 1;
 pid {conf_dir}/nginx.pid;
 error_log {conf_dir}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}
 http {{
   access_log off;
   sendfile on;
@@ -95,7 +122,8 @@ http {{
   uwsgi_temp_path {conf_dir}/tmp;
   scgi_temp_path {conf_dir}/tmp;
   types {{ image/jpeg jpg; }}
-  server {{ listen 127.0.0.1:{port}; root {root}; }}
+  server {{ {listens} root {root}; }}
+  server {{ listen {RATE_LIMITED_HOST}:{port}; location / {{ add_header Retry-After 1 always; return 429; }} }}
 }}
 """)
     proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(conf_dir)])
@@ -109,10 +137,73 @@ http {{
     raise RuntimeError("nginx did not start")
 
 
-def write_urls(corpus: Path, port: int) -> Path:
-    names = sorted(p.name for p in corpus.glob("*.jpg"))
-    path = WORK / "urls.parquet"
-    pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{n}" for n in names], "caption": [f"photo {n}" for n in names]}), path)
+class SlowHosts:
+    """The trickling hosts (headers at once, then one byte a second) and the silent host, on one event loop in a thread.
+
+    Every connection is hung up after ``HANG_UP_S``, so no run can wait on them for ever.
+    """
+
+    def __init__(self, corpus: Path, port: int) -> None:
+        self.corpus = corpus
+        self.loop = asyncio.new_event_loop()
+        self.servers = [self.loop.run_until_complete(asyncio.start_server(self._trickle, host, port)) for host in TRICKLE_HOSTS]
+        self.servers.append(self.loop.run_until_complete(asyncio.start_server(self._silent, SILENT_HOST, port)))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _request(self, reader: asyncio.StreamReader) -> str:
+        path = (await reader.readline()).split()[1].decode()
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        return path
+
+    async def _trickle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def send() -> None:
+            data = (self.corpus / (await self._request(reader)).strip("/")).read_bytes()
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n".encode())
+            for byte in data:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(1)
+
+        try:
+            await asyncio.wait_for(send(), HANG_UP_S)
+        except (OSError, IndexError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def _silent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.read(), HANG_UP_S)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def write_urls(corpus: Path, count: int, port: int, scenario: str) -> Path:
+    """The scenario's URL list: ``count`` corpus images once each, a fixed random share of them on the bad hosts."""
+    names = sorted(p.name for p in corpus.glob("*.jpg"))[:count]
+    rng = random.Random(0)
+    bad = set(rng.sample(range(len(names)), {"clean": 0, "a": 5, "b": 5, "c": 2, "d": 2}[scenario] * len(names) // 100))
+    urls = []
+    for i, name in enumerate(names):
+        if scenario == "clean":
+            host = "127.0.0.1"
+        elif i not in bad:
+            host = GOOD_HOSTS[i % len(GOOD_HOSTS)]
+        else:
+            host = {"a": TRICKLE_HOSTS[0], "b": TRICKLE_HOSTS[i % len(TRICKLE_HOSTS)], "c": RATE_LIMITED_HOST, "d": SILENT_HOST}[scenario]
+        urls.append(f"http://{host}:{port}/{name}")
+    path = WORK / f"urls-{scenario}.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"photo {n}" for n in names]}), path)
     return path
 
 
@@ -165,15 +256,21 @@ class RssMonitor:
         self._thread.join()
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, RssMonitor]:
-    """Wall seconds, CPU seconds (user + system of the whole process tree) and peak RSS of ``cmd``."""
+def timed(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> tuple[float, float, RssMonitor]:
+    """Wall seconds, CPU seconds (user + system of the whole process tree) and peak RSS of ``cmd``; killed after ``limit`` s."""
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     monitor = RssMonitor(proc.pid)
-    _, err = proc.communicate()
+    try:
+        _, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise RuntimeError(f"{cmd[0]} ran past {limit:.0f} s and was killed") from None
+    finally:
+        monitor.stop()
     seconds = time.perf_counter() - start
-    monitor.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{err[-3000:]}")
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -202,31 +299,31 @@ def ensure_img2dataset() -> Path:
     return python
 
 
-def run_img2dataset(python: Path, urls: Path, out: Path) -> tuple[float, float, RssMonitor]:
+def run_img2dataset(python: Path, urls: Path, out: Path, limit: float) -> tuple[float, float, RssMonitor]:
     shutil.rmtree(out, ignore_errors=True)
     script = (
         "from img2dataset import download\n"
         f"download(url_list={str(urls)!r}, output_folder={str(out)!r}, input_format='parquet', url_col='url', caption_col='caption',"
         f" image_size=256, resize_mode='keep_ratio', encode_format='jpg', encode_quality=95, output_format='webdataset',"
-        f" processes_count={PROCESSES}, thread_count=64, number_sample_per_shard={ROWS_PER_SHARD}, timeout=10, retries=0,"
+        f" processes_count={PROCESSES}, thread_count=64, number_sample_per_shard={I2D_ROWS_PER_SHARD}, timeout=10, retries=0,"
         " enable_wandb=False, distributor='multiprocessing')\n"
     )
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-    return timed([str(python), "-c", script], env)
+    return timed([str(python), "-c", script], limit, env)
 
 
-def run_mmcurate(urls: Path, out: Path, settings: list[str]) -> tuple[float, float, RssMonitor]:
+def run_mmcurate(urls: Path, out: Path, settings: list[str], limit: float) -> tuple[float, float, RssMonitor]:
+    """``mmcurate run`` with default settings but for the image options both tools share."""
     shutil.rmtree(out, ignore_errors=True)
     pipeline = WORK / "pipeline.yaml"
     pipeline.write_text(
         f"input: {{path: {urls}, format: parquet}}\n"
-        f"output: {{path: {out}, format: webdataset, rows_per_shard: {ROWS_PER_SHARD}}}\n"
-        f"workers: {PROCESSES}\n"
+        f"output: {{path: {out}, format: webdataset}}\n"
         "stages:\n"
-        "  - download: {image_size: 256, resize_mode: keep_ratio, encode_format: jpg, encode_quality: 95, timeout: 10, allow_private_networks: true}\n"
+        "  - download: {image_size: 256, resize_mode: keep_ratio, encode_format: jpg, encode_quality: 95, allow_private_networks: true}\n"
     )
     overrides = [arg for kv in settings for arg in ("--set", f"download.{kv}")]
-    return timed([sys.executable, "-m", "mmcurate.cli", "run", str(pipeline), "--no-progress", *overrides])
+    return timed([sys.executable, "-m", "mmcurate.cli", "run", str(pipeline), "--no-progress", *overrides], limit)
 
 
 def ceiling(corpus: Path, count: int = 400) -> float:
@@ -246,7 +343,11 @@ def ceiling(corpus: Path, count: int = 400) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(f"{k} ({v})" for k, v in SCENARIOS.items())
+    )
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--limit", type=float, default=300.0, help="seconds a tool may take on one scenario")
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="extra download option for mmcurate"
     )
@@ -265,39 +366,53 @@ def main() -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        sys.exit(f"unknown scenario {unknown[0]!r} (scenarios: {', '.join(SCENARIOS)})")
     WORK.mkdir(parents=True, exist_ok=True)
     corpus = build_corpus(args.images)
     python = ensure_img2dataset()
     port = free_port()
     nginx = start_nginx(corpus, port)
+    slow = SlowHosts(corpus, port)
+    mib = 1 << 20
+    summary = []
     try:
-        urls = write_urls(corpus, port)
-        mib = 1 << 20
-        rates: dict[str, list[float]] = {"img2dataset": [], "mmcurate": []}
-        cpu_ms: dict[str, list[float]] = {"img2dataset": [], "mmcurate": []}
-        for round_ in range(args.repeat):
-            for name, runner in (
-                ("img2dataset", lambda: run_img2dataset(python, urls, WORK / "out-img2dataset")),
-                ("mmcurate", lambda: run_mmcurate(urls, WORK / "out-mmcurate", args.settings)),
-            ):
-                seconds, cpu, rss = runner()
-                ok, kib = stored_images(WORK / f"out-{name}")
-                rates[name].append(ok / seconds)
-                cpu_ms[name].append(1000 * cpu / max(ok, 1))
-                print(
-                    f"[{round_ + 1}] {name:12s} {ok}/{args.images} images in {seconds:5.1f} s = {ok / seconds:6.1f} images/s, {cpu_ms[name][-1]:.2f} CPU ms/image, {kib:.1f} KiB/image;"
-                    f" peak RSS {rss.peak_process / mib:4.0f} MiB largest process, {rss.peak_tree / mib:4.0f} MiB tree",
-                    flush=True,
-                )
+        for scenario in scenarios:
+            urls = write_urls(corpus, args.images, port, scenario)
+            rates: dict[str, list[float]] = {"img2dataset": [], "mmcurate": []}
+            cpu_ms: dict[str, list[float]] = {"img2dataset": [], "mmcurate": []}
+            for round_ in range(args.repeat):
+                for name in ("img2dataset", "mmcurate"):
+                    out = WORK / f"out-{name}"
+                    if name == "img2dataset":
+                        seconds, cpu, rss = run_img2dataset(python, urls, out, args.limit)
+                    else:
+                        seconds, cpu, rss = run_mmcurate(urls, out, args.settings, args.limit)
+                    ok, kib = stored_images(out)
+                    rates[name].append(ok / seconds)
+                    cpu_ms[name].append(1000 * cpu / max(ok, 1))
+                    print(
+                        f"{scenario:5s} [{round_ + 1}] {name:12s} {ok}/{args.images} images in {seconds:5.1f} s ="
+                        f" {ok / seconds:6.1f} images/s,"
+                        f" {cpu_ms[name][-1]:.2f} CPU ms/image, {kib:.1f} KiB/image;"
+                        f" peak RSS {rss.peak_process / mib:4.0f} MiB largest process, {rss.peak_tree / mib:4.0f} MiB tree",
+                        flush=True,
+                    )
+            best = {k: max(v) for k, v in rates.items()}
+            least = {k: min(v) for k, v in cpu_ms.items()}
+            summary.append(
+                f"{scenario:5s} ({SCENARIOS[scenario]}): mmcurate {best['mmcurate']:.1f} / img2dataset {best['img2dataset']:.1f} images/s"
+                f" = {best['mmcurate'] / best['img2dataset']:.2f}x (best of {args.repeat});"
+                f" {least['img2dataset'] / least['mmcurate']:.2f}x less CPU per image"
+            )
     finally:
+        slow.close()
         nginx.terminate()
         nginx.wait(10)
-    best = {k: max(v) for k, v in rates.items()}
-    least = {k: min(v) for k, v in cpu_ms.items()}
-    print(
-        f"mmcurate / img2dataset: {best['mmcurate'] / best['img2dataset']:.2f}x images/s (best of {args.repeat}; {os.cpu_count()} cores, {PROCESSES} processes each);"
-        f" {least['img2dataset'] / least['mmcurate']:.2f}x less CPU per image"
-    )
+    print(f"{os.cpu_count()} cores, {args.images} URLs; img2dataset {PROCESSES} processes x 64 threads, {I2D_ROWS_PER_SHARD}-row shards; mmcurate defaults")
+    print("\n".join(summary))
     print(
         f"single-core decode+resize+encode ceiling (the stage's Pillow path, 256 px keep_ratio, q95): {ceiling(corpus):.0f} images/s of CPU time"
     )
