@@ -24,7 +24,7 @@ from mmcurate.exports.text import CogVLM, Florence2, Kosmos2, Qwen2VL, QwenVL
 from mmcurate.shards.layout import OutputDir, detect_layout
 from mmcurate.shards.readers import InputSpec, ShardPlan, plan_input
 
-__all__ = ["FORMATS", "ExportOptions", "export"]
+__all__ = ["FORMATS", "ExportOptions", "export", "sample_of"]
 
 FORMATS: dict[str, type[Format]] = {cls.name: cls for cls in (Kosmos2, QwenVL, Qwen2VL, CogVLM, Florence2, Grit, Llava)}
 COLUMNS = ("key", "url", "caption", "width", "height", "image", "image_format", "grounding", "reject_reason")
@@ -62,18 +62,7 @@ def _samples(writer: Format, shard_id: int, table: pa.Table, min_boxes: int) -> 
     present = [c for c in COLUMNS if c in table.column_names]
     samples = []
     for row in table.select(present).to_pylist():
-        phrases = tuple(_phrase(e) for e in row.get("grounding") or () if e["boxes"])
-        sample = Sample(
-            shard_id,
-            row["key"],
-            row.get("url"),
-            row.get("caption"),
-            row.get("width"),
-            row.get("height"),
-            row.get("image"),
-            row.get("image_format"),
-            phrases,
-        )
+        sample = sample_of(shard_id, row)
         if sample.caption is None:
             writer.counts.skip("caption_missing")
         elif writer.needs_image and (sample.image is None or row.get("reject_reason")):
@@ -83,6 +72,22 @@ def _samples(writer: Format, shard_id: int, table: pa.Table, min_boxes: int) -> 
         else:
             samples.append(sample)
     return samples
+
+
+def sample_of(shard_id: int, row: dict) -> Sample:
+    """One stored row (a dict of its columns) as the formats see it: its phrases that have boxes."""
+    phrases = tuple(_phrase(e) for e in row.get("grounding") or () if e["boxes"])
+    return Sample(
+        shard_id,
+        row["key"],
+        row.get("url"),
+        row.get("caption"),
+        row.get("width"),
+        row.get("height"),
+        row.get("image"),
+        row.get("image_format"),
+        phrases,
+    )
 
 
 def _phrase(entry: dict) -> Phrase:

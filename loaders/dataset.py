@@ -1,0 +1,140 @@
+"""A PyTorch ``IterableDataset`` over an mmcurate output folder (local or any fsspec URL).
+
+The finished shards are split between distributed ranks and DataLoader workers: consumer
+``rank * num_workers + worker`` of ``world_size * num_workers`` reads shards ``consumer::consumers``
+(of the seeded shard order when ``shuffle``), so together they see every kept sample once per
+epoch. A consumer left without a shard yields nothing: give a run at least as many shards as consumers.
+Shards are read back by the writer that wrote them (:mod:`mmcurate.shards.writers`), one at a time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmcurate.errors import UsageError
+from mmcurate.exports import FORMATS, ExportOptions, sample_of
+from mmcurate.exports.text import TextFormat
+from mmcurate.loaders.captions import check_choice, choose
+from mmcurate.shards.layout import SHARDS, OutputDir, detect_layout, open_parquet
+from mmcurate.shards.writers import written_by
+from mmcurate.stages.model import decode_image
+
+# Export formats whose per-sample text a grounded model trains on (``grounding=``).
+GROUNDED_FORMATS: dict[str, type[TextFormat]] = {name: cls for name, cls in FORMATS.items() if issubclass(cls, TextFormat)}
+
+
+class CuratedDataset(IterableDataset):
+    """The kept samples of an mmcurate output, as dicts:
+
+    - ``key``; ``image``: RGB ``PIL.Image``, or ``transform(image)`` (rows whose image does not decode are skipped);
+    - ``caption`` and ``caption_source`` (``web`` | ``synthetic``), by ``caption``: ``"web"``, ``"synthetic"``
+      (capfilt's highest-scoring synthetic caption) or p, the probability of the synthetic one, drawn per
+      key and epoch from ``seed``; a row without a synthetic caption gets its web caption;
+    - ``target`` with ``grounding=FORMAT`` (an export format of :data:`GROUNDED_FORMATS`): the grounded
+      ``caption`` column marked up as that format writes it (``prompt`` too, for ``florence2``);
+    - each column named in ``columns``, as stored.
+
+    ``min`` / ``max`` keep rows whose stored score is at least / at most the bound (``min={"clip_score": 0.3}``);
+    a row without that score is left out. ``rank`` / ``world_size`` default to ``torch.distributed``'s when it
+    is initialised. Call :meth:`set_epoch` before each epoch for a new shuffle and a new caption draw.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        caption: str | float = "web",
+        seed: int = 0,
+        transform: Callable[[Any], Any] | None = None,
+        grounding: str | None = None,
+        min: Mapping[str, float] | None = None,
+        max: Mapping[str, float] | None = None,
+        columns: Sequence[str] = (),
+        shuffle: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.out = OutputDir.open(url)
+        if not self.out.exists(self.out.root) or detect_layout(self.out.fs, self.out.root) != "mmcurate":
+            raise UsageError(f"{url} is not an mmcurate output (no run.json or _done)")
+        self.caption = check_choice(caption)
+        if grounding is not None and grounding not in GROUNDED_FORMATS:
+            raise UsageError(f"grounding must be one of {', '.join(GROUNDED_FORMATS)}, not {grounding!r}")
+        self.grounding, self.seed, self.transform, self.shuffle = grounding, seed, transform, shuffle
+        self.bounds = [(c, v, pc.greater_equal) for c, v in (min or {}).items()] + [(c, v, pc.less_equal) for c, v in (max or {}).items()]
+        self.columns = tuple(columns)
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.shards = [i for i in self.out.shard_ids(SHARDS) if self.out.is_done(i)]
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        """UsageError when a column the options need is not stored."""
+        kept = self.out.kept_files()
+        if not kept:
+            return
+        with open_parquet(self.out.fs, kept[0]) as pf:
+            stored = set(pf.schema_arrow.names)
+        needed = {c: "min/max" for c, _, _ in self.bounds} | dict.fromkeys(self.columns, "columns")
+        if self.caption != "web":
+            needed["captions"] = "a synthetic caption (run capfilt)"
+        if self.grounding:
+            needed["grounding"] = "grounding targets (run noun_phrases and grounding)"
+        for column, why in needed.items():
+            if column not in stored:
+                raise UsageError(f"{self.out.root} has no {column!r} column, which {why} needs")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def consumer(self) -> tuple[int, int]:
+        """(this reader's index, readers in all): ranks times DataLoader workers."""
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+            world = world if world is not None else (torch.distributed.get_world_size() if dist else 1)
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return rank * workers + worker, world * workers
+
+    def my_shards(self) -> list[int]:
+        """The shard ids this reader reads this epoch, in order."""
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)  # the same order in every reader
+        index, count = self.consumer()
+        return order[index::count]
+
+    def select(self, table: pa.Table) -> pa.Table:
+        """The rows within the score bounds."""
+        for column, bound, compare in self.bounds:
+            table = table.filter(pc.fill_null(compare(table.column(column), bound), False))
+        return table
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        fmt = GROUNDED_FORMATS[self.grounding](self.out, ExportOptions(seed=self.seed)) if self.grounding else None
+        rng = random.Random(f"{self.seed}:{self.epoch}:rows")
+        for shard_id in self.my_shards():
+            rows = self.select(written_by(self.out, shard_id).read(self.out, shard_id)).to_pylist()
+            if self.shuffle:
+                rng.shuffle(rows)
+            for row in rows:
+                image = decode_image(row.get("image"))
+                if image is None:
+                    continue
+                text, source = choose(row, self.caption, self.seed, self.epoch)
+                sample = {"key": row["key"], "image": self.transform(image) if self.transform else image, "caption": text}
+                sample["caption_source"] = source
+                if fmt is not None:
+                    line = fmt.line(sample_of(shard_id, row))
+                    sample.update({"target": line["text"], **({"prompt": line["prompt"]} if "prompt" in line else {})})
+                sample.update({c: row[c] for c in self.columns})
+                yield sample

@@ -1,0 +1,142 @@
+"""mmcurate.loaders.CuratedDataset: the split across ranks and workers, caption choice, grounding
+targets as the exports write them, score bounds at load time, fsspec URLs, usage errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mmcurate.errors import UsageError
+from mmcurate.exports import export
+from mmcurate.loaders import CuratedDataset
+
+
+def size(image) -> tuple[int, int]:
+    return image.size
+
+
+def keys_seen(dataset: CuratedDataset, workers: int) -> list[str]:
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=lambda sample: sample["key"])
+    return list(loader)
+
+
+def test_two_workers_on_two_ranks_see_every_sample_exactly_once(curated_output: Path, curated: pa.Table) -> None:
+    every = sorted(curated.column("key").to_pylist())
+    for shuffle in (False, True):
+        seen = []
+        for rank in range(2):
+            dataset = CuratedDataset(str(curated_output), rank=rank, world_size=2, shuffle=shuffle, transform=lambda im: 0)
+            seen += keys_seen(dataset, workers=2)
+        counts = Counter(seen)
+        assert sorted(counts) == every and set(counts.values()) == {1}
+
+
+def test_each_reader_gets_its_own_shards(curated_output: Path) -> None:
+    parts = [CuratedDataset(str(curated_output), rank=r, world_size=4).my_shards() for r in range(4)]
+    assert sorted(s for part in parts for s in part) == list(range(6)) and all(parts)
+    dataset = CuratedDataset(str(curated_output), rank=0, world_size=1, shuffle=True, seed=3)
+    orders = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        orders.append(dataset.my_shards())
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(6)) and orders[0] != orders[1]
+
+
+def test_images_decode_and_transform_applies(curated_output: Path, curated: pa.Table) -> None:
+    sizes = dict(zip(curated.column("key").to_pylist(), zip(curated.column("width").to_pylist(), curated.column("height").to_pylist())))
+    sample = next(iter(CuratedDataset(str(curated_output))))
+    assert sample["image"].mode == "RGB" and sample["image"].size == sizes[sample["key"]]
+    dataset = CuratedDataset(str(curated_output), transform=lambda im: torch.tensor(im.size))
+    batch = next(iter(DataLoader(dataset, batch_size=4)))
+    assert batch["image"].shape == (4, 2) and [tuple(s.tolist()) for s in batch["image"]] == [sizes[k] for k in batch["key"]]
+
+
+def test_web_and_synthetic_captions(curated_output: Path, curated: pa.Table) -> None:
+    web = {s["key"]: s for s in CuratedDataset(str(curated_output), transform=size)}
+    assert len(web) == curated.num_rows
+    assert all(s["caption"] == f"web alt-text of {k}" and s["caption_source"] == "web" for k, s in web.items())
+    synthetic = {s["key"]: s["caption"] for s in CuratedDataset(str(curated_output), caption="synthetic", transform=size)}
+    for i, key in enumerate(curated.column("key").to_pylist()):  # the higher-scoring one: 2/3 beats 0.5
+        assert synthetic[key] == (f"first synthetic caption of {key}" if i % 3 == 2 else f"second synthetic caption of {key}")
+
+
+def test_caption_mix_is_seeded_per_key_and_epoch(curated_output: Path) -> None:
+    def sources(p: float, seed: int = 0, epoch: int = 0) -> dict[str, str]:
+        dataset = CuratedDataset(str(curated_output), caption=p, seed=seed, transform=size)
+        dataset.set_epoch(epoch)
+        return {s["key"]: s["caption_source"] for s in dataset}
+
+    mix = sources(0.5)
+    share = sum(v == "synthetic" for v in mix.values()) / len(mix)
+    assert 0.2 < share < 0.8
+    assert sources(0.5) == mix  # deterministic
+    assert sources(0.5, epoch=1) != mix and sources(0.5, seed=1) != mix
+    assert set(sources(0.0).values()) == {"web"} and set(sources(1.0).values()) == {"synthetic"}
+    high = sources(0.8)
+    assert all(high[k] == "synthetic" for k, v in mix.items() if v == "synthetic")  # one draw per key: a larger p only adds
+
+
+def test_web_only_output_without_capfilt(web_only_output: Path, curated: pa.Table) -> None:
+    samples = list(CuratedDataset(str(web_only_output), transform=size))
+    captions = dict(zip(curated.column("key").to_pylist(), curated.column("caption").to_pylist()))
+    assert len(samples) == curated.num_rows and all(s["caption"] == captions[s["key"]] for s in samples)
+    with pytest.raises(UsageError, match="captions"):
+        CuratedDataset(str(web_only_output), caption=0.8)
+
+
+@pytest.mark.parametrize("fmt", ["kosmos2", "qwen-vl", "florence2"])
+def test_grounding_targets_are_the_export_formats_text(fmt: str, curated_output: Path, tmp_path: Path) -> None:
+    export(fmt, str(curated_output), str(tmp_path / fmt))
+    lines = {}
+    for path in sorted((tmp_path / fmt).glob("*.jsonl")):
+        lines.update({line["key"]: line for line in map(json.loads, path.read_text().splitlines())})
+    dataset = CuratedDataset(str(curated_output), grounding=fmt, min={"num_boxes": 1}, transform=size)
+    targets = {s["key"]: s for s in dataset}
+    assert sorted(targets) == sorted(lines)
+    assert all(s["target"] == lines[k]["text"] and s.get("prompt") == lines[k].get("prompt") for k, s in targets.items())
+
+
+def test_score_bounds_select_at_load_time(curated_output: Path, curated: pa.Table) -> None:
+    rows = curated.select(["key", "clip_score"]).to_pylist()
+    dataset = CuratedDataset(str(curated_output), min={"clip_score": 0.3}, max={"clip_score": 0.8}, columns=["clip_score"], transform=size)
+    got = {s["key"]: s["clip_score"] for s in dataset}
+    expected = {r["key"] for r in rows if r["clip_score"] is not None and 0.3 <= r["clip_score"] <= 0.8}
+    assert set(got) == expected and 0 < len(expected) < len(rows)
+    assert all(0.3 <= v <= 0.8 for v in got.values())
+
+
+def test_reads_an_fsspec_url(curated_output: Path, curated: pa.Table) -> None:
+    fs = fsspec.filesystem("memory")
+    fs.put(str(curated_output), "/loaders-test/out", recursive=True)
+    try:
+        keys = [s["key"] for s in CuratedDataset("memory://loaders-test/out", transform=size)]
+    finally:
+        fs.rm("/loaders-test", recursive=True)
+    assert sorted(keys) == sorted(curated.column("key").to_pylist())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"caption": "best"}, "caption must be"),
+        ({"caption": 1.5}, "caption must be"),
+        ({"grounding": "grit"}, "grounding must be one of"),
+        ({"min": {"aesthetic": 5.0}}, "no 'aesthetic' column"),
+        ({"columns": ["nope"]}, "no 'nope' column"),
+    ],
+)
+def test_bad_options_are_usage_errors(options: dict, message: str, curated_output: Path) -> None:
+    with pytest.raises(UsageError, match=message):
+        CuratedDataset(str(curated_output), **options)
+
+
+def test_a_folder_that_is_not_an_output(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not an mmcurate output"):
+        CuratedDataset(str(tmp_path))
