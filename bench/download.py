@@ -411,11 +411,11 @@ def bench(args: argparse.Namespace) -> None:
         slow.close()
         nginx.terminate()
         nginx.wait(10)
-    print(f"{os.cpu_count()} cores, {args.images} URLs; img2dataset {PROCESSES} processes x 64 threads, {I2D_ROWS_PER_SHARD}-row shards; mmcurate defaults")
+    print(f"{os.cpu_count()} cores, {args.images} URLs; img2dataset {PROCESSES} processes x 64 threads,", end=" ")
+    print(f"{I2D_ROWS_PER_SHARD}-row shards; mmcurate defaults")
     print("\n".join(summary))
-    print(
-        f"single-core decode+resize+encode ceiling (the stage's Pillow path, 256 px keep_ratio, q95): {ceiling(corpus):.0f} images/s of CPU time"
-    )
+    rate = ceiling(corpus)
+    print(f"single-core decode+resize+encode ceiling (the stage's Pillow path, 256 px keep_ratio, q95): {rate:.0f} images/s of CPU time")
 
 
 if __name__ == "__main__":
