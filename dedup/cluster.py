@@ -1,11 +1,11 @@
 """The dedup stages' base class and their global step, written once for every engine.
 
-A :class:`ClusterStage` names candidate groups (``group_keys``: exact hash, LSH band buckets, pHash
+A :class:`ClusterStage` names candidate groups (``group_rows``: exact hash, LSH band buckets, pHash
 chunks) and confirms candidate pairs (``verify``); in every connected component of confirmed pairs
 the smallest key is kept. Its global step is four phases over the kept rows of every shard (the
 model: NeMo Curator's fuzzy dedup, minhash -> LSH buckets -> edges -> connected components):
 
-1. ``bands``, per few shards: ``group_keys`` of each shard's rows, as ``(group, id)``, split by a
+1. ``bands``, per few shards: ``group_rows`` of each shard's rows, as ``(group, id)``, split by a
    hash of the group;
 2. ``pairs``, per group partition: pair the members of each group with two or more
    (:func:`graph.member_pairs`; a group larger than ``max_group_size`` pairs its smallest key with
@@ -32,7 +32,6 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mmcurate.dedup.graph import components, member_pairs, shared_groups, sorted_distinct, verify_aligned
 from mmcurate.dedup.hashing import mix64
@@ -46,7 +45,7 @@ EDGES = pa.schema([("a", pa.string()), ("b", pa.string())])
 class ClusterStage(GlobalStage):
     """A global stage that removes near-duplicates: candidate groups, verified pairs, components.
 
-    Subclasses implement ``group_keys`` and, where candidates need checking, ``verify``. Every row of
+    Subclasses implement ``group_rows`` and, where candidates need checking, ``verify``. Every row of
     a component but the one with the smallest key is rejected with ``reason`` and ``duplicate_of`` =
     that key.
     """
@@ -54,8 +53,9 @@ class ClusterStage(GlobalStage):
     reason: ClassVar[str] = "duplicate"
     max_group_size: ClassVar[int] = 1000  # candidate groups larger than this pair only with their smallest key
 
-    def group_keys(self, table: pa.Table) -> pa.Table:
-        """``(key string, group int64)`` rows: rows sharing a group are candidate duplicates."""
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """``(row, group)``, int64: rows of ``table`` (``key`` + ``global_columns``) sharing a group
+        are candidate duplicates; a row may be in several groups, or in none."""
         raise NotImplementedError
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
@@ -135,13 +135,11 @@ class ClusterStep:
         """``(group, id)`` of some shards' kept rows, split by group."""
         groups, ids = [], []
         for shard_id in shard_ids:
-            rows = self.rows(shard_id)
-            found = self.stage.group_keys(rows)
-            groups.append(found.column("group").to_numpy().astype(np.int64))
-            at = pc.index_in(found.column("key"), value_set=rows.column("key")).to_numpy(zero_copy_only=False).astype(np.int64)
-            ids.append((shard_id << ROW_BITS) | at)
+            rows, group = self.stage.group_rows(self.rows(shard_id))
+            groups.append(np.asarray(group, np.int64))
+            ids.append((shard_id << ROW_BITS) | np.asarray(rows, np.int64))
         group, id_ = np.concatenate(groups), np.concatenate(ids)
-        return _split((group, id_), (mix64(group) % np.uint64(self.parts)).astype(np.int64), self.parts)
+        return _split((group, id_), mix64(group) % np.uint64(self.parts), self.parts)
 
     def pairs(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Candidate pairs ``(a id, b id)`` of one partition's groups, split by the left row's shard."""
@@ -211,7 +209,9 @@ def _grouping(part: np.ndarray, parts: int, within: np.ndarray | None = None) ->
 
 def _split(columns: Sequence[np.ndarray], part: np.ndarray, parts: int) -> list[tuple[np.ndarray, ...]]:
     """Rows of the aligned ``columns`` grouped by ``part`` into ``parts`` pieces."""
-    order, pieces = _grouping(part, parts)
+    if parts == 1:
+        return [tuple(columns)]
+    order, pieces = _grouping(part.astype(np.int64), parts)
     ordered = [c[order] for c in columns]
     return [tuple(c[piece] for c in ordered) for piece in pieces]
 

@@ -36,9 +36,9 @@ class ExactDedup(ClusterStage):
         batch = set_column(batch, "sha256", pa.array(digests, pa.string()))
         return reject(batch, pc.is_null(batch.column("sha256")), "image_missing")
 
-    def group_keys(self, table: pa.Table) -> pa.Table:
-        table = table.filter(pc.is_valid(table.column("sha256")))
-        return pa.table({"key": table.column("key"), "group": pa.array(string_hashes(table.column("sha256")).view(np.int64))})
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.flatnonzero(np.asarray(pc.is_valid(table.column("sha256"))))
+        return rows, string_hashes(table.column("sha256").take(rows)).view(np.int64)
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         return pc.equal(left.column("sha256"), right.column("sha256"))

@@ -35,10 +35,13 @@ class MinhashDedup(ClusterStage):
         matrix = signatures(hashes, counts, self.config)
         return set_column(batch, SIGNATURE, to_arrow(matrix, counts > 0))
 
-    def group_keys(self, table: pa.Table) -> pa.Table:
-        table = table.filter(pc.is_valid(table.column(SIGNATURE)))
-        rows, groups = band_groups(from_arrow(table.column(SIGNATURE), self.config.num_perm), self.config)
-        return pa.table({"key": table.column("key").take(pa.array(rows)), "group": pa.array(groups, pa.int64())})
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        column = table.column(SIGNATURE)
+        if column.null_count == 0:
+            return band_groups(from_arrow(column, self.config.num_perm), self.config)
+        signed = np.flatnonzero(np.asarray(pc.is_valid(column)))
+        rows, groups = band_groups(from_arrow(column.take(signed), self.config.num_perm), self.config)
+        return signed[rows], groups
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         a, b = left.column(SIGNATURE), right.column(SIGNATURE)

@@ -79,13 +79,12 @@ class PhashDedup(ClusterStage):
         batch = set_column(batch, "phash", pa.array(hashes, pa.int64()))
         return reject(batch, pc.is_valid(pa.array(reasons, pa.string())), pa.array(reasons, pa.string()))
 
-    def group_keys(self, table: pa.Table) -> pa.Table:
-        table = table.filter(pc.is_valid(table.column("phash")))
-        bits = table.column("phash").to_numpy().view(np.uint64)
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        hashed = np.flatnonzero(np.asarray(pc.is_valid(table.column("phash"))))
+        bits = table.column("phash").take(hashed).to_numpy().view(np.uint64)
         parts = chunks(self.config.max_distance)
         groups = [group_ids(i, (bits >> np.uint64(shift)) & np.uint64((1 << width) - 1)) for i, (shift, width) in enumerate(parts)]
-        rows = pa.array(np.tile(np.arange(table.num_rows), len(parts)))
-        return pa.table({"key": table.column("key").take(rows), "group": pa.array(np.concatenate(groups), pa.int64())})
+        return np.tile(hashed, len(parts)), np.concatenate(groups)
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         a, b = (pc.fill_null(t.column("phash"), 0).to_numpy().view(np.uint64) for t in (left, right))

@@ -56,8 +56,9 @@ class Fixed(ClusterStage):
         self.max_group_size = max_group_size
         self.asked: list[tuple[str, str]] = []
 
-    def group_keys(self, table: pa.Table) -> pa.Table:
-        return self.groups
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        rows = pa.compute.index_in(self.groups.column("key"), value_set=table.column("key"))
+        return rows.to_numpy(), self.groups.column("group").to_numpy()
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         pairs = zip(left.column("k").to_pylist(), right.column("k").to_pylist(), strict=True)

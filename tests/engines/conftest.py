@@ -99,8 +99,8 @@ class CaptionDedup(ClusterStage):
         batch = set_column(batch, "_first3", first3, pa.int64())
         return set_column(batch, "_length", [len(c) for c in captions], pa.int64())
 
-    def group_keys(self, table: pa.Table) -> pa.Table:
-        return pa.table({"key": table.column("key"), "group": table.column("_first3")})
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        return np.arange(table.num_rows), table.column("_first3").to_numpy()
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         return pc.less_equal(pc.abs(pc.subtract(left.column("_length"), right.column("_length"))), 3)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -109,9 +110,9 @@ class CaptionDedup(ClusterStage):
         hashes = [None if c is None else int.from_bytes(hashlib.sha256(c.encode()).digest()[:8], "little", signed=True) for c in captions]
         return set_column(table, "_caption_hash", pa.array(hashes, pa.int64()))
 
-    def group_keys(self, table: pa.Table) -> pa.Table:
-        valid = table.filter(pc.is_valid(table.column("_caption_hash")))
-        return pa.table({"key": valid.column("key"), "group": valid.column("_caption_hash")})
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.flatnonzero(np.asarray(pc.is_valid(table.column("_caption_hash"))))
+        return rows, table.column("_caption_hash").take(rows).to_numpy()
 
 
 def register(monkeypatch) -> None:
