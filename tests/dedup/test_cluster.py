@@ -111,3 +111,22 @@ def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None
     kept = processed.filter(pa.compute.is_null(processed.column("reject_reason")))
     decision = stage.decide(kept.select(["key", "sha256"]))
     assert decision.to_pylist() == [{"key": "e", "reject_reason": "duplicate_image", "duplicate_of": "c"}]
+
+
+@pytest.mark.parametrize(("parts", "maps"), [(3, 4), (7, 2)])
+def test_the_step_over_shards_and_partitions_equals_decide(caption_corpus: dict, parts: int, maps: int) -> None:
+    """The phases as an engine runs them (rows spread over shards, pieces over partitions) decide as
+    ``decide`` does on the whole table."""
+    from mmcurate.dedup.cluster import ClusterStep, InMemory, run_step
+    from mmcurate.dedup.minhash import SIGNATURE, MinhashDedup
+
+    stage = MinhashDedup.from_params({"threshold": 0.6})
+    captions = pa.table({"key": caption_corpus["keys"], "caption": pa.array(caption_corpus["docs"], pa.string())})
+    table = stage.process(reject(captions, np.zeros(captions.num_rows, bool), "x")).select(["key", SIGNATURE])
+    shards = [table.slice(i, 97) for i in range(0, table.num_rows, 97)]
+
+    def rows(shard_id: int, keys_only: bool = False) -> pa.Table:
+        return shards[shard_id].select(["key"]) if keys_only else shards[shard_id]
+
+    decision = run_step(ClusterStep(stage, rows, table.schema, parts), list(range(len(shards))), InMemory(), maps)
+    assert decision.num_rows > 300 and decision.equals(stage.decide(table))
