@@ -12,6 +12,7 @@ consumer decodes them. DEST must be a new or empty folder.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -43,7 +44,8 @@ def export(fmt: str, source: str, dest: str, options: ExportOptions | None = Non
     out = OutputDir.open(dest)
     if out.exists(out.root) and out.fs.ls(out.root, detail=False):
         raise UsageError(f"{dest} is not empty: export into a new or empty folder")
-    reader = plan_input(InputSpec(source, format="mmcurate"), 1, out)
+    with tempfile.TemporaryDirectory() as scratch:  # the planner's input record goes here, not into DEST
+        reader = plan_input(InputSpec(source, format="mmcurate"), 1, OutputDir.open(scratch))
     with FORMATS[fmt](out, options) as writer:
         min_boxes = writer.min_boxes if options.min_boxes is None else options.min_boxes
         for index, file in enumerate(reader.files):

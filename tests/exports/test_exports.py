@@ -97,6 +97,7 @@ def test_inline_formats_round_trip(fmt: str, grounded_output: Path, grounded: pa
                 assert all(abs(a - b) <= tolerance + EPS for a, b in zip(box, original, strict=True)), (box, original)
         assert (tmp_path / fmt / line["image"]).read_bytes() == row["image"]
     assert record["rows"] == len(want) and record["skipped"] == {"too_few_boxes": grounded.num_rows - len(want)}
+    assert sorted(p.name for p in (tmp_path / fmt).iterdir()) == ["00000.jsonl", "00001.jsonl", "00002.jsonl", "export.json", "images"]
     assert record["boxes"] == sum(r["num_boxes"] for r in want.values())
     quantisation = record["quantisation"]
     assert 0 < quantisation["min_iou"] <= quantisation["mean_iou"] < 1.0
