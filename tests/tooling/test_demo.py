@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
+from mmcurate.cli import main
+
 EXPECTED_REJECTS = {
     ("download", "http_404"): 1,  # missing.jpg
     ("download", "not_an_image"): 1,  # broken.jpg is an HTML page served as image/jpeg
@@ -46,3 +48,12 @@ def test_demo_runs_end_to_end_and_validates(tmp_path: Path):
         if row["reject_stage"].endswith("_dedup"):
             assert row["duplicate_of"] in kept_keys
     assert kept.num_rows == 9
+
+
+    # The report of the demo opens with the funnel, then the histograms, then the sample grid.
+    page = tmp_path / "report" / "report.html"
+    assert main(["report", str(out), "-o", str(page)]) == 0
+    text = page.read_text()
+    assert 0 < text.index("id='funnel'") < text.index("id='histograms'") < text.index("id='samples'")
+    assert all(f"<td>{stage}</td>" in text for stage in ("download", "image_size", "caption_quality", "language", "exact_dedup"))
+    assert text.count("<div class='card'>") >= 1 and text.count("<div class='card rejected'>") >= 5
