@@ -152,3 +152,31 @@ def test_cli_stage_writes_normalised_boxes_and_rows_add_up(owlv2: str, phrases: 
     assert check_boxes(out) > 0
     assert set(pc.unique(rejects.column("reject_reason")).to_pylist()) <= {"image_missing", "no_grounding"}
     assert main(["validate", str(tmp_path / "out")]) == 0
+
+
+def test_grit_preset_then_kosmos2_export(nlp, owlv2: str, photo_dir: Path, tmp_path: Path) -> None:
+    """URLs to grounded shards with the grit preset, then to Kosmos-2 text that transformers parses."""
+    import json
+
+    from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
+
+    from mmcurate.examples.demo import serve
+    from mmcurate.tests.support.coco import coco_captions
+
+    captions = dict(sorted(coco_captions(photo_dir).items())[:6])
+    with serve(photo_dir) as base:
+        lines = [json.dumps({"url": f"{base}/{file}", "caption": texts[0]}) for file, texts in captions.items()]
+        (tmp_path / "urls.jsonl").write_text("\n".join(lines) + "\n")
+        settings = ["download.allow_private_networks=true", f"grounding.detector={owlv2}", "grounding.threshold=0.2"]
+        args = ["run", "grit", "--input", str(tmp_path / "urls.jsonl"), "--output", str(tmp_path / "out"), "--workers", "1"]
+        assert main([*args, "--no-progress", *(a for s in [*settings, "grounding.device=cpu"] for a in ("--set", s))]) == 0
+    out, rejects = kept(tmp_path / "out"), read_parquet_folder(tmp_path / "out" / "rejects")
+    assert out.num_rows + rejects.num_rows == len(captions) and out.num_rows > 0
+    assert check_boxes(out) > 0
+    assert main(["export", "kosmos2", str(tmp_path / "out"), str(tmp_path / "kosmos2")]) == 0
+    texts = [json.loads(line)["text"] for f in sorted((tmp_path / "kosmos2").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    expected = {r["key"]: r for r in out.to_pylist()}
+    assert len(texts) == out.num_rows
+    for text, row in zip(texts, expected.values(), strict=True):
+        caption, entities = clean_text_and_extract_entities_with_bboxes(text)
+        assert caption == row["caption"] and [e[0] for e in entities] == [g["phrase"] for g in row["grounding"]]
