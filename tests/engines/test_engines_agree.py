@@ -21,6 +21,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("pyspark")
 
 from mmcurate.engines.spark_runner import session
+from mmcurate.shards.diff import diff_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ REAL_STAGES = [
 ]
 
 
-def test_engines_agree_on_a_real_pipeline(ray_local, spark, photo_server, make_pipeline, run_and_read):
+def test_engines_agree_on_a_real_pipeline(ray_local, spark, photo_server, make_pipeline, run_and_read, tmp_path):
     summary, local = run_and_read(make_pipeline(photo_server, REAL_STAGES, "local", rows_per_shard=20, format="webdataset"))
     reasons = {name: stage["reasons"] for name, stage in summary["stages"].items()}
     assert reasons["exact_dedup"].get("duplicate_image", 0) >= 8
@@ -136,6 +137,7 @@ def test_engines_agree_on_a_real_pipeline(ray_local, spark, photo_server, make_p
     for engine in ("ray", "spark"):
         _, result = run_and_read(make_pipeline(photo_server, REAL_STAGES, engine, engine=engine, rows_per_shard=20, format="webdataset"))
         _assert_same(local, result, engine)
+        assert diff_outputs(str(tmp_path / "local"), str(tmp_path / engine)) == []  # what `mmcurate diff` tells a user
 
 
 @pytest.mark.parametrize("first", ["ray", "local"])
