@@ -395,3 +395,20 @@ def test_resume_after_a_kill_anywhere_equals_the_uninterrupted_run(tmp_path: Pat
         run_killed(config, f"{point}:{rng.randint(1, passes[point])}")
         run_local(parse_pipeline(kill_pipeline(kill_input, out)), progress=False)
         assert_same_output(out, whole)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_engine_run_killed_at_its_global_step_resumes(engine: str, tmp_path: Path, kill_input: Path, monkeypatch) -> None:
+    """The driver killed after the first segment ran on the engine's workers, resumed on the engine."""
+    pytest.importorskip("ray" if engine == "ray" else "pyspark")
+    register(monkeypatch)
+    whole = tmp_path / "whole"
+    run_local(parse_pipeline(kill_pipeline(kill_input, whole)), progress=False)
+    out = tmp_path / "killed"
+    config = write_yaml(tmp_path / "killed.yaml", kill_pipeline(kill_input, out, engine))
+    run_killed(config, "global:1")
+    assert len(list((out / "_work" / "seg0").glob("*.parquet"))) == 4 and not (out / "_done").exists()
+    resumed = subprocess.run(toy_cli_command("run", str(config), "--no-progress"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_output(out, whole)
