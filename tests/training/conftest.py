@@ -1,4 +1,4 @@
-"""Fixtures of the loader and training tests: the COCO photos as curated mmcurate outputs."""
+"""Fixtures of the loader and training tests: the COCO photos as curated mmcurate outputs, a real run's output, tiny BLIP."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from mmcurate.engines.local import run_local
+from mmcurate.pipelines.config import parse_pipeline
 from mmcurate.schemas import BY_NAME
+from mmcurate.tests.support.capfilt import write_tiny_blip
 from mmcurate.tests.support.coco import coco_grounded_table
 from mmcurate.tests.support.filters import write_dataset
+from mmcurate.tests.support.img2dataset_layout import write_img2dataset
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +45,25 @@ def curated_output(tmp_path_factory: pytest.TempPathFactory, curated: pa.Table) 
 def web_only_output(tmp_path_factory: pytest.TempPathFactory, photo_dir: Path) -> Path:
     """The COCO photos without capfilt's columns, as a 3-shard Parquet output."""
     return write_dataset(tmp_path_factory.mktemp("web_only") / "out", coco_grounded_table(photo_dir), shards=3, output_format="parquet")
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``{"captioner": DIR, "itm": DIR}``: tiny random BLIP models saved as local folders."""
+    return write_tiny_blip(tmp_path_factory.mktemp("tiny_blip"))
+
+
+@pytest.fixture(scope="session")
+def pipeline_output(tmp_path_factory: pytest.TempPathFactory, jpeg_photos: list[dict], photo_dir: Path, tiny_blip_models: dict) -> Path:
+    """A real mmcurate run over 44 photos in img2dataset's layout (4 failed downloads, 7 without a
+    caption): size filter, caption quality, exact dedup and capfilt (tiny BLIP, ``mode: score``),
+    written as 4 WebDataset shards."""
+    root = tmp_path_factory.mktemp("pipeline")
+    source = write_img2dataset(root / "i2d", jpeg_photos, photo_dir, shards=4, rows=11)
+    capfilt = {"captioner": tiny_blip_models["captioner"], "filter_model": tiny_blip_models["itm"], "num_captions": 2, "batch_size": 8}
+    stages = [{"image_size": {"min_side": 200}}, {"caption_quality": {"min_words": 3}}, {"exact_dedup": {}}]
+    stages.append({"capfilt": {**capfilt, "mode": "score"}})
+    config = {"input": {"path": str(source)}, "output": {"path": str(root / "out"), "rows_per_shard": 11}, "workers": 1, "stages": stages}
+    summary = run_local(parse_pipeline(config), progress=False)
+    assert summary["rows_in"] == 44 and 0 < summary["rejected"] < 44
+    return root / "out"
