@@ -113,11 +113,11 @@ def _pipeline_from_args(args: argparse.Namespace):
 
 
 def _print_summary(summary: dict, out: str) -> None:
+    from mmcurate.engines.progress import summary_table
+
     print(f"{summary['rows_in']} rows in {summary['shards']} shards: {summary['kept']} kept, {summary['rejected']} rejected -> {out}")
-    for name, stage in summary["stages"].items():
-        if stage["rejected"]:
-            reasons = ", ".join(f"{r} {n}" for r, n in stage["reasons"].items())
-            print(f"  {name}: {stage['rejected']} rejected ({reasons})")
+    for line in summary_table(summary):
+        print(line)
 
 
 def _export_options(args: argparse.Namespace):

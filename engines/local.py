@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -26,11 +25,11 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from typing import Any
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from mmcurate import killpoints
 from mmcurate.engines.core import Segment, run_segment, shard_stats, start_ledger
 from mmcurate.engines.intermediate import kept_rows
+from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step, segment_entries
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.readers import Reader, ShardPlan
@@ -78,14 +77,14 @@ def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa
 
 def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int) -> int:
     """Run one segment of the pipeline on one shard; write its intermediate or final files (the
-    Spark engine runs shards through this same function)."""
-    return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None)
+    Spark engine runs shards through this same function); return its rows."""
+    return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None).rows
 
 
 def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None) -> Any:
     """Stages ``lo:hi`` of a segment on one shard (each set up once per process): read it first
     (``carried`` is None) or take the table an earlier step returned; write its files after the
-    segment's last stage (return its rows), else return the table for the next step."""
+    segment's last stage (return its :class:`ShardDone`), else return the table for the next step."""
     segment = ctx.segments[segment_index]
     stages = [ctx.ready(position) for position in segment.positions[lo:hi]]
     out = ctx.out
@@ -100,12 +99,13 @@ def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: 
     table = run_segment(Segment(stages, segment.start + lo, applies=segment.applies if carried is None else None), table, decisions)
     if hi < len(segment.stages):
         return table
+    stats = shard_stats(plan.shard_id, table, ctx.stages)
     if segment_index == len(ctx.segments) - 1:
-        stats = shard_stats(plan.shard_id, table, ctx.stages)
         write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats)
     else:
         out.write_parquet(ctx.work_path(segment_index, plan.shard_id, ".parquet"), table)
-    return plan.rows
+    labels = {s.label for s in segment.stages if not s.is_global} | ({"read"} if segment_index == 0 else set())
+    return ShardDone(plan.rows, stats["kept"], segment_entries(stats, labels))
 
 
 def steps(segment: Segment) -> list[tuple[int, int]]:
@@ -148,7 +148,10 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
                 stage = ctx.global_stage(index)
                 parts = [kept_rows(ctx, index, stage, p.shard_id) for p in ctx.reader.shards]
                 table = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
-                ctx.write_decision(index, stage.decide(table))
+                with global_step(stage.label, table.num_rows, progress) as rejected:
+                    decision = stage.decide(table)
+                    rejected.append(decision.num_rows)
+                ctx.write_decision(index, decision)
     finally:
         for pool in pools.values():
             pool.shutdown(cancel_futures=True)
@@ -168,7 +171,7 @@ def _map(
     ctx: RunContext, pools: dict[int | None, Executor], in_flight: int, todo: list[ShardPlan], segment: int, label: str, progress: bool
 ) -> None:
     """Every shard of ``todo`` through the segment's steps, each step in its pool; in this process without pools."""
-    bar = tqdm(total=sum(p.rows for p in todo), unit="rows", desc=label, disable=not progress or None, file=sys.stderr)
+    bar = SegmentProgress(label, sum(p.rows for p in todo), progress)
     if not pools:
         for plan in todo:
             bar.update(_run_step(plan, segment, 0, len(ctx.segments[segment].stages), None))

@@ -93,6 +93,18 @@ def test_accounting_with_filter_and_global_stage(tmp_path: Path, dup_csv: Path, 
     assert not (out / "_work").exists()
 
 
+def test_progress_shows_each_stage_and_the_global_step(tmp_path: Path, dup_csv: Path, monkeypatch, capsys) -> None:
+    register(monkeypatch)
+    stages = [StageSpec("drop_word", {"word": "wallpaper"}), StageSpec("caption_dedup"), StageSpec("drop_word", {"word": "the"})]
+    summary = run_local(pipeline(dup_csv, tmp_path / "out", stages), progress=True)
+    err, stats = capsys.readouterr().err, summary["stages"]
+    dedup = stats["caption_dedup"]
+    assert f"global step caption_dedup: deciding over {dedup['rows_in']} rows" in err
+    assert f"global step caption_dedup: {dedup['rejected']} of {dedup['rows_in']} rows rejected in " in err
+    for label in ("read", "drop_word#1", "drop_word#2"):  # each line once, from the segment that runs the stage
+        assert err.count(f"  {label}: {stats[label]['rows_in']} rows in, {stats[label]['rejected']} rejected, ") == 1
+
+
 def test_pool_of_workers_writes_the_same_files_as_one_worker(tmp_path: Path, laion_sample: Path) -> None:
     """A real registered stage in a pool of 2 spawned workers gives the files of a single worker."""
     outs = {}

@@ -1,0 +1,93 @@
+"""What a run shows on stderr while it runs, and the summary table at its end.
+
+Per segment a bar (rows, rows/s, kept and rejected so far), then a line per stage of the segment
+(rows in, rejected, rows/s of the stage's own time); a line per global step (rows decided, rows
+rejected, seconds). The summary table holds the same figures per stage over the whole run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+
+class ShardDone(NamedTuple):
+    """A shard through one segment: its rows, and per stage of the segment ``(label, rows in, rejected, seconds)``."""
+
+    rows: int
+    kept: int
+    stages: tuple[tuple[str, int, int, float], ...]
+
+
+def segment_entries(stats: dict, labels: set[str]) -> tuple[tuple[str, int, int, float], ...]:
+    """The entries of a shard's stats (:func:`engines.core.shard_stats`) for the stages named ``labels``."""
+    return tuple((e["stage"], e["rows_in"], e["rejected"], e["seconds"]) for e in stats["stages"] if e["stage"] in labels)
+
+
+@dataclass
+class SegmentProgress:
+    """The live bar of one segment, and its per-stage lines when it ends."""
+
+    label: str
+    total: int
+    enabled: bool
+    bar: tqdm = field(init=False)
+    kept: int = 0
+    stages: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.bar = tqdm(total=self.total, unit="rows", desc=self.label, disable=not self.enabled or None, file=sys.stderr)
+
+    def update(self, done: ShardDone) -> None:
+        self.kept += done.kept
+        for label, rows_in, rejected, seconds in done.stages:
+            entry = self.stages.setdefault(label, [0, 0, 0.0])
+            entry[0] += rows_in
+            entry[1] += rejected
+            entry[2] += seconds
+        self.bar.update(done.rows)
+        self.bar.set_postfix(kept=self.kept, rejected=self.bar.n - self.kept, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled:
+            for label, (rows_in, rejected, seconds) in self.stages.items():
+                print(f"  {label}: {rows_in} rows in, {rejected} rejected, {_rate(rows_in, seconds)}", file=sys.stderr)
+
+
+@contextmanager
+def global_step(label: str, rows: int, enabled: bool) -> Iterator[list[int]]:
+    """A line before and after a global step; the caller puts the rows it rejected in the yielded list."""
+    if enabled:
+        print(f"global step {label}: deciding over {rows} rows", file=sys.stderr)
+    start, rejected = time.perf_counter(), []
+    yield rejected
+    if enabled:
+        print(f"global step {label}: {sum(rejected)} of {rows} rows rejected in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _rate(rows: int, seconds: float) -> str:
+    return f"{rows / seconds:,.0f} rows/s" if seconds > 0 else "- rows/s"
+
+
+def summary_table(summary: dict) -> list[str]:
+    """The run summary (:func:`engines.run.summarise`) as a table: per stage rows in, rejected, rows left,
+    seconds (the stage's own time, over all workers), rows/s and the top reasons."""
+    header = ("stage", "rows in", "rejected", "left", "seconds", "rows/s", "reasons")
+    rows = []
+    for name, stage in summary["stages"].items():
+        rate = _rate(stage["rows_in"], stage["seconds"]).removesuffix(" rows/s")
+        reasons = ", ".join(f"{r} {n}" for r, n in list(stage["reasons"].items())[:3]) + (", ..." if len(stage["reasons"]) > 3 else "")
+        left = stage["rows_in"] - stage["rejected"]
+        rows.append((name, str(stage["rows_in"]), str(stage["rejected"]), str(left), f"{stage['seconds']:.2f}", rate, reasons))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    cells = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))) for r in [header, *rows]
+    ]
+    return [f"  {line}  {r[-1]}".rstrip() for line, r in zip(cells, [header, *rows], strict=True)]
