@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-import fsspec
 import pyarrow as pa
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY
 from mmcurate.shards.layout import DONE, OutputDir, detect_layout, open_parquet
 from mmcurate.shards.readers import tar_members
+from mmcurate.shards.storage import url_to_fs
 
 
 def _tables(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -67,7 +67,7 @@ def _tar_samples(fs, paths: list[str]) -> tuple[int, Counter]:
 
 def inspect_dataset(path: str, samples: int = 3) -> str:
     """A readable report of the dataset at ``path``."""
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = url_to_fs(path)
     root = root.rstrip("/")
     layout = detect_layout(fs, root)
     lines = [f"{path}: {layout} dataset"]

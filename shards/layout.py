@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -33,6 +32,7 @@ from fsspec.spec import AbstractFileSystem
 from mmcurate import killpoints
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
+from mmcurate.shards.storage import url_to_fs
 
 RUN_JSON = "run.json"
 SHARDS, META, REJECTS, STATS, DONE, WORK = "shards", "meta", "rejects", "_stats", "_done", "_work"
@@ -72,7 +72,7 @@ class OutputDir:
 
     @classmethod
     def open(cls, url: str) -> OutputDir:
-        fs, root = fsspec.core.url_to_fs(url)
+        fs, root = url_to_fs(url)
         out = cls(fs, root.rstrip("/"))
         try:
             record = out.read_json(out.run_json)
@@ -125,13 +125,18 @@ class OutputDir:
 
     def kept_files(self) -> list[str]:
         """The Parquet files of the kept rows, in shard order (``meta/``, else the Parquet shards)."""
-        return sorted(self.fs.glob(self.path(META, "*.parquet"))) or sorted(self.fs.glob(self.path(SHARDS, "*.parquet")))
+        return self._files(META, "*.parquet") or self._files(SHARDS, "*.parquet")
 
     def tar_files(self) -> list[str]:
-        return sorted(self.fs.glob(self.path(SHARDS, "*.tar")))
+        return self._files(SHARDS, "*.tar")
 
     def rejects_files(self) -> list[str]:
-        return sorted(self.fs.glob(self.path(REJECTS, "*.parquet")))
+        return self._files(REJECTS, "*.parquet")
+
+    def _files(self, folder: str, pattern: str) -> list[str]:
+        """The files of ``folder`` matching ``pattern``, sorted, temporaries of unfinished writes left out
+        (on an object store a killed write can leave one: a rename there is a copy, then a delete)."""
+        return sorted(p for p in self.fs.glob(self.path(folder, pattern)) if not is_partial_write(p.rsplit("/", 1)[-1]))
 
     def found_shard_ids(self) -> list[int]:
         """Ids of the shards with any file in the output (a crashed or damaged run may lack some)."""

@@ -37,6 +37,7 @@ from mmcurate.options import bounded
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
 from mmcurate.shards.image_check import MAX_PIXELS, check_image
 from mmcurate.shards.layout import OutputDir, holds_run, open_parquet, tar_beside
+from mmcurate.shards.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
 URL_LIST_FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
@@ -101,6 +102,7 @@ class Reader:
     format: str
     shards: list[ShardPlan] = field(default_factory=list)
     sources: dict[str, list] = field(default_factory=dict)  # identity of each input file, by path relative to the input
+    work_fs: fsspec.AbstractFileSystem | None = None  # the output's filesystem, which holds parsed URL lists (``normalised``)
     _tar_indexes: OrderedDict[str, tuple[dict[str, TarMember], str | None]] = field(default_factory=OrderedDict, repr=False, compare=False)
 
     def read(self, plan: ShardPlan) -> pa.Table:
@@ -109,7 +111,7 @@ class Reader:
         return _reject_repeated_keys(pa.concat_tables(tables, promote_options="permissive")) if tables else pa.table({})
 
     def _read_piece(self, src: SourceFile, start: int, stop: int) -> pa.Table:
-        table = _read_rows(self.fs, src.path, start, stop)
+        table = _read_rows(self.work_fs or self.fs if src.format == "normalised" else self.fs, src.path, start, stop)
         if src.format == "img2dataset":
             return self._with_images(_from_img2dataset(table, src, start), src, src.key_prefix)
         if src.format == "mmcurate":
@@ -174,7 +176,7 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     """List the input, parse text URL lists into ``OUT/_work/input`` and cut rows into shards."""
     if rows_per_shard < 1:
         raise UsageError("output rows_per_shard must be at least 1")
-    fs, root = fsspec.core.url_to_fs(spec.path)
+    fs, root = url_to_fs(spec.path)
     fmt, paths = _discover(fs, root.rstrip("/"), spec.format, out.root)
     base = _key_base(fs, root.rstrip("/"))
     rels = [path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1] for path in paths]
@@ -187,7 +189,7 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
     files = [_source_file(fs, path, rel, fmt, spec, out, i, recorded) for i, (path, rel) in enumerate(zip(paths, rels, strict=True))]
     if not recorded:
         out.write_json(record, sources)
-    reader = Reader(spec, fs, files, fmt, sources=sources)
+    reader = Reader(spec, fs, files, fmt, sources=sources, work_fs=out.fs)
     reader.shards = _cut(files, rows_per_shard)
     return reader
 

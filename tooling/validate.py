@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -15,6 +14,7 @@ from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, METADATA_KEY
 from mmcurate.shards.layout import OutputDir, detect_layout, open_parquet
 from mmcurate.shards.readers import TAR_ERRORS, index_tar, tar_members
+from mmcurate.shards.storage import url_to_fs
 
 
 def _read(fs, path: str, problems: list[str]) -> pa.Table | None:
@@ -89,7 +89,7 @@ def _check_tar(fs, tar_path: str, meta: pa.Table) -> list[str]:
 
 def validate(path: str) -> list[str]:
     """All problems found in the dataset at ``path`` (empty list: valid)."""
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = url_to_fs(path)
     root = root.rstrip("/")
     layout = detect_layout(fs, root)
     if fs.isdir(root) and not fs.ls(root, detail=False):

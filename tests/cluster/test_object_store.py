@@ -1,0 +1,117 @@
+"""s3:// output on a real S3 API (moto's server, started by the tests): a whole run, a resume after
+kill -9 and validate/inspect give what the same run gives on a local disk; a missing driver is one line."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mmcurate import killpoints
+from mmcurate.cli import main
+from mmcurate.tests.support.foundation import assert_same_output, assert_usage_error, register, toy_cli_command, write_yaml
+
+STAGES = [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seconds": 0}}]
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory, laion_sample: Path) -> Path:
+    """90 LAION rows as CSV (parsed into the output's work folder), every 7th caption repeating the one before."""
+    rows = pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, 90).to_pylist()
+    for i in range(7, len(rows), 7):
+        rows[i]["TEXT"] = rows[i - 1]["TEXT"]
+    path = tmp_path_factory.mktemp("s3in") / "urls.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["URL", "TEXT"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def pipeline_yaml(folder: Path, src: Path, out: str) -> Path:
+    config = {"input": {"path": str(src), "url_col": "URL", "caption_col": "TEXT"}, "output": {"path": out, "rows_per_shard": 30},
+              "workers": 1, "engine": "local", "stages": STAGES}
+    return write_yaml(folder / f"pipeline-{abs(hash(out))}.yaml", config)
+
+
+def run(config: Path, env: dict[str, str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**env, killpoints.ENV: kill_at} if kill_at else env
+    command = toy_cli_command("run", str(config), "--no-progress")
+    return subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, urls: Path) -> Path:
+    """The same pipeline's output on a local disk."""
+    folder = tmp_path_factory.mktemp("local")
+    result = run(pipeline_yaml(folder, urls, str(folder / "out")), dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    return folder / "out"
+
+
+def download(fs, url: str, dest: Path) -> Path:
+    """Every object under ``url`` copied into ``dest``, keeping relative paths."""
+    root = url.removeprefix("s3://")
+    for key in fs.find(root):
+        target = dest / key[len(root) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(key, str(target))
+    return dest
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_whole_run_on_s3_validates_and_equals_the_local_run(s3, s3_env, urls: Path, local_run: Path, tmp_path: Path, capsys) -> None:
+    fs, bucket = s3
+    out = f"{bucket}/out"
+    result = run(pipeline_yaml(tmp_path, urls, out), s3_env)
+    assert result.returncode == 0, result.stderr
+    fs.invalidate_cache()
+    assert cli(capsys, "validate", out)[:2] == (0, "valid\n")
+    code, report, _ = cli(capsys, "inspect", out)
+    assert code == 0 and "shards: 3 written, 3 done" in report
+    assert_same_output(download(fs, out, tmp_path / "copy"), local_run)
+
+
+@pytest.mark.parametrize("point", ["write:9", "global:1", "write:20"])
+def test_run_killed_on_s3_resumes_to_the_local_run(point: str, s3, s3_env, urls: Path, local_run: Path, tmp_path: Path, capsys) -> None:
+    """Killed with SIGKILL while writing (a temporary object not yet copied to its name) or at the global step."""
+    fs, bucket = s3
+    out = f"{bucket}/out"
+    config = pipeline_yaml(tmp_path, urls, out)
+    killed = run(config, s3_env, point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    fs.invalidate_cache()
+    assert cli(capsys, "validate", out)[0] == 1  # an unfinished run is not valid
+    resumed = run(config, s3_env)
+    assert resumed.returncode == 0, resumed.stderr
+    fs.invalidate_cache()
+    assert cli(capsys, "validate", out)[:2] == (0, "valid\n")
+    assert_same_output(download(fs, out, tmp_path / "copy"), local_run)
+
+
+DRIVERS = [("s3://bucket/out", "s3fs", "mmcurate[s3]"), ("gs://bucket/out", "gcsfs", "mmcurate[gcs]")]
+
+
+@pytest.mark.parametrize(("url", "module", "extra"), DRIVERS)
+def test_missing_driver_is_one_line(url: str, module: str, extra: str, urls: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    register(monkeypatch)
+    protocols = ("s3", "s3a") if module == "s3fs" else ("gs", "gcs")
+    registry = importlib.import_module("fsspec.registry")._registry  # the drivers imported so far, by protocol
+    for protocol in protocols:
+        monkeypatch.delitem(registry, protocol, raising=False)
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed: importing it fails
+    code, _, err = cli(capsys, "run", str(pipeline_yaml(tmp_path, urls, url)), "--no-progress")
+    assert_usage_error(subprocess.CompletedProcess([], code, "", err), extra, url)
