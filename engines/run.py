@@ -21,6 +21,7 @@ from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline, StageSpec, check_columns, output_columns
 from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
 from mmcurate.shards.layout import RUN_JSON, SHARD_FOLDERS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
+from mmcurate.shards.lease import LEASE, Lease, acquire
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.stages.base import Stage
 from mmcurate.stages.model import ModelStage
@@ -161,7 +162,7 @@ def previous_run(out: OutputDir) -> dict | None:
     names = out.entries()
     if RUN_JSON in names:
         return out.run_record()
-    foreign = {n for n in names if not is_partial_write(n)} - ({WORK} if out.owns_work() else set())
+    foreign = {n for n in names if not is_partial_write(n)} - {LEASE} - ({WORK} if out.owns_work() else set())
     if foreign & set(SHARD_FOLDERS):
         raise UsageError(f"{out.root} holds shards but no run.json; use a new output folder")
     if foreign:
@@ -187,7 +188,28 @@ def resolved(pipeline: Pipeline) -> Pipeline:
     )
 
 
+_LEASES: dict[str, Lease] = {}  # the leases this process holds, by output root: taken by start_run, released by finish_run
+
+
 def start_run(pipeline: Pipeline, engine: str) -> RunContext:
+    """Take the output's lease (one writer per output: :mod:`shards.lease`), then start the run (:func:`_start`)."""
+    pipeline = resolved(pipeline)
+    out = OutputDir.open(pipeline.output.path)
+    out.entries()  # UsageError if the output is a file
+    existed = out.exists(out.root)
+    lease = acquire(out.fs, out.root)
+    try:
+        ctx = _start(pipeline, engine)
+    except BaseException:
+        lease.release()
+        if not existed and not out.entries():  # leave no trace of a run that never started
+            out.fs.rmdir(out.root)
+        raise
+    _LEASES[ctx.out.root] = lease
+    return ctx
+
+
+def _start(pipeline: Pipeline, engine: str) -> RunContext:
     """Check the output folder, set up the run (stages, input plan) and only then write ``run.json``.
 
     An output folder is written into only when it is empty or holds a run of the same pipeline
@@ -290,7 +312,17 @@ def finish_run(ctx: RunContext) -> dict:
     """Record the end of a finished run in ``run.json``; drop intermediates once every shard is done.
 
     A run that was finished before it started (``ctx.finished``) is only summarised: no file changes.
+    The output's lease is released in any case.
     """
+    lease = _LEASES.pop(ctx.out.root, None)
+    try:
+        return _finish(ctx)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _finish(ctx: RunContext) -> dict:
     if ctx.pending():
         raise RuntimeError(f"{len(ctx.pending())} shards are unfinished")
     ids = [p.shard_id for p in ctx.reader.shards]

@@ -1,0 +1,99 @@
+"""One writer per output: a run holds a lease on its output; a second run on a live lease is refused
+in one line naming the holder, a stale lease (old heartbeat, or a dead process on this host) is
+taken over; the create is exclusive on a local disk and on S3 (a conditional put)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from mmcurate.cli import main
+from mmcurate.errors import UsageError
+from mmcurate.shards import lease
+from mmcurate.tests.support.foundation import LAION, assert_usage_error, register
+
+
+@pytest.fixture
+def urls(tmp_path: Path, laion_sample: Path) -> Path:
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, 20), path)
+    return path
+
+
+def stage(capsys, monkeypatch, src: Path, out: str) -> subprocess.CompletedProcess:
+    """``mmcurate stage drop_word`` in this process."""
+    register(monkeypatch)
+    capsys.readouterr()
+    code = main(["stage", "drop_word", "--input", str(src), "--output", out, "--workers", "1", "--no-progress", *LAION])
+    stdout, stderr = capsys.readouterr()
+    return subprocess.CompletedProcess([], code, stdout, stderr)
+
+
+def hold(path: str, fs=None, **fields) -> None:
+    """Write a lease file as another run would, this host's live parent process by default."""
+    record = {"token": "other", "owner": "alice", "host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time(), **fields}
+    (fs or fsspec.filesystem("file")).pipe_file(f"{path}/{lease.LEASE}", json.dumps(record).encode())
+
+
+def test_a_run_releases_its_lease(tmp_path: Path, urls: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "out"
+    assert stage(capsys, monkeypatch, urls, str(out)).returncode == 0
+    assert (out / "run.json").exists() and not (out / lease.LEASE).exists()
+
+
+@pytest.mark.parametrize("holder", [{}, {"host": "node-7.invalid", "pid": 1}])
+def test_a_live_lease_refuses_a_second_run(holder: dict, tmp_path: Path, urls: Path, capsys, monkeypatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    hold(str(out), **holder)
+    result = stage(capsys, monkeypatch, urls, str(out))
+    assert_usage_error(result, "another run", "alice", holder.get("host", socket.gethostname()))
+    assert sorted(p.name for p in out.iterdir()) == [lease.LEASE]  # nothing written
+
+
+@pytest.mark.parametrize("holder", [{"heartbeat": time.time() - 10 * lease.STALE_AFTER, "host": "node-7.invalid"}, {"pid": 2**22 + 1}])
+def test_a_stale_lease_is_taken_over(holder: dict, tmp_path: Path, urls: Path, capsys, monkeypatch) -> None:
+    """An old heartbeat (any host), or a holder on this host whose process is gone (a killed run)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    hold(str(out), **holder)
+    assert stage(capsys, monkeypatch, urls, str(out)).returncode == 0
+    assert (out / "run.json").exists() and not (out / lease.LEASE).exists()
+
+
+def test_concurrent_runs_one_wins(tmp_path: Path, urls: Path) -> None:
+    """Two processes start on one output at once: exactly one takes it (the other is refused or finds it finished)."""
+    out = tmp_path / "out"
+    code = (
+        "import sys; from mmcurate.shards import lease; import fsspec, time; "
+        f"l = lease.acquire(fsspec.filesystem('file'), {str(out)!r}); print('took', flush=True); time.sleep(3); l.release()"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert sorted(r[0] for r in results) == ["", "took\n"], results
+    assert any("another run" in r[1] for r in results), results
+
+
+def test_lease_on_s3_is_a_conditional_put(s3) -> None:
+    fs, bucket = s3
+    root = f"{bucket.removeprefix('s3://')}/out"
+    held = lease.acquire(fs, root)
+    with pytest.raises(FileExistsError):
+        lease._create(fs, f"{root}/{lease.LEASE}", {"token": "second"})  # If-None-Match: * refuses an existing object
+    hold(root, fs, host="node-7.invalid")  # another host's live run holds it
+    with pytest.raises(UsageError, match="node-7.invalid"):
+        lease.acquire(fs, root)
+    held.release()  # the lease is no longer ours: left alone
+    assert fs.exists(f"{root}/{lease.LEASE}")
+    hold(root, fs, host="node-7.invalid", heartbeat=time.time() - 10 * lease.STALE_AFTER)
+    lease.acquire(fs, root).release()
+    assert not fs.exists(f"{root}/{lease.LEASE}")
