@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -82,6 +83,9 @@ def test_whole_run_on_s3_validates_and_equals_the_local_run(s3, s3_env, urls: Pa
     assert cli(capsys, "validate", out)[:2] == (0, "valid\n")
     code, report, _ = cli(capsys, "inspect", out)
     assert code == 0 and "shards: 3 written, 3 done" in report
+    code, _, _ = cli(capsys, "report", out, "-o", str(tmp_path / "report.html"), "--samples", "4")
+    totals = json.loads((local_run / "run.json").read_text())["totals"]
+    assert code == 0 and json.loads((tmp_path / "report.json").read_text())["summary"]["kept"] == totals["kept"]
     assert_same_output(download(fs, out, tmp_path / "copy"), local_run)
 
 
