@@ -25,7 +25,11 @@ def _add_io(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--engine", choices=("local", "ray", "spark"))
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help="override an option (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--retry-failed", action="store_true", help="fetch again only the failed downloads of the finished run in the output folder and merge them in")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="fetch again only the failed downloads of the finished run in the output folder and merge them in",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit a pipeline to a Ray cluster as a Ray job (Ray Jobs API)")
     submit.add_argument("pipeline")
     submit.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
-    submit.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement Ray installs for the job, e.g. 'mmcurate[ray]' (repeatable)")
+    submit.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQ",
+        help="pip requirement Ray installs for the job, e.g. 'mmcurate[ray]' (repeatable)",
+    )
     submit.add_argument("--job-id", help="submission id (default: generated)")
     submit.add_argument("--wait", action="store_true", help="wait for the job, print its logs; exit 1 unless it succeeded")
     _add_io(submit, required=False)
@@ -54,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id")
     jobs.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
 
-    for name, text in (("inspect", "schema, rows, samples and null counts of a dataset"), ("validate", "check every shard against the schema"), ("stats", "rows kept and rejected by stage and reason")):
+    for name, text in (
+        ("inspect", "schema, rows, samples and null counts of a dataset"),
+        ("validate", "check every shard against the schema"),
+        ("stats", "rows kept and rejected by stage and reason"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("path")
         if name == "inspect":
@@ -103,12 +117,24 @@ def _pipeline_from_args(args: argparse.Namespace):
         pipeline = parse_pipeline({"input": {"path": args.input}, "output": {"path": args.output}, "stages": []})
         pipeline.stages = [StageSpec(args.name)]
     settings = list(args.settings)
-    for flag, key in (("input", "input.path"), ("input_format", "input.format"), ("url_col", "input.url_col"), ("caption_col", "input.caption_col"), ("output", "output.path"), ("output_format", "output.format"), ("rows_per_shard", "output.rows_per_shard"), ("workers", "workers"), ("engine", "engine")):
+    for flag, key in (
+        ("input", "input.path"),
+        ("input_format", "input.format"),
+        ("url_col", "input.url_col"),
+        ("caption_col", "input.caption_col"),
+        ("output", "output.path"),
+        ("output_format", "output.format"),
+        ("rows_per_shard", "output.rows_per_shard"),
+        ("workers", "workers"),
+        ("engine", "engine"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             settings.insert(0, f"{key}={value}")
     if args.command == "stage":
-        settings = [s if "." in s.partition("=")[0] or s.partition("=")[0] in ("workers", "engine") else f"{args.name}.{s}" for s in settings]
+        settings = [
+            s if "." in s.partition("=")[0] or s.partition("=")[0] in ("workers", "engine") else f"{args.name}.{s}" for s in settings
+        ]
     return apply_overrides(pipeline, settings)
 
 
@@ -145,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmcurate: interrupted; run the same command again to resume", file=sys.stderr)
         return 1
-    except Exception:  # the run itself failed: show where
+    except Exception:  # noqa: BLE001 -- the run itself failed: show where
         traceback.print_exc()
         if args.command in ("run", "stage", "demo"):
             resumes = _resumable(getattr(args, "output_path", None) or getattr(args, "output", None))
@@ -215,7 +241,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schema":
         from mmcurate import schemas
 
-        print(schemas.markdown() if args.markdown else schemas.arrow_schema().to_string(show_schema_metadata=False), end="" if args.markdown else "\n")
+        print(
+            schemas.markdown() if args.markdown else schemas.arrow_schema().to_string(show_schema_metadata=False),
+            end="" if args.markdown else "\n",
+        )
         return 0
     if args.command == "inspect":
         from mmcurate.shards.inspect import inspect_dataset

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from mmcurate.engines import run_pipeline
 from mmcurate.pipelines.config import parse_pipeline
 
@@ -80,6 +81,7 @@ def _start(engine: str, workers: int) -> object | None:
     """Start the engine (timed apart); return what to stop afterwards."""
     if engine == "ray":
         import ray
+
         from mmcurate.engines.ray_runner import connect
 
         connect(workers, object_store_memory=1 << 30)
@@ -157,7 +159,8 @@ def _report(args: argparse.Namespace, sizes: tuple[int, int], engines: list[str]
         for engine, (t_small, t_large) in medians.items():
             rate, base = rates[engine], engines[0]
             print(
-                f"{name:11} {engine:7} {t_small:6.1f} {t_large:6.1f} {rate:8.0f} r/s {rate / rates[base]:8.2f}x {t_small - small / rate:10.1f} "
+                f"{name:11} {engine:7} {t_small:6.1f} {t_large:6.1f} {rate:8.0f} r/s {rate / rates[base]:8.2f}x "
+                f"{t_small - small / rate:10.1f} "
                 f"{medians[base][1] / t_large:10.2f}x"
             )
         agree = all(len(kept[(name, n)]) == 1 for n in sizes)

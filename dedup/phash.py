@@ -72,7 +72,7 @@ class PhashDedup(ClusterStage):
             else:
                 try:
                     value = phash(data)
-                except Exception:  # any decoder failure on untrusted bytes is this row's result
+                except Exception:  # noqa: BLE001 -- any decoder failure on untrusted bytes is this row's result
                     reason = "undecodable_image"
             hashes.append(value)
             reasons.append(reason)

@@ -106,7 +106,7 @@ class Fetcher:
         self.config = config
         self.session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> Fetcher:
+    async def __aenter__(self) -> Fetcher:  # noqa: PYI034 -- typing.Self needs Python 3.11
         cfg = self.config
         connector = aiohttp.TCPConnector(
             limit=cfg.concurrency,

@@ -4,7 +4,8 @@ Resize modes follow img2dataset's: ``keep_ratio`` scales the smaller side to ``i
 ``center_crop`` then crops the centre square, ``keep_ratio_largest`` scales the larger side,
 ``border`` then pads to a white square, ``no`` keeps the size. JPEGs are decoded in draft mode at the
 smallest 1/2, 1/4 or 1/8 scale that still covers the target size; downscaling then averages
-areas (Pillow's BOX filter, as img2dataset's INTER_AREA) and upscaling uses Lanczos. EXIF orientation is applied; palette, greyscale, CMYK and alpha images become RGB
+areas (Pillow's BOX filter, as img2dataset's INTER_AREA) and upscaling uses Lanczos.
+EXIF orientation is applied; palette, greyscale, CMYK and alpha images become RGB
 (alpha composited on white); animated images keep their first frame.
 """
 
@@ -100,7 +101,7 @@ def _orientation(im: Image.Image) -> int:
         return 1
     try:
         value = im.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # Pillow raises many types on malformed EXIF
+    except Exception:  # noqa: BLE001 -- Pillow raises many types on malformed EXIF
         return 1
     return value if isinstance(value, int) else 1
 

@@ -18,7 +18,8 @@ from mmcurate.stages.base import Resources, Stage, reject, set_column
 
 # The columns this stage sets, with their declared types.
 _COLUMNS: tuple[tuple[str, pa.DataType], ...] = tuple(
-    (name, BY_NAME[name].type) for name in ("image", "image_format", "width", "height", "original_width", "original_height", "sha256", "status")
+    (name, BY_NAME[name].type)
+    for name in ("image", "image_format", "width", "height", "original_width", "original_height", "sha256", "status")
 )
 
 

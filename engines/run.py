@@ -255,18 +255,21 @@ def _start(pipeline: Pipeline, engine: str) -> RunContext:
                 " cannot be redone; use a new output folder"
             )
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    ctx.out.write_json(ctx.out.run_json, {
-        "mmcurate_version": __version__,
-        "schema_version": SCHEMA_VERSION,
-        "run_id": ctx.out.run_id,
-        "engine": engine,
-        "pipeline": config,
-        "versions": versions(),
-        "models": [{"stage": stage.name, **stage.provenance()} for stage in ctx.stages if isinstance(stage, ModelStage)],
-        "started": previous.get("started", started) if previous is not None else started,
-        "finished": None,
-        "shards": len(reader.shards),
-    })
+    ctx.out.write_json(
+        ctx.out.run_json,
+        {
+            "mmcurate_version": __version__,
+            "schema_version": SCHEMA_VERSION,
+            "run_id": ctx.out.run_id,
+            "engine": engine,
+            "pipeline": config,
+            "versions": versions(),
+            "models": [{"stage": stage.name, **stage.provenance()} for stage in ctx.stages if isinstance(stage, ModelStage)],
+            "started": previous.get("started", started) if previous is not None else started,
+            "finished": None,
+            "shards": len(reader.shards),
+        },
+    )
     if pipeline.output.format is None and ctx.pipeline.output.format == "parquet":
         logger.warning("the rows carry no image: writing Parquet shards (output.format=webdataset writes tars)")
     return ctx

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sys
 
-from mmcurate.cli import main
 from pyspark.sql import SparkSession
+
+from mmcurate.cli import main
 
 
 def run(argv: list[str]) -> int:

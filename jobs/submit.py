@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
 

@@ -96,7 +96,9 @@ def check_columns(stages: list[Stage], input_format: str, carried: tuple[str, ..
     for stage in stages:
         missing = [c for c in stage.needs if c not in available]
         if missing:
-            raise UsageError(f"stage {stage.name} needs column {missing[0]!r}, which neither an earlier stage nor the {input_format} input provides")
+            raise UsageError(
+                f"stage {stage.name} needs column {missing[0]!r}, which neither an earlier stage nor the {input_format} input provides"
+            )
         available |= set(stage.adds)
 
 
@@ -192,7 +194,9 @@ def apply_overrides(pipeline: Pipeline, settings: list[str]) -> Pipeline:
             spec = getattr(pipeline, section)
             setattr(pipeline, section, build_config(type(spec), {**dataclasses.asdict(spec), key: value}, f"pipeline {section}"))
         elif section == "":
-            pipeline = build_config(Pipeline, {**{f.name: getattr(pipeline, f.name) for f in dataclasses.fields(Pipeline)}, key: value}, "pipeline")
+            pipeline = build_config(
+                Pipeline, {**{f.name: getattr(pipeline, f.name) for f in dataclasses.fields(Pipeline)}, key: value}, "pipeline"
+            )
         else:
             labels = stage_labels([s.name for s in pipeline.stages])
             matches = [s for s, label in zip(pipeline.stages, labels, strict=True) if section in (s.name, label)]

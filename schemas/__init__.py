@@ -45,7 +45,12 @@ _GROUNDING = pa.list_(
 _CAPTIONS = pa.list_(pa.struct([("text", pa.string()), ("source", pa.string()), ("score", pa.float32())]))
 
 FIELDS: tuple[Field, ...] = (
-    Field("key", pa.string(), "reader", "Deterministic sample id: 16 hex digits of sha256(relative input path, NUL, row); img2dataset keys are kept. Never contains a dot."),
+    Field(
+        "key",
+        pa.string(),
+        "reader",
+        "Deterministic sample id: 16 hex digits of sha256(relative input path, NUL, row); img2dataset keys are kept. Never contains a dot.",
+    ),
     Field("url", pa.string(), "reader", "Source URL of the image."),
     Field("caption", pa.string(), "reader", "Source caption (alt-text)."),
     Field("image", pa.binary(), "download / img2dataset reader", "Encoded image bytes as stored."),

@@ -117,10 +117,7 @@ def _dict_diff(a: Any, b: Any, path: str = "") -> Iterator[str]:
 
 def _compare_shards(report: Report, outs: list[OutputDir], ids: list[list[int]], tolerance: float) -> None:
     kept = [_concat([written_by(out, i).read(out, i) for i in shard_ids]) for out, shard_ids in zip(outs, ids, strict=True)]
-    rejects = [
-        _concat([out.read_parquet(out.rejects_path(i)) for i in shard_ids])
-        for out, shard_ids in zip(outs, ids, strict=True)
-    ]
+    rejects = [_concat([out.read_parquet(out.rejects_path(i)) for i in shard_ids]) for out, shard_ids in zip(outs, ids, strict=True)]
     _compare_tables(report, "kept", kept, tolerance)
     _compare_tables(report, "rejected", rejects, tolerance)
     rows = [set(_keys(k)) | set(_keys(r)) for k, r in zip(kept, rejects, strict=True)]

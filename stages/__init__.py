@@ -7,7 +7,7 @@ import importlib
 from mmcurate.errors import UsageError
 from mmcurate.stages.base import GlobalStage, Resources, Stage
 
-__all__ = ["GlobalStage", "Resources", "Stage", "STAGES", "stage_class"]
+__all__ = ["STAGES", "GlobalStage", "Resources", "Stage", "stage_class"]
 
 STAGES: dict[str, str] = {
     "download": "mmcurate.download.stage:Download",

@@ -102,7 +102,9 @@ def validate(path: str) -> list[str]:
     for p in sorted(fs.glob(f"{root}/**/*.parquet")) if fs.isdir(root) else [root]:
         table = _read(fs, p, problems)
         if table is not None:
-            problems += check_table(table, p, kept="reject_reason" not in table.column_names or table.column("reject_reason").null_count == table.num_rows)
+            problems += check_table(
+                table, p, kept="reject_reason" not in table.column_names or table.column("reject_reason").null_count == table.num_rows
+            )
     return problems
 
 
@@ -149,7 +151,10 @@ def _validate_mmcurate(fs, path: str) -> list[str]:
         with fs.open(files["stats"]) as f:
             stats = json.load(f)
         if stats["rows_in"] != stats["kept"] + stats["rejected"] or stats["kept"] != kept.num_rows or stats["rejected"] != rejects.num_rows:
-            problems.append(f"{files['stats']}: rows_in {stats['rows_in']}, kept {stats['kept']}, rejected {stats['rejected']} disagree with {kept.num_rows} kept and {rejects.num_rows} rejected rows on disk")
+            problems.append(
+                f"{files['stats']}: rows_in {stats['rows_in']}, kept {stats['kept']}, rejected {stats['rejected']} "
+                f"disagree with {kept.num_rows} kept and {rejects.num_rows} rejected rows on disk"
+            )
     return problems
 
 

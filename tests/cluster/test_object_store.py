@@ -37,8 +37,13 @@ def urls(tmp_path_factory, laion_sample: Path) -> Path:
 
 
 def pipeline_yaml(folder: Path, src: Path, out: str) -> Path:
-    config = {"input": {"path": str(src), "url_col": "URL", "caption_col": "TEXT"}, "output": {"path": out, "rows_per_shard": 30},
-              "workers": 1, "engine": "local", "stages": STAGES}
+    config = {
+        "input": {"path": str(src), "url_col": "URL", "caption_col": "TEXT"},
+        "output": {"path": out, "rows_per_shard": 30},
+        "workers": 1,
+        "engine": "local",
+        "stages": STAGES,
+    }
     return write_yaml(folder / f"pipeline-{abs(hash(out))}.yaml", config)
 
 

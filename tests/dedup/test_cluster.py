@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mmcurate.dedup.exact import ExactDedup
 from mmcurate.dedup.cluster import ClusterStage
+from mmcurate.dedup.exact import ExactDedup
 from mmcurate.stages.base import reject
 
 

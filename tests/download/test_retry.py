@@ -18,7 +18,8 @@ def _pipeline(tmp_path, fmt: str, name: str = "pipeline.yaml", **download) -> st
     )
     path = tmp_path / name
     path.write_text(
-        f"input: {{path: urls.parquet}}\noutput: {{path: out, format: {fmt}, rows_per_shard: 3}}\nworkers: 1\nstages:\n  - download: {{{options}}}\n"
+        f"input: {{path: urls.parquet}}\noutput: {{path: out, format: {fmt}, rows_per_shard: 3}}\n"
+        f"workers: 1\nstages:\n  - download: {{{options}}}\n"
     )
     return str(path)
 

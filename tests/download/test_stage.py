@@ -144,7 +144,14 @@ def test_slow_transfers_end_as_too_slow_and_30_kb_per_s_is_kept(server, images):
 
 
 # The trickle (1 byte/s) is too slow; any other route sends its body at once.
-BREAKER = {"breaker_failures": 2, "breaker_cooldown": 30.0, "min_speed": 100, "min_speed_window": 1.0, "per_host_connections": 2, "deadline": 20.0}
+BREAKER = {
+    "breaker_failures": 2,
+    "breaker_cooldown": 30.0,
+    "min_speed": 100,
+    "min_speed_window": 1.0,
+    "per_host_connections": 2,
+    "deadline": 20.0,
+}
 
 
 class Clock:
@@ -324,13 +331,15 @@ def test_rows_that_hold_an_image_are_not_fetched_again(server):
     """img2dataset or mmcurate input already holds images: only rows without one are fetched,
     in place, unless refetch is set."""
     held = b"stored bytes, not a fetch"
-    table = pa.table({
-        "key": ["a", "b", "c"],
-        "url": [server.url("/img/jpeg"), server.url("/status/404"), server.url("/img/png")],
-        "image": pa.array([None, held, None], pa.binary()),
-        "status": ["ok", "ok", "ok"],
-        "reject_reason": pa.nulls(3, pa.string()),
-    })
+    table = pa.table(
+        {
+            "key": ["a", "b", "c"],
+            "url": [server.url("/img/jpeg"), server.url("/status/404"), server.url("/img/png")],
+            "image": pa.array([None, held, None], pa.binary()),
+            "status": ["ok", "ok", "ok"],
+            "reject_reason": pa.nulls(3, pa.string()),
+        }
+    )
     stage = Download.from_params(FAST)
     out = stage.process(table)
     assert out.column("key").to_pylist() == ["a", "b", "c"]

@@ -170,9 +170,18 @@ def test_unknown_stage_name(box: Sandbox) -> None:
         ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: {caption_quality: {min_words: 8}}\n", "stages is a list"),
         ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: caption_quality\n", "stages is a list"),
         ("input: {path: urls.parquet, max_caption_chars: -1}\noutput: {path: ../out}\n", "'max_caption_chars' must not be negative"),
-        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{minhash_dedup: {num_perm: 100000000}}]\n", "'num_perm' must be between 2 and 1024"),
-        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {deadline: .nan}}]\n", "'deadline' must be a finite number"),
-        ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {timeout: .nan}}]\n", "'timeout' must be a finite number"),
+        (
+            "input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{minhash_dedup: {num_perm: 100000000}}]\n",
+            "'num_perm' must be between 2 and 1024",
+        ),
+        (
+            "input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {deadline: .nan}}]\n",
+            "'deadline' must be a finite number",
+        ),
+        (
+            "input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {timeout: .nan}}]\n",
+            "'timeout' must be a finite number",
+        ),
         ("input: {path: urls.parquet}\noutput: {path: ../out}\nstages: [{download: {timeout: -1}}]\n", "'timeout' must be positive"),
     ],
 )

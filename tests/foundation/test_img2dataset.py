@@ -37,7 +37,19 @@ def test_img2dataset_reader_keeps_keys_rejects_failures_attaches_images(tmp_path
 
 def run_stage(tmp_path: Path, src: Path, name: str, fmt: str, *extra: str, stage: str = "drop_word") -> Path:
     """Run one toy stage through the CLI from ``src`` into ``tmp_path / name``."""
-    args = ["stage", stage, "--input", str(src), "--output", str(tmp_path / name), "--output-format", fmt, "--workers", "1", "--no-progress"]
+    args = [
+        "stage",
+        stage,
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / name),
+        "--output-format",
+        fmt,
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     result = run_cli(*args, *extra, toy=True)
     assert result.returncode == 0, result.stderr
     return tmp_path / name

@@ -115,7 +115,9 @@ def test_extra_source_columns_carried_through_untouched(tmp_path: Path, url_rows
         }
     )
     pq.write_table(table, tmp_path / "urls.parquet")
-    result = toy_stage("drop_word", tmp_path / "urls.parquet", tmp_path / "out", *LAION, "--output-format", "parquet", "--set", "mode=score")
+    result = toy_stage(
+        "drop_word", tmp_path / "urls.parquet", tmp_path / "out", *LAION, "--output-format", "parquet", "--set", "mode=score"
+    )
     assert result.returncode == 0, result.stderr
     out = kept_table(tmp_path / "out")
     assert out.num_rows == n
@@ -143,7 +145,9 @@ def test_glob_inputs_key_by_path_below_the_wildcard(tmp_path: Path, url_rows: li
 def test_shards_cut_across_parquet_row_groups(tmp_path: Path) -> None:
     """Shard boundaries inside row groups, and dictionary-encoded (pandas categorical) captions."""
     n = 40
-    table = pa.table({"url": [f"http://x/{i}.jpg" for i in range(n)], "caption": pa.array([f"c{i % 3}" for i in range(n)]).dictionary_encode()})
+    table = pa.table(
+        {"url": [f"http://x/{i}.jpg" for i in range(n)], "caption": pa.array([f"c{i % 3}" for i in range(n)]).dictionary_encode()}
+    )
     pq.write_table(table, tmp_path / "rg.parquet", row_group_size=7)
     reader = plan_input(InputSpec(str(tmp_path / "rg.parquet")), 15, OutputDir.open(str(tmp_path / "out")))
     assert [p.rows for p in reader.shards] == [15, 15, 10]

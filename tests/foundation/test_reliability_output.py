@@ -166,7 +166,10 @@ def test_done_marker_covers_the_shard_files(tmp_path: Path, urls: Path, monkeypa
     out = OutputDir.open(str(tmp_path / "out"))
     assert out.run_id and all(out.is_done(i) for i in range(3))
     assert sorted(json.loads((tmp_path / "out" / "_done" / "00001").read_text())["files"]) == [
-        "_stats/00001.json", "meta/00001.parquet", "rejects/00001.parquet", "shards/00001.tar"
+        "_stats/00001.json",
+        "meta/00001.parquet",
+        "rejects/00001.parquet",
+        "shards/00001.tar",
     ]
     other_run = OutputDir(out.fs, out.root, "another-run")
     assert not other_run.is_done(0)

@@ -136,9 +136,7 @@ def resume_config(tmp_path: Path, src: Path, name: str) -> Path:
 @pytest.mark.slow
 def test_resume_after_kill_9_equals_uninterrupted_run(tmp_path: Path, dup_csv: Path) -> None:
     killed = resume_config(tmp_path, dup_csv, "killed")
-    proc = subprocess.Popen(
-        toy_cli_command("run", str(killed), "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(toy_cli_command("run", str(killed), "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = tmp_path / "killed" / "_done"
     deadline = time.monotonic() + 60
     while not (done.exists() and any(done.iterdir())):

@@ -22,14 +22,19 @@ EXPECTED_REJECTS = {
 def test_demo_runs_end_to_end_and_validates(tmp_path: Path):
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "demo"
-    result = subprocess.run([str(bin_dir / "mmcurate"), "demo", str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(bin_dir / "mmcurate"), "demo", str(out), "--no-progress"], check=False, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "16 rows in 2 shards" in result.stdout
-    assert subprocess.run([str(bin_dir / "mmcurate"), "validate", str(out)], capture_output=True, text=True).stdout.strip() == "valid"
+    assert (
+        subprocess.run([str(bin_dir / "mmcurate"), "validate", str(out)], check=False, capture_output=True, text=True).stdout.strip()
+        == "valid"
+    )
     # The README's first command twice in a row: the second finds the run finished and changes nothing.
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     command = [str(bin_dir / "mmcurate"), "demo", str(out), "--no-progress"]
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    again = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert again.stdout == result.stdout
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(tmp_path.rglob("*")) if p.is_file()} == files
@@ -49,7 +54,6 @@ def test_demo_runs_end_to_end_and_validates(tmp_path: Path):
         if row["reject_stage"].endswith("_dedup"):
             assert row["duplicate_of"] in kept_keys
     assert kept.num_rows == 9
-
 
     # The report of the demo opens with the funnel, then the histograms, then the sample grid.
     page = tmp_path / "report" / "report.html"

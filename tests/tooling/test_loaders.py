@@ -16,7 +16,9 @@ from mmcurate.pipelines.config import parse_pipeline
 @pytest.fixture(scope="module")
 def wds_output(img2dataset_output: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("loaders") / "out"
-    pipeline = parse_pipeline({"input": {"path": str(img2dataset_output)}, "output": {"path": str(out), "rows_per_shard": 4}, "workers": 1, "stages": []})
+    pipeline = parse_pipeline(
+        {"input": {"path": str(img2dataset_output)}, "output": {"path": str(out), "rows_per_shard": 4}, "workers": 1, "stages": []}
+    )
     run_local(pipeline, progress=False)
     return out
 
@@ -36,8 +38,18 @@ def test_open_clip_training_pipeline_reads_the_tars(wds_output: Path):
     def tokenizer(texts):
         return torch.tensor([[len(t)] for t in texts])
 
-    args = Namespace(train_data=str(wds_output / "shards" / "{00000..00002}.tar"), val_data=None, train_num_samples=None, dataset_resampled=False,
-                     train_data_upsampling_factors=None, seed=0, batch_size=5, workers=0, world_size=1, distributed=False)
+    args = Namespace(
+        train_data=str(wds_output / "shards" / "{00000..00002}.tar"),
+        val_data=None,
+        train_num_samples=None,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=5,
+        workers=0,
+        world_size=1,
+        distributed=False,
+    )
     data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
     assert data.dataloader.num_samples == 10  # from shards/sizes.json: open_clip needs no --train-num-samples
     images, texts = next(iter(data.dataloader))
