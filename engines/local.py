@@ -29,7 +29,7 @@ import pyarrow as pa
 from mmcurate import killpoints
 from mmcurate.engines.core import Segment, run_segment, shard_stats, start_ledger
 from mmcurate.engines.intermediate import kept_rows
-from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step, segment_entries
+from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.readers import Reader, ShardPlan
@@ -75,10 +75,10 @@ def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa
     return run_step(_CONTEXT, plan, segment_index, lo, hi, carried)
 
 
-def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int) -> int:
+def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int) -> ShardDone:
     """Run one segment of the pipeline on one shard; write its intermediate or final files (the
-    Spark engine runs shards through this same function); return its rows."""
-    return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None).rows
+    Spark engine runs shards through this same function); return its :class:`ShardDone`."""
+    return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None)
 
 
 def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None) -> Any:
@@ -104,8 +104,7 @@ def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: 
         write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats)
     else:
         out.write_parquet(ctx.work_path(segment_index, plan.shard_id, ".parquet"), table)
-    labels = {s.label for s in segment.stages if not s.is_global} | ({"read"} if segment_index == 0 else set())
-    return ShardDone(plan.rows, stats["kept"], segment_entries(stats, labels))
+    return ShardDone.of(plan.rows, stats, segment, segment_index == 0)
 
 
 def steps(segment: Segment) -> list[tuple[int, int]]:

@@ -7,6 +7,7 @@ rejected, seconds). The summary table holds the same figures per stage over the 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
+from mmcurate.engines.core import Segment
+
 
 class ShardDone(NamedTuple):
     """A shard through one segment: its rows, and per stage of the segment ``(label, rows in, rejected, seconds)``."""
@@ -24,10 +27,21 @@ class ShardDone(NamedTuple):
     kept: int
     stages: tuple[tuple[str, int, int, float], ...]
 
+    @classmethod
+    def of(cls, rows: int, stats: dict, segment: Segment, first: bool) -> ShardDone:
+        """From a shard's stats (:func:`engines.core.shard_stats`) after ``segment`` (``first``: the run's first, which reads)."""
+        labels = {s.label for s in segment.stages if not s.is_global} | ({"read"} if first else set())
+        entries = tuple((e["stage"], e["rows_in"], e["rejected"], e["seconds"]) for e in stats["stages"] if e["stage"] in labels)
+        return cls(rows, stats["kept"], entries)
 
-def segment_entries(stats: dict, labels: set[str]) -> tuple[tuple[str, int, int, float], ...]:
-    """The entries of a shard's stats (:func:`engines.core.shard_stats`) for the stages named ``labels``."""
-    return tuple((e["stage"], e["rows_in"], e["rejected"], e["seconds"]) for e in stats["stages"] if e["stage"] in labels)
+    def encode(self) -> str:
+        """As a string, for engines that hand it back through a data frame (Ray, Spark)."""
+        return json.dumps(self)
+
+    @classmethod
+    def decode(cls, text: str) -> ShardDone:
+        rows, kept, stages = json.loads(text)
+        return cls(rows, kept, tuple(tuple(entry) for entry in stages))
 
 
 @dataclass
@@ -37,22 +51,29 @@ class SegmentProgress:
     label: str
     total: int
     enabled: bool
+    unit: str = "rows"  # or "shards": the bar counts finished shards (Spark advances it from its task tracker)
     bar: tqdm = field(init=False)
     kept: int = 0
+    rows: int = 0
     stages: dict[str, list] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.bar = tqdm(total=self.total, unit="rows", desc=self.label, disable=not self.enabled or None, file=sys.stderr)
+        self.bar = tqdm(total=self.total, unit=self.unit, desc=self.label, disable=not self.enabled or None, file=sys.stderr)
 
     def update(self, done: ShardDone) -> None:
         self.kept += done.kept
+        self.rows += done.rows
         for label, rows_in, rejected, seconds in done.stages:
             entry = self.stages.setdefault(label, [0, 0, 0.0])
             entry[0] += rows_in
             entry[1] += rejected
             entry[2] += seconds
-        self.bar.update(done.rows)
-        self.bar.set_postfix(kept=self.kept, rejected=self.bar.n - self.kept, refresh=False)
+        if self.unit == "rows":  # a bar of shards is advanced by its caller
+            self.advance_to(self.bar.n + done.rows)
+        self.bar.set_postfix(kept=self.kept, rejected=self.rows - self.kept, refresh=False)
+
+    def advance_to(self, n: int) -> None:
+        self.bar.update(max(n, self.bar.n) - self.bar.n)
 
     def close(self) -> None:
         self.bar.close()
@@ -62,14 +83,18 @@ class SegmentProgress:
 
 
 @contextmanager
-def global_step(label: str, rows: int, enabled: bool) -> Iterator[list[int]]:
-    """A line before and after a global step; the caller puts the rows it rejected in the yielded list."""
+def global_step(label: str, rows: int | None, enabled: bool) -> Iterator[list[int]]:
+    """A line before and after a global step; the caller puts the rows it rejected in the yielded list.
+
+    ``rows`` (the rows it decides over) is None where the caller does not know it (a resumed run).
+    """
     if enabled:
-        print(f"global step {label}: deciding over {rows} rows", file=sys.stderr)
+        print(f"global step {label}: deciding" + ("" if rows is None else f" over {rows} rows"), file=sys.stderr)
     start, rejected = time.perf_counter(), []
     yield rejected
     if enabled:
-        print(f"global step {label}: {sum(rejected)} of {rows} rows rejected in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        of = "" if rows is None else f" of {rows}"
+        print(f"global step {label}: {sum(rejected)}{of} rows rejected in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 def _rate(rows: int, seconds: float) -> str:

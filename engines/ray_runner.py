@@ -24,7 +24,6 @@ Global stages run as Ray shuffles over the segment's intermediate files (see :mo
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from tqdm import tqdm
 
 from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, start_ledger
+from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.worker_state import worker_context
@@ -67,10 +66,13 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     try:
         for index in range(len(ctx.segments)):
             todo = [p.shard_id for p in ctx.pending(index)]
-            if todo:
-                _run_segment(ctx, index, todo, progress)
+            kept = _run_segment(ctx, index, todo, progress) if todo else 0
             if ctx.needs_global(index):
-                ctx.write_decision(index, global_decisions(ctx, index))
+                rows = kept if len(todo) == len(ctx.reader.shards) else None  # None: some shards ran before a resume
+                with global_step(ctx.global_stage(index).label, rows, progress) as rejected:
+                    decision = global_decisions(ctx, index)
+                    rejected.append(decision.num_rows)
+                ctx.write_decision(index, decision)
     finally:
         context.target_max_block_size, context.enable_progress_bars = saved
         if started:
@@ -98,7 +100,8 @@ def connect(workers: int, **options: Any) -> bool:
     return True
 
 
-def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> None:
+def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> int:
+    """Run segment ``index`` on the shards ``todo``; return their rows still kept."""
     # A segment without stages only applies the previous decision and writes: its shards are cheap,
     # and Ray Data waits up to 0.1 s to notice a finished task, so such shards go a few per task.
     blocks = len(todo) if ctx.segments[index].stages else 2 * int(ray.cluster_resources().get("CPU", 1))
@@ -107,12 +110,12 @@ def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -
     for chain in steps:
         ds = _map_chain(ds, chain, alone=len(steps) == 1)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
-    bar = tqdm(
-        total=sum(ctx.reader.shards[i].rows for i in todo), unit="rows", desc=f"ray {label}", disable=not progress or None, file=sys.stderr
-    )
+    bar = SegmentProgress(f"ray {label}", sum(ctx.reader.shards[i].rows for i in todo), progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        bar.update(int(pc.sum(batch.column("rows")).as_py() or 0))
+        for done in batch.column("done").to_pylist():
+            bar.update(ShardDone.decode(done))
     bar.close()
+    return bar.kept
 
 
 @dataclass
@@ -247,18 +250,20 @@ def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -
 
 
 def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
-    """Write every shard of the block (final files, or the segment's intermediate files)."""
+    """Write every shard of the block (final files, or the segment's intermediate files); return
+    per shard its :class:`ShardDone`, encoded."""
     last = segment == len(ctx.segments) - 1
-    ids = pc.unique(batch.column(SHARD)).to_pylist()
+    ids, done = pc.unique(batch.column(SHARD)).to_pylist(), []
     for shard_id in ids:
         table = batch.filter(pc.equal(batch.column(SHARD), shard_id))
         if table.num_rows != ctx.reader.shards[shard_id].rows:
             raise RuntimeError(
                 f"shard {shard_id} reached the writer in pieces ({table.num_rows} of {ctx.reader.shards[shard_id].rows} rows)"
             )
+        stats = shard_stats(shard_id, table, ctx.stages)
         if last:
-            stats = shard_stats(shard_id, table, ctx.stages)
             write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, stats)
         else:
             ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table)
-    return pa.table({"shard": pa.array(ids, pa.int64()), "rows": pa.array([ctx.reader.shards[i].rows for i in ids], pa.int64())})
+        done.append(ShardDone.of(table.num_rows, stats, ctx.segments[segment], segment == 0).encode())
+    return pa.table({"shard": pa.array(ids, pa.int64()), "done": pa.array(done, pa.string())})

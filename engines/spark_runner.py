@@ -21,9 +21,9 @@ from functools import partial
 
 import pyarrow as pa
 from pyspark.sql import SparkSession
-from tqdm import tqdm
 
 from mmcurate.engines.local import process_shard
+from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.spark_global import global_decisions, shard_frame
 from mmcurate.engines.worker_state import worker_context
@@ -32,7 +32,7 @@ from mmcurate.pipelines.config import Pipeline
 from mmcurate.stages import stage_class
 from mmcurate.stages.model import ModelStage
 
-DONE_SCHEMA = "shard long, rows long"
+DONE_SCHEMA = "shard long, done string"  # done: the shard's ShardDone, encoded
 
 
 def run_spark(pipeline: Pipeline, progress: bool = True) -> dict:
@@ -47,10 +47,13 @@ def run_spark(pipeline: Pipeline, progress: bool = True) -> dict:
     try:
         for index in range(len(ctx.segments)):
             todo = [p.shard_id for p in ctx.pending(index)]
-            if todo:
-                _run_segment(spark, ctx, index, todo, progress)
+            kept = _run_segment(spark, ctx, index, todo, progress) if todo else 0
             if ctx.needs_global(index):
-                ctx.write_decision(index, global_decisions(spark, ctx, index))
+                rows = kept if len(todo) == len(ctx.reader.shards) else None  # None: some shards ran before a resume
+                with global_step(ctx.global_stage(index).label, rows, progress) as rejected:
+                    decision = global_decisions(spark, ctx, index)
+                    rejected.append(decision.num_rows)
+                ctx.write_decision(index, decision)
     finally:
         if started:
             spark.stop()
@@ -77,30 +80,34 @@ def session(workers: int) -> tuple[SparkSession, bool]:
     return spark, True
 
 
-def _run_segment(spark: SparkSession, ctx: RunContext, index: int, todo: list[int], progress: bool) -> None:
+def _run_segment(spark: SparkSession, ctx: RunContext, index: int, todo: list[int], progress: bool) -> int:
     """One job over the shards, all at once (``toLocalIterator`` would run a job per shard, one after
-    another); the progress bar counts finished shards from Spark's status tracker."""
+    another); the progress bar counts finished shards from Spark's status tracker. Returns their rows still kept."""
     done = shard_frame(spark, todo).mapInArrow(partial(_process, ctx, index), DONE_SCHEMA)
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
-    bar = tqdm(total=len(todo), unit="shards", desc=f"spark {label}", disable=not progress or None, file=sys.stderr)
+    bar = SegmentProgress(f"spark {label}", len(todo), progress, unit="shards")
     tracker = spark.sparkContext.statusTracker()
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(done.collect)
         try:
             while not job.done():
                 stages = [tracker.getStageInfo(i) for i in tracker.getActiveStageIds()]
-                bar.update(max(bar.n, sum(s.numCompletedTasks for s in stages if s is not None)) - bar.n)
+                bar.advance_to(sum(s.numCompletedTasks for s in stages if s is not None))
                 wait([job], timeout=0.5)
         except BaseException:  # e.g. Ctrl-C: stop the job rather than wait for it
             spark.sparkContext.cancelAllJobs()
             raise
-        bar.update(len(job.result()) - bar.n)
+        results = job.result()
+    for row in results:
+        bar.update(ShardDone.decode(row["done"]))
+    bar.advance_to(len(results))
     bar.close()
+    return bar.kept
 
 
 def _process(ctx: RunContext, segment: int, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     ctx = worker_context(ctx)
     for batch in batches:
         for shard_id in batch.column("shard").to_pylist():
-            rows = process_shard(ctx, ctx.reader.shards[shard_id], segment)
-            yield pa.record_batch({"shard": pa.array([shard_id], pa.int64()), "rows": pa.array([rows], pa.int64())})
+            done = process_shard(ctx, ctx.reader.shards[shard_id], segment).encode()
+            yield pa.record_batch({"shard": pa.array([shard_id], pa.int64()), "done": pa.array([done], pa.string())})

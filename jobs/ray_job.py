@@ -8,4 +8,4 @@ import sys
 from mmcurate.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:2], "--engine", "ray", "--no-progress", *sys.argv[2:]]))
+    sys.exit(main(["run", *sys.argv[1:2], "--engine", "ray", *sys.argv[2:]]))

@@ -20,7 +20,7 @@ from mmcurate.cli import main
 def run(argv: list[str]) -> int:
     spark = SparkSession.builder.appName("mmcurate").getOrCreate()
     try:
-        return main(["run", *argv[:1], "--engine", "spark", "--no-progress", *argv[1:]])
+        return main(["run", *argv[:1], "--engine", "spark", *argv[1:]])
     finally:
         spark.stop()
 

@@ -238,8 +238,8 @@ def output_of():
 def run_and_read():
     """Run a pipeline and return (summary, read_output(its output))."""
 
-    def run(pipeline) -> tuple[dict, dict]:
-        summary = run_pipeline(pipeline, progress=False)
+    def run(pipeline, progress: bool = False) -> tuple[dict, dict]:
+        summary = run_pipeline(pipeline, progress=progress)
         return summary, read_output(pipeline.output.path)
 
     return run

@@ -50,15 +50,22 @@ def _assert_same(reference: dict, other: dict, engine: str) -> None:
         assert other[shard_id] == expected, f"{engine}: shard {shard_id} differs"
 
 
-def test_engines_agree_on_every_kind_of_stage(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):
+def test_engines_agree_on_every_kind_of_stage(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read, capsys):
     """Per-row filter, stage with setup() (actor), GPU stage (its own pool: shards cross Ray
-    operators), ClusterStage with verify, plain GlobalStage."""
+    operators), ClusterStage with verify, plain GlobalStage. Ray and Spark show the local runner's
+    progress lines: per global step, and per stage when its segment ends."""
     summary, local = run_and_read(make_pipeline(caption_input, TEST_STAGES, "local"))
-    assert summary["stages"]["t_dedup"]["reasons"]["near_duplicate"] > 50
-    assert summary["stages"]["t_longest"]["rejected"] > 0 and summary["stages"]["t_chars"]["rejected"] > 0
+    stats = summary["stages"]
+    assert stats["t_dedup"]["reasons"]["near_duplicate"] > 50
+    assert stats["t_longest"]["rejected"] > 0 and stats["t_chars"]["rejected"] > 0
+    capsys.readouterr()
     for engine in ("ray", "spark"):
-        _, result = run_and_read(make_pipeline(caption_input, TEST_STAGES, engine, engine=engine))
+        _, result = run_and_read(make_pipeline(caption_input, TEST_STAGES, engine, engine=engine), progress=True)
         _assert_same(local, result, engine)
+        err = capsys.readouterr().err
+        dedup = stats["t_dedup"]
+        assert f"global step t_dedup: {dedup['rejected']} of {dedup['rows_in']} rows rejected in " in err, engine
+        assert err.count(f"  t_chars: {stats['t_chars']['rows_in']} rows in, {stats['t_chars']['rejected']} rejected, ") == 1, engine
 
 
 def test_engines_agree_on_two_stages_of_one_name(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):

@@ -130,6 +130,9 @@ def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, caption_input, tmp_path
 
     assert main(["jobs", "status", "mmcurate-test-job", "--address", ray_head]) == 0
     assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    assert main(["jobs", "logs", "mmcurate-test-job", "--address", ray_head]) == 0
+    logged = capsys.readouterr().out  # where the job is: the global step and the stages of each segment
+    assert "global step minhash_dedup: deciding over " in logged and "  caption_quality: " in logged and " rows in, " in logged
     assert main(["jobs", "stop", "mmcurate-test-job", "--address", ray_head]) == 0
     assert capsys.readouterr().out.strip() == "not running"
     assert main(["jobs", "logs", "no-such-job", "--address", ray_head]) == 2
