@@ -62,7 +62,9 @@ def pipeline_output(tmp_path_factory: pytest.TempPathFactory, jpeg_photos: list[
     source = write_img2dataset(root / "i2d", jpeg_photos, photo_dir, shards=4, rows=11)
     capfilt = {"captioner": tiny_blip_models["captioner"], "filter_model": tiny_blip_models["itm"], "num_captions": 2, "batch_size": 8}
     stages = [{"image_size": {"min_side": 200}}, {"caption_quality": {"min_words": 3}}, {"exact_dedup": {}}]
-    stages.append({"capfilt": {**capfilt, "mode": "score"}})
+    # Every candidate passes and `caption` stays the web text, distinct per photo: the tiny random captioner's
+    # synthetic captions are often identical, which leaves a contrastive loss nothing to learn.
+    stages.append({"capfilt": {**capfilt, "mode": "score", "threshold": 0.0, "caption_choice": "web_first"}})
     config = {"input": {"path": str(source)}, "output": {"path": str(root / "out"), "rows_per_shard": 11}, "workers": 1, "stages": stages}
     summary = run_local(parse_pipeline(config), progress=False)
     assert summary["rows_in"] == 44 and 0 < summary["rejected"] < 44

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,11 @@ def test_open_clip_trains_on_curated_tars(pipeline_output: Path, tmp_path: Path)
     model = write_tiny_clip(tmp_path)  # local-dir:FOLDER with open_clip_config.json: no registry, no hub
     tars = sorted((pipeline_output / "shards").glob("*.tar"))
     assert len(tars) == 4
+    texts = []
+    for path in tars:
+        with tarfile.open(path) as tar:
+            texts += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert len(set(texts)) == len(texts) > 20  # one distinct caption per sample: the contrastive task is learnable
     args = ["--train-data", str(pipeline_output / "shards" / "{00000..00003}.tar"), "--dataset-type", "webdataset", "--model", model,
             "--device", "cpu", "--precision", "fp32", "--batch-size", "8", "--epochs", "10", "--lr", "1e-3", "--warmup", "2",
             "--workers", "0", "--seed", "0", "--logs", str(tmp_path / "logs"), "--name", "tiny", "--log-every-n-steps", "1",
