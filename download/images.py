@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from mmcurate.download.config import DownloadConfig
-from mmcurate.shards.image_check import DECODE_ERRORS, open_image
+from mmcurate.shards.image_check import decode_with
 
 ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -48,17 +48,7 @@ class Encoded:
 def process_image(data: bytes, opts: DownloadConfig) -> Encoded | str:
     """Decode ``data`` and return the re-encoded image, or a rejection reason (the checks of
     :mod:`mmcurate.shards.image_check`, which ingested images pass too, and the size filters)."""
-    im = open_image(data, opts.max_pixels)
-    if isinstance(im, str):
-        return im
-    try:
-        return _process(im, opts)
-    except Image.DecompressionBombError:
-        return "decompression_bomb"
-    except DECODE_ERRORS:
-        return "decode_error"
-    finally:
-        im.close()
+    return decode_with(data, opts.max_pixels, lambda im: _process(im, opts))
 
 
 def _process(im: Image.Image, opts: DownloadConfig) -> Encoded | str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 from PIL import Image
 
@@ -18,6 +20,7 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 # What Pillow raises on malformed data, besides its own error types.
+T = TypeVar("T")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError, ZeroDivisionError, MemoryError)
 
 
@@ -44,22 +47,30 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image | str:
     return im
 
 
-def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
-    """None when ``data`` decodes to an image of at most ``max_pixels``, else the reason it does not.
-
-    JPEGs decode in draft mode (1/8 scale), which still reads every byte, so a truncated file fails.
-    """
+def decode_with(data: bytes, max_pixels: int, work: Callable[[Image.Image], T]) -> T | str:
+    """``work`` applied to the opened image, or the reason ``data`` does not open or decode (see ``open_image``)."""
     im = open_image(data, max_pixels)
     if isinstance(im, str):
         return im
     try:
-        if im.format == "JPEG":
-            im.draft("RGB", (1, 1))
-        im.load()
+        return work(im)
     except Image.DecompressionBombError:
         return "decompression_bomb"
     except DECODE_ERRORS:
         return "decode_error"
     finally:
         im.close()
-    return None
+
+
+def _load(im: Image.Image) -> None:
+    if im.format == "JPEG":
+        im.draft("RGB", (1, 1))
+    im.load()
+
+
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
+    """None when ``data`` decodes to an image of at most ``max_pixels``, else the reason it does not.
+
+    JPEGs decode in draft mode (1/8 scale), which still reads every byte, so a truncated file fails.
+    """
+    return decode_with(data, max_pixels, _load)

@@ -3,7 +3,6 @@ kill -9 and validate/inspect give what the same run gives on a local disk; a mis
 
 from __future__ import annotations
 
-import csv
 import importlib
 import json
 import os
@@ -12,12 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from mmcurate import killpoints
 from mmcurate.cli import main
-from mmcurate.tests.support.foundation import assert_same_output, assert_usage_error, register, toy_cli_command, write_yaml
+from mmcurate.tests.support.foundation import (
+    assert_same_output,
+    assert_usage_error,
+    laion_csv_with_repeats,
+    register,
+    toy_cli_command,
+    write_yaml,
+)
 
 STAGES = [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seconds": 0}}]
 
@@ -25,15 +30,7 @@ STAGES = [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {"seco
 @pytest.fixture(scope="module")
 def urls(tmp_path_factory, laion_sample: Path) -> Path:
     """90 LAION rows as CSV (parsed into the output's work folder), every 7th caption repeating the one before."""
-    rows = pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, 90).to_pylist()
-    for i in range(7, len(rows), 7):
-        rows[i]["TEXT"] = rows[i - 1]["TEXT"]
-    path = tmp_path_factory.mktemp("s3in") / "urls.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["URL", "TEXT"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return laion_csv_with_repeats(laion_sample, tmp_path_factory.mktemp("s3in") / "urls.csv", 90)
 
 
 def pipeline_yaml(folder: Path, src: Path, out: str) -> Path:

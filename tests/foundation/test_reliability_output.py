@@ -5,7 +5,6 @@ about the output are one line with exit 2."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from mmcurate.tests.support.foundation import (
     assert_same_output,
     assert_usage_error,
     check_accounting,
+    laion_csv_with_repeats,
     mmcurate_exe,
     register,
     sorted_files,
@@ -351,15 +351,7 @@ KILL_STAGES = [{"drop_word": {"word": "wallpaper"}}, "caption_dedup", {"slow": {
 @pytest.fixture(scope="module")
 def kill_input(tmp_path_factory, laion_sample: Path) -> Path:
     """120 LAION rows as CSV (parsed into the output's work folder at planning), with duplicate captions."""
-    rows = pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, 120).to_pylist()
-    for i in range(7, len(rows), 7):
-        rows[i]["TEXT"] = rows[i - 1]["TEXT"]
-    path = tmp_path_factory.mktemp("kill") / "urls.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["URL", "TEXT"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return laion_csv_with_repeats(laion_sample, tmp_path_factory.mktemp("kill") / "urls.csv", 120)
 
 
 def kill_pipeline(src: Path, out: Path, engine: str = "local") -> dict:

@@ -8,6 +8,7 @@ workers import the unpatched registry).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -247,3 +248,15 @@ if __name__ == "__main__":
 
     stages.STAGES.update(TOY_STAGES)
     sys.exit(main())
+
+
+def laion_csv_with_repeats(laion_sample: Path, path: Path, rows: int) -> Path:
+    """The first ``rows`` LAION rows as a CSV (URL, TEXT) at ``path``, every 7th caption repeating the one before."""
+    records = pq.read_table(laion_sample, columns=["URL", "TEXT"]).slice(0, rows).to_pylist()
+    for i in range(7, len(records), 7):
+        records[i]["TEXT"] = records[i - 1]["TEXT"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["URL", "TEXT"])
+        writer.writeheader()
+        writer.writerows(records)
+    return path
