@@ -41,10 +41,7 @@ from transformers import (
 from mmcurate.captioning.capfilt import Capfilt
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = next(
-    (p for p in (REPO / "tests" / "data" / "images", REPO.parent / "shared" / "data" / "images") if p.exists()),
-    REPO / "tests" / "data" / "images",
-)
+DATA = REPO / "tests" / "data" / "images"
 PROMPT = "a picture of "
 
 
