@@ -139,11 +139,9 @@ def _pipeline_from_args(args: argparse.Namespace):
 
 
 def _print_summary(summary: dict, out: str) -> None:
-    from mmcurate.engines.progress import summary_table
+    from mmcurate.tooling.summary import summary_lines
 
-    print(f"{summary['rows_in']} rows in {summary['shards']} shards: {summary['kept']} kept, {summary['rejected']} rejected -> {out}")
-    for line in summary_table(summary):
-        print(line)
+    print("\n".join(summary_lines(summary, out)))
 
 
 def _export_options(args: argparse.Namespace):
@@ -247,7 +245,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "inspect":
-        from mmcurate.shards.inspect import inspect_dataset
+        from mmcurate.tooling.inspect import inspect_dataset
 
         print(inspect_dataset(args.path, samples=args.samples))
         return 0
@@ -276,20 +274,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.a} and {args.b} differ" if differences else f"{args.a} and {args.b} agree")
         return 1 if differences else 0
     if args.command == "stats":
-        from mmcurate.engines.run import summarise
         from mmcurate.shards.layout import STATS, OutputDir
+        from mmcurate.shards.summary import output_summary
 
         out = OutputDir.open(args.path)
         if not out.exists(out.path(STATS)):
             raise UsageError(f"{args.path} has no {STATS} folder: not an mmcurate output")
-        record = out.run_record()
-        summary = summarise(out, range(record["shards"]) if record else out.shard_ids(STATS))
+        summary = output_summary(out)
         if args.json:
             print(json.dumps(summary, indent=2))
         else:
             _print_summary(summary, args.path)
         if args.plot:
-            from mmcurate.shards.plots import plot_funnel, score_table
+            from mmcurate.tooling.plots import plot_funnel, score_table
 
             plot_funnel(summary, args.plot, score_table(out))
             print(f"funnel drawn to {args.plot}")

@@ -1,8 +1,8 @@
-"""What a run shows on stderr while it runs, and the summary table at its end.
+"""What a run shows on stderr while it runs (the table at its end is :mod:`tooling.summary`'s).
 
 Per segment a bar (rows, rows/s, kept and rejected so far), then a line per stage of the segment
 (rows in, rejected, rows/s of the stage's own time); a line per global step (rows decided, rows
-rejected, seconds). The summary table holds the same figures per stage over the whole run.
+rejected, seconds).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from mmcurate.engines.core import Segment
+from mmcurate.shards.summary import rate
 
 
 class ShardDone(NamedTuple):
@@ -79,7 +80,7 @@ class SegmentProgress:
         self.bar.close()
         if self.enabled:
             for label, (rows_in, rejected, seconds) in self.stages.items():
-                print(f"  {label}: {rows_in} rows in, {rejected} rejected, {_rate(rows_in, seconds)}", file=sys.stderr)
+                print(f"  {label}: {rows_in} rows in, {rejected} rejected, {rate(rows_in, seconds)} rows/s", file=sys.stderr)
 
 
 @contextmanager
@@ -95,24 +96,3 @@ def global_step(label: str, rows: int | None, enabled: bool) -> Iterator[list[in
     if enabled:
         of = "" if rows is None else f" of {rows}"
         print(f"global step {label}: {sum(rejected)}{of} rows rejected in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-
-
-def _rate(rows: int, seconds: float) -> str:
-    return f"{rows / seconds:,.0f} rows/s" if seconds > 0 else "- rows/s"
-
-
-def summary_table(summary: dict) -> list[str]:
-    """The run summary (:func:`engines.run.summarise`) as a table: per stage rows in, rejected, rows left,
-    seconds (the stage's own time, over all workers), rows/s and the top reasons."""
-    header = ("stage", "rows in", "rejected", "left", "seconds", "rows/s", "reasons")
-    rows = []
-    for name, stage in summary["stages"].items():
-        rate = _rate(stage["rows_in"], stage["seconds"]).removesuffix(" rows/s")
-        reasons = ", ".join(f"{r} {n}" for r, n in list(stage["reasons"].items())[:3]) + (", ..." if len(stage["reasons"]) > 3 else "")
-        left = stage["rows_in"] - stage["rejected"]
-        rows.append((name, str(stage["rows_in"]), str(stage["rejected"]), str(left), f"{stage['seconds']:.2f}", rate, reasons))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    cells = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))) for r in [header, *rows]
-    ]
-    return [f"  {line}  {r[-1]}".rstrip() for line, r in zip(cells, [header, *rows], strict=True)]

@@ -8,7 +8,6 @@ import logging
 import os
 import platform
 import uuid
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,6 +22,7 @@ from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
 from mmcurate.shards.layout import RUN_JSON, SHARD_FOLDERS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
 from mmcurate.shards.lease import LEASE, Lease, acquire
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
+from mmcurate.shards.summary import summarise
 from mmcurate.stages.base import Stage
 from mmcurate.stages.model import ModelStage
 
@@ -273,36 +273,6 @@ def _start(pipeline: Pipeline, engine: str) -> RunContext:
     if pipeline.output.format is None and ctx.pipeline.output.format == "parquet":
         logger.warning("the rows carry no image: writing Parquet shards (output.format=webdataset writes tars)")
     return ctx
-
-
-_STATS_KEYS = ("stage", "rows_in", "rejected", "reasons", "seconds")
-
-
-def summarise(out: OutputDir, shard_ids: Iterable[int]) -> dict:
-    """Totals over the ``_stats`` files of ``shard_ids`` that exist: rows in, kept, rejected by stage and by reason."""
-    totals = {"shards": 0, "rows_in": 0, "kept": 0, "rejected": 0}
-    by_stage: dict[str, dict] = {}
-    for shard_id in shard_ids:
-        path = out.stats_path(shard_id)
-        if not out.exists(path):
-            continue
-        stats = out.read_json(path)
-        totals["shards"] += 1
-        for key in ("rows_in", "kept", "rejected"):
-            totals[key] += stats[key]
-        for entry in stats["stages"]:
-            agg = by_stage.setdefault(entry["stage"], {"rows_in": 0, "rejected": 0, "reasons": Counter(), "seconds": 0.0})
-            agg["rows_in"] += entry["rows_in"]
-            agg["rejected"] += entry["rejected"]
-            agg["reasons"].update(entry["reasons"])
-            agg["seconds"] += entry["seconds"]
-            for name, value in entry.items():  # a stage's own integer entries (oom_halvings, hosts_tripped): summed
-                if name not in _STATS_KEYS and isinstance(value, int):
-                    agg[name] = agg.get(name, 0) + value
-    for agg in by_stage.values():
-        agg["reasons"] = dict(agg["reasons"].most_common())
-        agg["seconds"] = round(agg["seconds"], 3)
-    return {**totals, "stages": by_stage}
 
 
 def write_sizes(out: OutputDir, shard_ids: Iterable[int]) -> None:

@@ -1,1 +1,1 @@
-"""Tooling over finished outputs (the engines' floor): ``mmcurate validate``."""
+"""Tooling over outputs, beside the engines (never importing them): inspect, validate, stats, plots, report."""

@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from mmcurate.engines.run import summarise
 from mmcurate.errors import UsageError
 from mmcurate.shards.layout import STATS, OutputDir
-from mmcurate.shards.plots import draw_funnel, draw_histogram, histogram, plt, png, score_table, score_values
 from mmcurate.shards.readers import index_tar, read_members
+from mmcurate.shards.summary import output_summary
+from mmcurate.tooling.plots import draw_funnel, draw_histogram, histogram, plt, png, score_table, score_values
 
 ROW_COLUMNS = ("key", "reject_stage", "reject_reason", "duplicate_of", "language")
 THUMBNAIL = 256  # longest side of an embedded thumbnail, pixels
@@ -51,7 +51,7 @@ def build_report(path: str, html_path: str, options: Options = Options()) -> dic
     if os.path.commonpath([html_dir, os.path.abspath(path)]) == os.path.abspath(path):
         raise UsageError(f"{html_path}: the report goes outside the output folder {path}")
     record = out.run_record()
-    summary = summarise(out, range(record["shards"]) if record else out.shard_ids(STATS))
+    summary = output_summary(out)
     rows = _rows(out)
     histograms = {name: dict(zip(("counts", "edges"), histogram(v), strict=True)) for name, v in score_values(rows).items()}
     clusters = _clusters(rows)

@@ -126,7 +126,7 @@ def test_missing_models_are_one_line(tmp_path: Path) -> None:
 
 
 def test_inspect_and_validate_cover_captions(tmp_path: Path, img2dataset_output: Path, tiny_blip: dict) -> None:
-    from mmcurate.shards.inspect import inspect_dataset
+    from mmcurate.tooling.inspect import inspect_dataset
     from mmcurate.tooling.validate import check_table
 
     settings = [f"captioner={tiny_blip['captioner']}", f"filter_model={tiny_blip['itm']}", "num_captions=2", "mode=score"]
