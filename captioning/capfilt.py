@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import reject, set_column
-from mmcurate.stages.model import ModelConfig, ModelStage, Skip, decode_image, hf_load, open_clip_load, require
+from mmcurate.stages.model import ModelConfig, ModelStage, Skip, hf_load, open_clip_load, require, row_image
 
 CLIP_PREFIXES = ("local-dir:", "hf-hub:", "open_clip:")
 SEED_RULE = (
@@ -145,11 +145,9 @@ class Capfilt(ModelStage):
     # -- per row, in the decode threads ----------------------------------------------------------
 
     def prepare(self, row: dict[str, Any]) -> Any:
-        if row["image"] is None:
-            return Skip("image_missing")
-        image = decode_image(row["image"], self._draft)
-        if image is None:
-            return Skip("decode_error")
+        image = row_image(row, self._draft)
+        if isinstance(image, Skip):
+            return image
         pixels = self._processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         if self.config.clip_filter:
             scored = self._clip_preprocess(image)

@@ -30,7 +30,7 @@ from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import reject, set_column
-from mmcurate.stages.model import ModelConfig, ModelStage, Skip, decode_image, hf_load, require
+from mmcurate.stages.model import ModelConfig, ModelStage, Skip, hf_load, require, row_image
 
 # (phrase index, xyxy box normalised to the image, score) of one detection
 Detection = tuple[int, tuple[float, float, float, float], float]
@@ -241,11 +241,9 @@ class Grounding(ModelStage):
         entries = (row["grounding"] or [])[: self.config.max_phrases]
         if not entries:
             return {"entries": []}
-        if row["image"] is None:
-            return Skip("image_missing")
-        image = decode_image(row["image"], self.detector.draft)
-        if image is None:
-            return Skip("decode_error")
+        image = row_image(row, self.detector.draft)
+        if isinstance(image, Skip):
+            return image
         return {"entries": entries, **self.detector.prepare(image, [e["phrase"] for e in entries])}
 
     def infer(self, items: list[Any]) -> list[list[dict]]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from mmcurate.filters.common import Mode, check_mode, store_scores
 from mmcurate.stages.base import reject
-from mmcurate.stages.model import ModelConfig, ModelStage, Skip, decode_image, open_clip_load
+from mmcurate.stages.model import ModelConfig, ModelStage, Skip, open_clip_load, row_image
 
 
 @dataclass
@@ -64,11 +64,9 @@ class ClipScore(ModelStage):
 
     def prepare(self, row: dict[str, Any]) -> Any:
         """The preprocessed image tensor and the caption, or the reason there is no score."""
-        if row["image"] is None:
-            return Skip("image_missing")
-        image = decode_image(row["image"], self._draft)
-        if image is None:
-            return Skip("decode_error")
+        image = row_image(row, self._draft)
+        if isinstance(image, Skip):
+            return image
         caption = row["caption"].strip() if row["caption"] else ""
         return (self._preprocess(image), caption) if caption else Skip("caption_missing")
 

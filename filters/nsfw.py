@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from mmcurate.filters.common import Mode, check_mode, store_scores
 from mmcurate.stages.base import Resources, reject
-from mmcurate.stages.model import ModelStage, Skip, decode_image, require
+from mmcurate.stages.model import ModelStage, Skip, require, row_image
 
 EXPOSED = ("FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "FEMALE_BREAST_EXPOSED", "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
 _INPUT = 320  # the detector's input size
@@ -70,10 +70,8 @@ class Nsfw(ModelStage):
 
     def prepare(self, row: dict[str, Any]) -> Any:
         """The image as the BGR array NudeNet expects, or the reason there is none."""
-        if row["image"] is None:
-            return Skip("image_missing")
-        image = decode_image(row["image"], draft=(_INPUT, _INPUT))
-        return Skip("decode_error") if image is None else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        image = row_image(row, draft=(_INPUT, _INPUT))
+        return image if isinstance(image, Skip) else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
 
     def infer(self, items: list[Any]) -> list[float]:
         found = self._detector.detect_batch(items, batch_size=len(items))

@@ -240,6 +240,14 @@ def decode_image(data: bytes | None, draft: tuple[int, int] | None = None) -> Im
         return None
 
 
+def row_image(row: dict[str, Any], draft: tuple[int, int] | None = None) -> Image.Image | Skip:
+    """A row's image for a model (:func:`decode_image`), or why there is none: ``image_missing``, ``decode_error``."""
+    if row["image"] is None:
+        return Skip("image_missing")
+    image = decode_image(row["image"], draft)
+    return Skip("decode_error") if image is None else image
+
+
 def prefetched(executor: Executor, fn: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[R]:
     """``map(fn, items)`` run in ``executor``, in order, with at most ``depth`` results pending.
 
