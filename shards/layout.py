@@ -146,9 +146,8 @@ class OutputDir:
     def open_atomic(self, path: str) -> Iterator[Any]:
         """A binary file that appears at ``path`` only when the block ends without an error: it is
         written under a temporary name in the same folder, then renamed."""
-        parent = path.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[1]}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = temporary_path(path)
         with self.fs.open(tmp, "wb") as f:
             yield f
         killpoints.reached("write")
@@ -276,6 +275,13 @@ class OutputDir:
             if stem.isdigit():
                 ids.add(int(stem))
         return sorted(ids)
+
+
+def temporary_path(path: str, tag: str | None = None) -> str:
+    """A temporary name beside ``path`` (``.tmp-HEX-NAME``): readers skip it and a resumed run removes a
+    leftover of a killed write. ``tag`` (hex) replaces the random part where takers must agree on the name."""
+    parent, name = path.rsplit("/", 1)
+    return f"{parent}/.tmp-{tag or uuid.uuid4().hex}-{name}"
 
 
 def is_partial_write(name: str) -> bool:

@@ -5,11 +5,19 @@ The create is exclusive on every filesystem that has one: a hard link on a local
 a conditional put (``If-None-Match: *``) on S3 through s3fs. A live lease refuses a second run in one
 line naming its holder. A stale one is taken over: its heartbeat is older than :data:`STALE_AFTER`
 seconds, or its holder ran on this host and its process is gone (a killed run), or it is this process's own.
+
+A takeover replaces the stale lease only if it is still the one judged stale, so of several runs
+that find one stale lease exactly one takes it: on S3 a put with ``If-Match`` on the stale lease's
+ETag; elsewhere the takers first create a marker named for the stale lease's content (exclusively, as
+the lease itself), and its one holder checks the lease is unchanged before it replaces it in one step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import getpass
+import hashlib
 import json
 import os
 import socket
@@ -22,10 +30,12 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from mmcurate.errors import UsageError
+from mmcurate.shards.layout import temporary_path
 
 LEASE = "_lease.json"
 STALE_AFTER = 120.0  # seconds without a heartbeat after which a lease is taken over
 HEARTBEAT = STALE_AFTER / 4
+TAKE_ATTEMPTS = 4
 
 
 @dataclass
@@ -59,25 +69,61 @@ class Lease:
 def acquire(fs: AbstractFileSystem, root: str) -> Lease:
     """Take the lease on the output folder ``root``; UsageError naming the holder of a live one."""
     lease = Lease(fs, f"{root}/{LEASE}")
-    for _ in range(3):  # a takeover races another run's: the loser finds a fresh lease the next time round
+    for attempt in range(TAKE_ATTEMPTS):
         try:
             _create(fs, lease.path, lease.record())
             break
         except FileExistsError:
-            held = _read(fs, lease.path)
+            version = _version(fs, lease.path)  # before the content: a lease rewritten after this no longer matches it
+            raw = _raw(fs, lease.path)
+            held = _parse(raw)
             if not _stale(held):
                 raise UsageError(
                     f"{root} is being written by another run ({held.get('owner')} on {held.get('host')}, pid {held.get('pid')},"
                     f" heartbeat {time.time() - held.get('heartbeat', 0):.0f} s ago); wait for it, stop it, or remove {lease.path}"
                     " if that run is gone"
                 ) from None
-            fs.rm(lease.path)
+            if raw is not None and _take_over(fs, lease.path, raw, version, lease.record()):
+                break
+            time.sleep(0.2 * (attempt + 1))  # another run is taking it over: its lease is live the next time round
         except OSError as e:
             raise UsageError(f"cannot write to the output folder {root}: {e.strerror or e}") from None
     else:
-        raise UsageError(f"cannot take the lease {lease.path}: other runs keep taking it")
+        raise UsageError(
+            f"cannot take the lease {lease.path}: other runs keep taking it over (a .tmp-*-{LEASE} file beside it that stays"
+            " is a leftover of a run killed while taking it over: remove it)"
+        )
     threading.Thread(target=lease._beat, name="mmcurate-lease", daemon=True).start()
     return lease
+
+
+def _take_over(fs: AbstractFileSystem, path: str, stale: bytes, version: str | None, record: dict) -> bool:
+    """Replace the stale lease ``stale`` (its raw content; ``version``: its S3 ETag) with ``record`` if it is
+    still there; whether this run took it (False: another run did, or its holder removed it)."""
+    data = json.dumps(record).encode()
+    if version is not None:  # S3: the put succeeds only if the object is still the stale one
+        try:
+            fs.pipe_file(path, data, IfMatch=version)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # s3fs's PreconditionFailed: another run replaced it first
+                return False
+            raise
+        return True
+    marker = temporary_path(path, hashlib.sha256(stale).hexdigest()[:32])  # the same name for every taker of this lease
+    try:
+        _create(fs, marker, record)
+    except FileExistsError:
+        return False
+    try:
+        if _raw(fs, path) != stale:
+            return False
+        _write(fs, path, record)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(marker)
 
 
 def _stale(held: dict) -> bool:
@@ -111,7 +157,7 @@ def _create(fs: AbstractFileSystem, path: str, record: dict) -> None:
     data = json.dumps(record).encode()
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     if isinstance(fs, LocalFileSystem):  # written whole under a temporary name, then hard-linked: exclusive, and never seen half-written
-        tmp = _temporary(path)
+        tmp = temporary_path(path)
         with open(tmp, "xb") as f:
             f.write(data)
         try:
@@ -126,7 +172,7 @@ def _write(fs: AbstractFileSystem, path: str, record: dict) -> None:
     """Replace the lease's content in one step (a rename on a local disk, a put on an object store)."""
     data = json.dumps(record).encode()
     if isinstance(fs, LocalFileSystem):
-        tmp = _temporary(path)
+        tmp = temporary_path(path)
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -134,15 +180,30 @@ def _write(fs: AbstractFileSystem, path: str, record: dict) -> None:
         fs.pipe_file(path, data)
 
 
-def _temporary(path: str) -> str:
-    """A temporary name beside ``path`` in the layout's form, so a killed run's leftover is cleaned up."""
-    parent, name = path.rsplit("/", 1)
-    return f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+def _version(fs: AbstractFileSystem, path: str) -> str | None:
+    """The lease object's ETag on S3 (which takes a put conditional on it), else None."""
+    if "s3" not in fs.protocol:
+        return None
+    try:
+        return fs.info(path).get("ETag")
+    except OSError:
+        return None
+
+
+def _raw(fs: AbstractFileSystem, path: str) -> bytes | None:
+    try:
+        return fs.cat_file(path)
+    except OSError:
+        return None
+
+
+def _parse(raw: bytes | None) -> dict:
+    try:
+        record = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _read(fs: AbstractFileSystem, path: str) -> dict:
-    try:
-        record = json.loads(fs.cat_file(path))
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return _parse(_raw(fs, path))

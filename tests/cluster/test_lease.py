@@ -83,6 +83,64 @@ def test_concurrent_runs_one_wins(tmp_path: Path, urls: Path) -> None:
     assert any("another run" in r[1] for r in results), results
 
 
+RACE = """
+import pathlib, sys, time, fsspec
+from mmcurate.errors import UsageError
+from mmcurate.shards import lease
+
+root, meet, me = sys.argv[1:4]
+judge, first = lease._stale, [True]
+
+def stale_once_both_judged(held):  # both takers judge the stale lease before either replaces it
+    verdict = judge(held)
+    if first.pop() if first else False:
+        pathlib.Path(meet, me).touch()
+        while len(list(pathlib.Path(meet).iterdir())) < 2:
+            time.sleep(0.01)
+    return verdict
+
+lease._stale = stale_once_both_judged
+fs, path = fsspec.core.url_to_fs(root)
+try:
+    held = lease.acquire(fs, path)
+except UsageError as e:
+    sys.exit(f"refused: {e}")
+print("took", flush=True)
+time.sleep(3)
+held.release()
+"""
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_two_takers_of_one_stale_lease_one_wins(store: str, tmp_path: Path, request) -> None:
+    """Two runs find one stale lease at once: one replaces it, the other is refused naming a live run (no double takeover)."""
+    if store == "s3":
+        fs, bucket = request.getfixturevalue("s3")
+        root, env = f"{bucket}/out", request.getfixturevalue("s3_env")
+        path = root.removeprefix("s3://")
+    else:
+        fs, env = fsspec.filesystem("file"), None
+        root = path = str(tmp_path / "out")
+        fs.makedirs(path)
+    hold(path, fs, host="node-7.invalid", heartbeat=time.time() - 10 * lease.STALE_AFTER)
+    (tmp_path / "meet").mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, root, str(tmp_path / "meet"), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name in ("a", "b")
+    ]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert sorted(r[0] for r in results) == ["", "took\n"], results
+    refused = next(r[1] for r in results if not r[0])
+    assert refused.startswith("refused: ") and ("another run" in refused or "keep taking it over" in refused), results
+    assert fs.find(path) == []  # the winner released the lease; no takeover marker is left
+
+
 def test_lease_on_s3_is_a_conditional_put(s3) -> None:
     fs, bucket = s3
     root = f"{bucket.removeprefix('s3://')}/out"
