@@ -61,7 +61,9 @@ class RunContext:
     def create(cls, pipeline: Pipeline, reader: Reader | None = None) -> RunContext:
         out = OutputDir.open(pipeline.output.path)
         stages = pipeline.build_stages()  # before planning writes parsed URL lists into the output folder
-        reader = reader or plan_input(pipeline.input, pipeline.output.rows_per_shard, out)
+        if reader is None:
+            record = out.run_record()
+            reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out, record.get("sources") if record else None)
         check_columns(stages, reader.format, carried_columns(reader))
         return cls(pipeline, reader, stages, out)
 
@@ -228,18 +230,13 @@ def _start(pipeline: Pipeline, engine: str) -> RunContext:
     try:
         if previous is not None:
             out.remove_partial_writes()
-        reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out)
+        reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out, previous.get("sources") if previous else None)
         check_columns(stages, reader.format, carried_columns(reader))
-        if previous is not None and previous["shards"] != len(reader.shards):
-            raise UsageError(
-                f"the input changed since {pipeline.output.path} was started ({previous['shards']} shards then, {len(reader.shards)} now);"
-                " use a new output folder"
-            )
     except UsageError:
-        if previous is None:  # leave no trace of a run that never started
+        if previous is None or previous.get("finished"):  # leave no trace of a run that never started (or a re-run refused)
             out.remove_work()
-            if not existed and not out.entries():
-                out.fs.rmdir(out.root)
+        if previous is None and not existed and not out.entries():
+            out.fs.rmdir(out.root)
         raise
     run_id = previous.get("run_id") if previous is not None else None
     ctx = RunContext(pipeline, reader, stages, dataclasses.replace(out, run_id=run_id or uuid.uuid4().hex))
@@ -268,6 +265,7 @@ def _start(pipeline: Pipeline, engine: str) -> RunContext:
             "started": previous.get("started", started) if previous is not None else started,
             "finished": None,
             "shards": len(reader.shards),
+            "sources": reader.sources,  # each input file's size, modification time and head hash: a re-run refuses a changed input
         },
     )
     if pipeline.output.format is None and ctx.pipeline.output.format == "parquet":

@@ -23,8 +23,9 @@ from mmcurate.errors import UsageError
 from mmcurate.shards.layout import DONE, OutputDir
 from mmcurate.shards.writers import written_by
 
-# run.json entries that differ between runs of one pipeline.
-IGNORED_RUN = frozenset({"engine", "started", "finished", "versions", "mmcurate_version", "run_id"})
+# run.json entries that differ between runs of one pipeline (``sources``: input files' modification times
+# differ between copies of one input; a different content shows in the rows).
+IGNORED_RUN = frozenset({"engine", "started", "finished", "versions", "mmcurate_version", "run_id", "sources"})
 IGNORED_PIPELINE = frozenset({"engine", "workers"})
 EXAMPLES = 3  # keys shown per kind of difference
 

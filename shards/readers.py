@@ -4,7 +4,7 @@ Planning lists the input files and their row counts and cuts the concatenated ro
 slices. Text URL lists (csv, tsv, jsonl, txt) are parsed once at planning into Parquet under
 ``OUT/_work/input/`` so every shard reads its slice cheaply; malformed rows and invalid UTF-8 are
 kept there as rows with a ``reject_reason``, never dropped. Each input file's identity (size,
-modification time, hash of its head) is recorded there too, and a resume refuses a changed input.
+modification time, hash of its head) is recorded in ``run.json``, and a re-run refuses a changed input.
 Every table a reader returns has ``key``, ``url``, ``caption``, ``reject_stage`` and
 ``reject_reason``, plus the source's other columns (renamed ``source_NAME`` where a name clashes
 with a declared column or starts with ``_``, which marks a stage's internal columns).
@@ -172,23 +172,23 @@ class Reader:
         return self._tar_indexes[tar]
 
 
-def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir) -> Reader:
-    """List the input, parse text URL lists into ``OUT/_work/input`` and cut rows into shards."""
+def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir, recorded: dict[str, list] | None = None) -> Reader:
+    """List the input, parse text URL lists into ``OUT/_work/input`` and cut rows into shards.
+
+    ``recorded``: the input's identities (:attr:`Reader.sources`) as the run in ``out`` recorded them; an
+    input that differs is refused, and URL lists parsed under that record are reused.
+    """
     if rows_per_shard < 1:
         raise UsageError("output rows_per_shard must be at least 1")
     fs, root = url_to_fs(spec.path)
     fmt, paths = _discover(fs, root.rstrip("/"), spec.format, out.root)
     base = _key_base(fs, root.rstrip("/"))
     rels = [path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1] for path in paths]
-    record = out.work_path("input", "sources.json")
     sources = _input_sources(fs, dict(zip(rels, paths, strict=True)), fmt)
-    recorded = out.exists(record)
-    if recorded:
-        _check_unchanged(out.read_json(record), sources)
-    # Parsed URL lists are reused only under a record of the input they were parsed from.
-    files = [_source_file(fs, path, rel, fmt, spec, out, i, recorded) for i, (path, rel) in enumerate(zip(paths, rels, strict=True))]
-    if not recorded:
-        out.write_json(record, sources)
+    if recorded is not None:
+        _check_unchanged(recorded, sources, out.root)
+    reuse = recorded is not None
+    files = [_source_file(fs, path, rel, fmt, spec, out, i, reuse) for i, (path, rel) in enumerate(zip(paths, rels, strict=True))]
     reader = Reader(spec, fs, files, fmt, sources=sources, work_fs=out.fs)
     reader.shards = _cut(files, rows_per_shard)
     return reader
@@ -214,12 +214,14 @@ def _input_sources(fs, paths: dict[str, str], fmt: str) -> dict[str, list]:
     return sources
 
 
-def _check_unchanged(before: dict[str, list], now: dict[str, list]) -> None:
-    """Refuse an input whose files differ from those an earlier, unfinished run of this output recorded."""
+def _check_unchanged(before: dict[str, list], now: dict[str, list], output: str) -> None:
+    """Refuse an input whose files differ from those the run in ``output`` recorded (finished or not)."""
     changed = sorted(set(before) ^ set(now)) or sorted(rel for rel in now if before[rel] != now[rel])
     if changed:
         what = "added or removed" if set(before) != set(now) else "changed"
-        raise UsageError(f"input file {changed[0]} was {what} since this run started (a resume would mix inputs); use a new output folder")
+        raise UsageError(
+            f"input file {changed[0]} was {what} since the run in {output} started (its output would mix inputs); use a new output folder"
+        )
 
 
 def _key_base(fs: fsspec.AbstractFileSystem, root: str) -> str:

@@ -204,6 +204,26 @@ def test_a_resume_refuses_a_changed_input(tmp_path: Path, cli, name: str, change
     assert_usage_error(cli("run", str(pipeline), "--no-progress"), name, "changed")
 
 
+@pytest.mark.parametrize("name", ["urls.csv", "urls.parquet"])
+def test_a_rerun_of_a_finished_run_refuses_a_changed_input(tmp_path: Path, cli, name: str) -> None:
+    """The input's identities live in run.json, which outlives the work folder a finished run removes:
+    an edited input of the same shard count is refused, and the output is left as it was."""
+    src = tmp_path / name
+    write_urls(src, url_list(10))
+    pipeline = write_yaml(
+        tmp_path / "p.yaml",
+        {"input": {"path": str(src)}, "output": {"path": str(tmp_path / "out"), "rows_per_shard": 4}, "stages": [{"drop_word": {}}]},
+    )
+    assert cli("run", str(pipeline), "--no-progress").returncode == 0
+    out = tmp_path / "out"
+    assert not (out / "_work").exists() and set(json.loads((out / "run.json").read_text())["sources"]) == {name}
+    assert cli("run", str(pipeline), "--no-progress").returncode == 0  # the same input: nothing to do
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_urls(src, [{**r, "caption": r["caption"].upper()} for r in url_list(10)])  # same rows and shards, other captions
+    assert_usage_error(cli("run", str(pipeline), "--no-progress"), f"input file {name} was changed", str(out))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. Source columns with reserved names
 
