@@ -1,9 +1,11 @@
 """``mmcurate run PIPELINE --retry-failed``: fetch again only the samples an earlier run failed to
 download, run them through the pipeline's stages and merge them into the finished shards.
 
-Rows whose failure cannot change (``bad_url``, ``bad_scheme``, ``blocked_address``, ``opted_out``
-and the size checks) are not retried. Download options may differ from the earlier run (a longer
-deadline, more retries); everything else must match. A shard is rewritten whole, its done marker
+The rows retried are those a download stage (any of them: ``download#1``, ``download#2``) rejected,
+but not those whose failure cannot change (``bad_url``, ``bad_scheme``, ``blocked_address``,
+``opted_out`` and the size checks). Download options may differ from the earlier run (a longer
+deadline, more retries); everything else must match, the input included. The retry holds the
+output's lease (:mod:`shards.lease`) as a run does. A shard is rewritten whole, its done marker
 removed first, so an interrupted retry leaves the shard to be recomputed by a plain re-run rather
 than half merged. Pipelines with global stages (dedup, select) are refused: their decisions saw
 the whole dataset without the retried rows.
@@ -16,11 +18,13 @@ import datetime as dt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmcurate.download.stage import Download
 from mmcurate.engines.core import REJECTED_AT, run_segment, shard_stats, start_ledger
 from mmcurate.engines.run import RunContext, finish_run
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.lease import acquire
 from mmcurate.shards.writers import write_shard
 from mmcurate.stages.base import set_column
 
@@ -36,37 +40,43 @@ NOT_RETRIED = frozenset(
         "decompression_bomb",
     }
 )
-STAGE = "download"
+STAGE = Download.name  # the stage name download options are written under in a pipeline
 
 
 def retry_failed(pipeline: Pipeline) -> dict:
-    """Retry the failed downloads of the finished run in ``pipeline.output.path``; return the run summary."""
+    """Retry the failed downloads of the finished run in ``pipeline.output.path``, holding the output's
+    lease; return the run summary."""
+    out = OutputDir.open(pipeline.output.path)
+    if not out.exists(out.run_json):
+        raise UsageError(f"--retry-failed needs the output of an earlier run; {pipeline.output.path} has none")
+    lease = acquire(out.fs, out.root)
+    try:
+        return _retry(pipeline)
+    finally:
+        lease.release()
+
+
+def _retry(pipeline: Pipeline) -> dict:
     ctx = _open_finished_run(pipeline)
     for position in ctx.segments[0].positions:
         ctx.ready(position)
+    labels = [stage.label for stage in ctx.stages if isinstance(stage, Download)]
     retried = recovered = 0
     for plan in ctx.reader.shards:
-        counts = _retry_shard(ctx, plan.shard_id)
+        counts = _retry_shard(ctx, plan.shard_id, labels)
         retried += counts[0]
         recovered += counts[1]
     run_json = ctx.out.run_json
     record = ctx.out.read_json(run_json)
     at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    record.setdefault("retries", []).append(
-        {"at": at, "download": _download_params(pipeline.as_dict()), "retried": retried, "recovered": recovered}
-    )
+    download = [params for item in pipeline.as_dict()["stages"] for name, params in item.items() if name == STAGE]
+    record.setdefault("retries", []).append({"at": at, "download": download, "retried": retried, "recovered": recovered})
     ctx.out.write_json(run_json, record)
     return finish_run(ctx)
 
 
-def _download_params(config: dict) -> dict | None:
-    return next((params for item in config["stages"] for name, params in item.items() if name == STAGE), None)
-
-
 def _open_finished_run(pipeline: Pipeline) -> RunContext:
     out = OutputDir.open(pipeline.output.path)
-    if not out.exists(out.run_json):
-        raise UsageError(f"--retry-failed needs the output of an earlier run; {pipeline.output.path} has none")
     if not any(spec.name == STAGE for spec in pipeline.stages):
         raise UsageError("--retry-failed needs a pipeline with a download stage")
     previous = out.read_json(out.run_json)["pipeline"]
@@ -88,12 +98,13 @@ def _without_download(config: dict) -> dict:
     return {"input": config["input"], "stages": stages, "output": {k: v for k, v in config["output"].items() if k != "path"}}
 
 
-def _retry_shard(ctx: RunContext, shard_id: int) -> tuple[int, int]:
-    """Retry one shard's failed downloads and rewrite it; (rows retried, rows now kept)."""
+def _retry_shard(ctx: RunContext, shard_id: int, labels: list[str]) -> tuple[int, int]:
+    """Retry one shard's rows that the download stages labelled ``labels`` failed and rewrite it; (rows retried, rows now kept)."""
     out = ctx.out
     rejects = out.read_parquet(out.rejects_path(shard_id))
     failed = pc.and_(
-        pc.equal(rejects.column("reject_stage"), STAGE), pc.invert(pc.is_in(rejects.column("reject_reason"), pa.array(sorted(NOT_RETRIED))))
+        pc.is_in(rejects.column("reject_stage"), pa.array(labels, pa.string())),
+        pc.invert(pc.is_in(rejects.column("reject_reason"), pa.array(sorted(NOT_RETRIED)))),
     )
     failed = pc.fill_null(failed, False)
     again = rejects.filter(failed)

@@ -4,8 +4,6 @@ taken over; the create is exclusive on a local disk and on S3 (a conditional put
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import pytest
 from mmcurate.cli import main
 from mmcurate.errors import UsageError
 from mmcurate.shards import lease
-from mmcurate.tests.support.foundation import LAION, assert_usage_error, register
+from mmcurate.tests.support.foundation import LAION, assert_usage_error, hold, register
 
 
 @pytest.fixture
@@ -36,12 +34,6 @@ def stage(capsys, monkeypatch, src: Path, out: str) -> subprocess.CompletedProce
     code = main(["stage", "drop_word", "--input", str(src), "--output", out, "--workers", "1", "--no-progress", *LAION])
     stdout, stderr = capsys.readouterr()
     return subprocess.CompletedProcess([], code, stdout, stderr)
-
-
-def hold(path: str, fs=None, **fields) -> None:
-    """Write a lease file as another run would, this host's live parent process by default."""
-    record = {"token": "other", "owner": "alice", "host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time(), **fields}
-    (fs or fsspec.filesystem("file")).pipe_file(f"{path}/{lease.LEASE}", json.dumps(record).encode())
 
 
 def test_a_run_releases_its_lease(tmp_path: Path, urls: Path, capsys, monkeypatch) -> None:

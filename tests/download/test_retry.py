@@ -10,16 +10,18 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from mmcurate.cli import main
+from mmcurate.tests.support.foundation import hold
 
 
-def _pipeline(tmp_path, fmt: str, name: str = "pipeline.yaml", **download) -> str:
+def _pipeline(tmp_path, fmt: str, name: str = "pipeline.yaml", downloads: int = 1, **download) -> str:
+    """A pipeline of ``downloads`` download stages with these options."""
     options = ", ".join(
         f"{k}: {v}" for k, v in {"image_size": 64, "deadline": 2, "retries": 0, "allow_private_networks": "true", **download}.items()
     )
     path = tmp_path / name
     path.write_text(
         f"input: {{path: urls.parquet}}\noutput: {{path: out, format: {fmt}, rows_per_shard: 3}}\n"
-        f"workers: 1\nstages:\n  - download: {{{options}}}\n"
+        f"workers: 1\nstages:\n" + f"  - download: {{{options}}}\n" * downloads
     )
     return str(path)
 
@@ -100,3 +102,31 @@ def test_breaker_refusals_are_in_the_stats_and_retried(server, other_host, tmp_p
     assert main(["run", retry, "--retry-failed", "--no-progress"]) == 0
     assert other_host.hits["/trickle"] == before + 3
     assert Counter(_rejects(out).column("reject_reason").to_pylist()) == {"too_slow": 3}
+
+
+def test_retry_failed_finds_every_download_stage_and_holds_the_lease(server, tmp_path, capsys):
+    """Rows rejected at ``download#1`` of two download stages are retried; a live lease on the output
+    (another run writing it) refuses the retry, with nothing fetched or changed."""
+    urls = [server.url("/flaky/404/1/d1"), server.url("/img/jpeg")]
+    pq.write_table(pa.table({"url": urls, "caption": ["a", "b"]}), tmp_path / "urls.parquet")
+    pipeline = _pipeline(tmp_path, "parquet", downloads=2)
+    out = tmp_path / "out"
+    assert main(["run", pipeline, "--no-progress"]) == 0
+    rejected = _rejects(out).select(["reject_stage", "reject_reason"]).to_pylist()
+    assert rejected == [{"reject_stage": "download#1", "reject_reason": "http_404"}]
+
+    hold(str(out))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    hits = server.hits["/flaky/404/1/d1"]
+    capsys.readouterr()
+    assert main(["run", pipeline, "--retry-failed", "--no-progress"]) == 2
+    assert "another run" in capsys.readouterr().err
+    assert server.hits["/flaky/404/1/d1"] == hits and {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    (out / "_lease.json").unlink()
+    assert main(["run", pipeline, "--retry-failed", "--no-progress"]) == 0
+    assert server.hits["/flaky/404/1/d1"] == hits + 1 and _rejects(out).num_rows == 0
+    assert sorted(pq.read_table(out / "shards" / "00000.parquet").column("url").to_pylist()) == sorted(urls)
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["retries"][0]["download"]) == 2 and run["retries"][0]["recovered"] == 1
+    assert not (out / "_lease.json").exists()

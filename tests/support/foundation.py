@@ -11,19 +11,23 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmcurate.dedup.cluster import ClusterStage
+from mmcurate.shards.lease import LEASE
 from mmcurate.stages.base import Stage, reject, set_column
 
 MODULE = "mmcurate.tests.support.foundation"  # ``python -m MODULE`` is the CLI with the toy stages
@@ -260,3 +264,9 @@ def laion_csv_with_repeats(laion_sample: Path, path: Path, rows: int) -> Path:
         writer.writeheader()
         writer.writerows(records)
     return path
+
+
+def hold(path: str, fs=None, **fields) -> None:
+    """Write a lease file on the output ``path`` as another run would, this host's live parent process by default."""
+    record = {"token": "other", "owner": "alice", "host": socket.gethostname(), "pid": os.getppid(), "heartbeat": time.time(), **fields}
+    (fs or fsspec.filesystem("file")).pipe_file(f"{path}/{LEASE}", json.dumps(record).encode())
