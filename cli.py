@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON")
             p.add_argument("--plot", metavar="PNG", help="also draw the filter funnel to this PNG")
 
-    report = sub.add_parser("report", help="a self-contained HTML page of an output (funnel, histograms, samples) and report.json")
+    report = sub.add_parser("report", help="a self-contained HTML page of an output (funnel, histograms, samples) and its figures as JSON")
     report.add_argument("path", metavar="OUT")
-    report.add_argument("-o", "--output", default="report.html", help="the HTML file (default: report.html); report.json goes beside it")
+    report.add_argument("-o", "--output", default="report.html", help="the page (default: report.html); X.html puts its figures in X.json")
     report.add_argument("--samples", type=int, default=24, help="samples shown in the grid (default 24)")
     report.add_argument("--seed", type=int, default=0, help="seed of the stratified sample")
 
@@ -258,12 +258,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}" if problems else "valid")
         return 1 if problems else 0
     if args.command == "report":
-        from mmcurate.tooling.report import Options, build_report
+        from mmcurate.tooling.report import Options, build_report, figures_path
 
         if args.samples < 0:
             raise UsageError(f"--samples must not be negative, not {args.samples}")
         figures = build_report(args.path, args.output, Options(samples=args.samples, seed=args.seed))
-        print(f"report of {figures['summary']['rows_in']} rows ({len(figures['samples'])} samples shown) -> {args.output}")
+        shown = f"{figures['summary']['rows_in']} rows ({len(figures['samples'])} samples shown)"
+        print(f"report of {shown} -> {args.output}, figures -> {figures_path(args.output)}")
         return 0
     if args.command == "diff":
         from mmcurate.shards.diff import diff_outputs

@@ -1,4 +1,4 @@
-"""``mmcurate report``: one self-contained HTML page of a finished output, and ``report.json`` with its figures.
+"""``mmcurate report``: one self-contained HTML page of a finished output, and a JSON file of its figures beside it.
 
 The page holds the filter funnel, histograms of every score and size column, a language table, duplicate
 clusters, a grid of kept and rejected samples (thumbnails, captions, grounding boxes) and the run's record.
@@ -42,14 +42,21 @@ class Options:
     seed: int = 0
 
 
+def figures_path(html_path: str) -> str:
+    """Where the figures of the page ``html_path`` go: ``X.json`` beside ``X.html``."""
+    return os.path.splitext(html_path)[0] + ".json"
+
+
 def build_report(path: str, html_path: str, options: Options = Options()) -> dict:
-    """Write the page to ``html_path`` and its figures to ``report.json`` beside it; return the figures."""
+    """Write the page to ``html_path`` and its figures to :func:`figures_path` beside it; return the figures."""
     out = OutputDir.open(path)
     if not out.exists(out.path(STATS)):
         raise UsageError(f"{path} has no {STATS} folder: not an mmcurate output")
     html_dir = os.path.dirname(os.path.abspath(html_path))
     if os.path.commonpath([html_dir, os.path.abspath(path)]) == os.path.abspath(path):
         raise UsageError(f"{html_path}: the report goes outside the output folder {path}")
+    if figures_path(html_path) == html_path:
+        raise UsageError(f"{html_path}: the page's figures go to a .json file beside it; name the page .html")
     record = out.run_record()
     summary = output_summary(out)
     rows = _rows(out)
@@ -69,7 +76,7 @@ def build_report(path: str, html_path: str, options: Options = Options()) -> dic
     page = _page(figures, details, chosen)
     os.makedirs(html_dir, exist_ok=True)
     _write(html_path, page.encode())
-    _write(os.path.join(html_dir, "report.json"), json.dumps(figures, indent=2, default=str).encode())
+    _write(figures_path(html_path), json.dumps(figures, indent=2, default=str).encode())
     return figures
 
 
@@ -194,7 +201,7 @@ def _thumbnail(data: bytes | None) -> bytes | None:
 
 
 def _sample_record(row: dict) -> dict:
-    """What report.json says of a shown sample."""
+    """What the figures (JSON) say of a shown sample."""
     fields = ("key", "caption", "reject_stage", "reject_reason", "duplicate_of", "captions", "grounding")
     return {k: row[k] for k in fields if row.get(k) is not None} | {"thumbnail": row["thumbnail"] is not None}
 

@@ -101,9 +101,11 @@ def test_report_renders_in_chromium_with_images_and_boxes(curated: Path, tmp_pat
 
 
 def test_report_figures(curated: Path, tmp_path: Path):
-    html = tmp_path / "report.html"
+    """The figures of ``-o week1.html`` go to ``week1.json`` beside it (two reports in one folder keep theirs apart)."""
+    html = tmp_path / "week1.html"
     assert main(["report", str(curated), "-o", str(html), "--samples", "8", "--seed", "3"]) == 0
-    figures = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["week1.html", "week1.json"]
+    figures = json.loads((tmp_path / "week1.json").read_text())
     summary = figures["summary"]
     assert (summary["rows_in"], summary["kept"], summary["rejected"]) == (36, 30, 6)
     assert summary["stages"]["exact_dedup"]["reasons"] == {"duplicate_image": 4}
@@ -146,3 +148,5 @@ def test_report_refuses_a_folder_that_is_not_an_output_and_a_page_inside_the_out
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
     assert main(["report", str(curated), "-o", str(curated / "r.html")]) == 2
     assert "not an mmcurate output" in capsys.readouterr().err
+    assert main(["report", str(curated), "-o", str(tmp_path / "r.json")]) == 2  # the page would be overwritten by its figures
+    assert "name the page .html" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
