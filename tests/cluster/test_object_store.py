@@ -91,7 +91,7 @@ def test_whole_run_on_s3_validates_and_equals_the_local_run(s3, s3_env, urls: Pa
     assert_same_output(download(fs, out, tmp_path / "copy"), local_run)
 
 
-@pytest.mark.parametrize("point", ["write:9", "global:1", "write:20"])
+@pytest.mark.parametrize("point", ["write:9", "global:1", "write:19"])
 def test_run_killed_on_s3_resumes_to_the_local_run(point: str, s3, s3_env, urls: Path, local_run: Path, tmp_path: Path, capsys) -> None:
     """Killed with SIGKILL while writing (a temporary object not yet copied to its name) or at the global step."""
     fs, bucket = s3
