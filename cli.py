@@ -223,14 +223,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{record['rows']} rows, {record['boxes']} boxes exported as {args.format} (skipped: {skipped}{iou}) -> {args.dest}")
         return 0
     if args.command == "stages":
-        from mmcurate.stages import STAGES
-        from mmcurate.stages.reference import markdown
+        from mmcurate.pipelines.reference import markdown
+        from mmcurate.pipelines.registry import STAGES
 
         if args.markdown:
             print(markdown(), end="")
         else:
-            from mmcurate.stages import stage_class
-            from mmcurate.stages.reference import stage_doc
+            from mmcurate.pipelines.reference import stage_doc
+            from mmcurate.pipelines.registry import stage_class
 
             for name in STAGES:
                 doc = stage_doc(stage_class(name)).partition("\n")[0]

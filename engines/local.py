@@ -32,9 +32,9 @@ from mmcurate.engines.intermediate import kept_rows
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
+from mmcurate.pipelines.registry import STAGES
 from mmcurate.shards.readers import Reader, ShardPlan
 from mmcurate.shards.writers import write_shard
-from mmcurate.stages import STAGES
 from mmcurate.stages.model import ModelStage
 
 # Per-worker state: the run context, whose stages are set up lazily once per worker.

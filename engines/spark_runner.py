@@ -29,7 +29,7 @@ from mmcurate.engines.spark_global import global_decisions, shard_frame
 from mmcurate.engines.worker_state import worker_context
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline
-from mmcurate.stages import stage_class
+from mmcurate.pipelines.registry import stage_class
 from mmcurate.stages.model import ModelStage
 
 DONE_SCHEMA = "shard long, done string"  # done: the shard's ShardDone, encoded

@@ -25,10 +25,10 @@ import yaml
 
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded, build_config
+from mmcurate.pipelines.registry import stage_class
 from mmcurate.schemas import BY_NAME
 from mmcurate.shards.readers import InputSpec
 from mmcurate.shards.writers import OutputSpec
-from mmcurate.stages import stage_class
 from mmcurate.stages.base import Stage
 
 ENGINES = ("local", "ray", "spark")

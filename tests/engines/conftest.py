@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mmcurate import stages as registry
 from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.engines import run_pipeline
+from mmcurate.pipelines import registry
 from mmcurate.pipelines.config import parse_pipeline
 from mmcurate.shards.layout import OutputDir
 from mmcurate.stages.base import GlobalStage, Resources, Stage, decisions, reject, set_column

@@ -10,7 +10,8 @@ from mmcurate.engines.core import apply_stage, shard_stats, start_ledger
 from mmcurate.errors import UsageError
 from mmcurate.filters.clip_score import ClipScore
 from mmcurate.filters.nsfw import Nsfw
-from mmcurate.stages import model, stage_class
+from mmcurate.pipelines.registry import stage_class
+from mmcurate.stages import model
 
 
 @pytest.mark.parametrize(

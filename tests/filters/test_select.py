@@ -12,7 +12,7 @@ import pytest
 
 from mmcurate.errors import UsageError
 from mmcurate.filters.select import Select
-from mmcurate.stages.reference import stage_markdown
+from mmcurate.pipelines.reference import stage_markdown
 from mmcurate.tests.support.filters import kept, rejects, run_cli, run_command
 
 

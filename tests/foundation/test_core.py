@@ -15,8 +15,8 @@ from mmcurate.dedup.graph import components, member_pairs
 from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, start_ledger
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded, build_config
+from mmcurate.pipelines.registry import STAGES, stage_class
 from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, conform
-from mmcurate.stages import STAGES, stage_class
 from mmcurate.stages.base import Stage, decisions, reject
 from mmcurate.tests.support.foundation import DropWord
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import mmcurate
@@ -20,6 +21,7 @@ FLOORS = {
     **dict.fromkeys(("cli", "jobs", "examples"), 6),  # entry points (they may call each other)
 }
 TOP = max(FLOORS.values())
+DOTTED = re.compile(r"mmcurate(\.\w+)+(:\w+)?")  # a module (and class) named in a string, imported on first use
 
 
 def _modules() -> list[Path]:
@@ -34,11 +36,15 @@ def _room(module: str) -> str:
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every mmcurate import in ``path``, at the top or inside functions; relative imports resolved."""
+    """(line, module) of every mmcurate import in ``path``, at the top or inside functions (relative imports
+    resolved), and of every string that names an mmcurate module to import later (``"mmcurate.x.y:Class"``)."""
     found = []
     package = ["mmcurate", *path.relative_to(PACKAGE).parent.parts]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and DOTTED.fullmatch(node.value):
+            if _room(node.value) in FLOORS:  # "mmcurate.schema_version" names no module
+                found.append((node.lineno, node.value.partition(":")[0]))
+        elif isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "mmcurate"]
         elif isinstance(node, ast.ImportFrom):
             base = node.module
@@ -74,13 +80,16 @@ def test_every_module_imports_only_the_floors_below() -> None:
 
 
 def test_the_check_sees_an_import_up_or_sideways(tmp_path: Path, monkeypatch) -> None:
-    """The check itself: tooling importing an engine (same floor) and shards importing a pipeline (up) are
-    reported, inside a function too; a stage package importing the floors below is not."""
+    """The check itself: tooling importing an engine (same floor), shards importing a pipeline (up) and the
+    stage abstraction naming a stage package's class to import later are reported, inside a function too;
+    a stage package importing the floors below is not."""
     fake = tmp_path / "mmcurate"
     for folder, text in {
         "tooling": "def f():\n    from mmcurate.engines.run import start_run\n",
         "shards": "from mmcurate import pipelines\n",
         "filters": "from mmcurate.stages.base import Stage\nfrom mmcurate.shards import layout\nfrom . import x\nimport mmcurate.errors\n",
+        "stages": 'REGISTRY = {"download": "mmcurate.download.stage:Download"}\n',
+        "engines": '"""Not mmcurate.engines.x: prose."""\nCOLUMN = "mmcurate.schema_version"\n',
     }.items():
         (fake / folder).mkdir(parents=True)
         (fake / folder / "__init__.py").write_text("")
@@ -89,5 +98,6 @@ def test_the_check_sees_an_import_up_or_sideways(tmp_path: Path, monkeypatch) ->
     monkeypatch.setitem(globals(), "PACKAGE", fake)
     assert floor_violations() == [
         "shards/m.py:1 (floor 2) imports mmcurate.pipelines (floor 4)",
+        "stages/m.py:1 (floor 2) imports mmcurate.download.stage (floor 3)",
         "tooling/m.py:2 (floor 5) imports mmcurate.engines.run (floor 5)",
     ]

@@ -122,10 +122,10 @@ class CaptionDedup(ClusterStage):
 
 def register(monkeypatch) -> None:
     """Register the toy stages for in-process runs."""
-    from mmcurate import stages
+    from mmcurate.pipelines import registry
 
     for name, target in TOY_STAGES.items():
-        monkeypatch.setitem(stages.STAGES, name, target)
+        monkeypatch.setitem(registry.STAGES, name, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,10 +247,10 @@ def assert_same_output(a: Path, b: Path) -> None:
 
 
 if __name__ == "__main__":
-    from mmcurate import stages
     from mmcurate.cli import main
+    from mmcurate.pipelines import registry
 
-    stages.STAGES.update(TOY_STAGES)
+    registry.STAGES.update(TOY_STAGES)
     sys.exit(main())
 
 

@@ -117,8 +117,8 @@ def test_usage_errors_are_one_line(tmp_path):
 
 
 def test_stage_reference_is_generated_from_the_stage_classes():
-    from mmcurate.stages.reference import markdown
+    from mmcurate.pipelines.reference import markdown
 
     assert (REPO / "docs" / "stages.md").read_text() == markdown()
     listing = mmcurate("stages").stdout
-    assert listing.count("\n") == len(__import__("mmcurate.stages", fromlist=["STAGES"]).STAGES)
+    assert listing.count("\n") == len(__import__("mmcurate.pipelines.registry", fromlist=["STAGES"]).STAGES)

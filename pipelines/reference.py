@@ -8,7 +8,7 @@ import sys
 import typing
 
 from mmcurate.options import field_bounds
-from mmcurate.stages import STAGES, stage_class
+from mmcurate.pipelines.registry import STAGES, stage_class
 from mmcurate.stages.base import GlobalStage, Stage
 from mmcurate.stages.model import ModelStage
 
