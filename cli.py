@@ -55,14 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REQ",
         help="pip requirement Ray installs for the job, e.g. 'mmcurate[ray]' (repeatable)",
     )
-    submit.add_argument("--job-id", help="submission id (default: generated)")
-    submit.add_argument("--wait", action="store_true", help="wait for the job, print its logs; exit 1 unless it succeeded")
+    submit.add_argument(
+        "--python",
+        default="python",
+        help="the job's interpreter on the head, one with mmcurate (default: python on the head's PATH, or the --pip environment)",
+    )
+    submit.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable of the job and its workers (repeatable)"
+    )
+    submit.add_argument(
+        "--working-dir", metavar="DIR", help="a folder uploaded with the job (your own stages' modules); the pipeline is added to it"
+    )
+    submit.add_argument("--job-id", help="submission id (default: generated); one that exists on the cluster is refused")
+    submit.add_argument("--wait", action="store_true", help="print the job's logs as they come until it ends; exit 1 unless it succeeded")
     _add_io(submit, required=False)
 
     jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted Ray job")
     jobs.add_argument("action", choices=("status", "logs", "stop"))
     jobs.add_argument("job_id")
     jobs.add_argument("--address", help="Ray dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: print them as they come until the job ends")
 
     for name, text in (
         ("inspect", "schema, rows, samples and null counts of a dataset"),
@@ -205,8 +217,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         _print_summary(summary, pipeline.output.path)
         return 0
     if args.command in ("submit", "jobs"):
-        from mmcurate.jobs.submit import command
+        from mmcurate.jobs.submit import command, refuse_ignored
 
+        if args.command == "submit":
+            refuse_ignored(args)
         return command(args, _pipeline_from_args(args) if args.command == "submit" else None)
     if args.command == "demo":
         from mmcurate.examples.demo import run_demo

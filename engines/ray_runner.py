@@ -23,7 +23,6 @@ Global stages run as Ray shuffles over the segment's intermediate files (see :mo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ import ray
 
 from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, start_ledger
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
+from mmcurate.engines.ray_connect import connect
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.worker_state import worker_context
@@ -60,9 +60,13 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
         if isinstance(stage, ModelStage):
             stage.place(gpus)  # the cluster's GPUs decide the device, not the driver's
     context = ray.data.DataContext.get_current()
-    saved = context.target_max_block_size, context.enable_progress_bars
+    memory_check = context.issue_detectors_config.high_memory_detector_config
+    saved = context.target_max_block_size, context.enable_progress_bars, memory_check.detection_time_interval_s
     context.target_max_block_size = None  # never split a shard's block
     context.enable_progress_bars = False
+    # Ray Data warns when a worker uses more memory than it reserved: an mmcurate worker holds about
+    # one shard besides its stages' state, which no stage declares (docs/cluster.md, batch sizes).
+    memory_check.detection_time_interval_s = -1
     try:
         for index in range(len(ctx.segments)):
             todo = [p.shard_id for p in ctx.pending(index)]
@@ -74,30 +78,10 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
                     rejected.append(decision.num_rows)
                 ctx.write_decision(index, decision)
     finally:
-        context.target_max_block_size, context.enable_progress_bars = saved
+        context.target_max_block_size, context.enable_progress_bars, memory_check.detection_time_interval_s = saved
         if started:
             ray.shutdown()
     return finish_run(ctx)
-
-
-# Keep idle workers for a minute (Ray's default: 1 s): the next segment or shuffle of the run then
-# finds them with mmcurate imported instead of paying a cold start (about 5 s on 2 cores).
-LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
-
-
-def connect(workers: int, **options: Any) -> bool:
-    """Initialise Ray unless it is; return whether this call started it.
-
-    Joins the cluster in ``RAY_ADDRESS``, or starts a local Ray with ``workers`` CPUs (``options``
-    go to ``ray.init``).
-    """
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, _system_config=LOCAL_SYSTEM_CONFIG, **options)
-    return True
 
 
 def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> int:
@@ -196,7 +180,7 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Data
     cluster = ray.cluster_resources()
     cpus = min(chain.cpus, cluster.get("CPU", 1.0))  # a stage asking for more CPUs than there are still runs
     common: dict[str, Any] = {"batch_format": "pyarrow", "batch_size": None, "num_cpus": cpus}
-    memory = max((s.resources.memory_gb for s, _ in chain.stages), default=0.0)
+    memory = sum(s.resources.memory_gb for s, _ in chain.stages)  # the state of each stage the worker holds
     if memory:
         common["memory"] = memory * 2**30
     if not chain.stateful:

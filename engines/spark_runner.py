@@ -68,9 +68,14 @@ def session(workers: int) -> tuple[SparkSession, bool]:
     # Python workers run this interpreter (the one mmcurate is installed in), not whatever `python3`
     # comes first on PATH; PySpark reads the variable when it starts the context.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # A local session needs no network: without SPARK_LOCAL_IP Spark binds its driver and block manager
+    # to the host's first non-loopback address (and warns about it). An address the user set is kept.
+    local_ip = os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     spark = (
         SparkSession.builder.master(f"local[{workers}]")
         .appName("mmcurate")
+        .config("spark.driver.host", local_ip)  # also where this process launched Spark's JVM before the variable was set
+        .config("spark.driver.bindAddress", local_ip)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", str(max(2, 2 * workers)))

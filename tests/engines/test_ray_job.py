@@ -1,15 +1,12 @@
-"""`mmcurate submit` / `mmcurate jobs` against a real Ray head started for this module."""
+"""`mmcurate submit` / `mmcurate jobs` and `run --engine ray` on a head node, against real Ray heads
+(``ray start --head`` on 127.0.0.1) started for this module."""
 
 from __future__ import annotations
 
 import os
-import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,124 +16,136 @@ import yaml
 pytest.importorskip("ray")
 
 from mmcurate.cli import main
+from mmcurate.tests.support.ray_head import ray_head
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["caption_quality", {"minhash_dedup": {"threshold": 0.7}}]
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all held open until every one is chosen)."""
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+BARE_PATH = "/usr/bin:/bin"  # as on a head whose Ray runs from a virtualenv that is not on PATH
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with the dashboard (Jobs API) on free ports, in its own session so that only
-    its processes are stopped afterwards."""
-    temp = tempfile.mkdtemp(prefix="mmray", dir="/tmp")
-    names = (
-        "port",
-        "dashboard-port",
-        "ray-client-server-port",
-        "node-manager-port",
-        "object-manager-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-        "metrics-export-port",
-    )
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
-    worker_base = random.randrange(20000, 30000, 100)  # below Linux's ephemeral range, where the ports above come from
-    ports |= {"min-worker-port": worker_base, "max-worker-port": worker_base + 99}
-    bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
-    env["RAY_AUTH_MODE"] = "disabled"  # a throw-away head on 127.0.0.1: no token to hand around
-    cmd = [
-        str(bin_dir / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus=2",
-        "--node-ip-address=127.0.0.1",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--object-store-memory={200 * 2**20}",
-        f"--temp-dir={temp}",
-        "--disable-usage-stats",
-        *(f"--{k}={v}" for k, v in ports.items()),
-    ]
-    log = open(Path(temp) / "head.log", "wb")  # noqa: SIM115
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        _wait_for_jobs_api(address, head, Path(temp) / "head.log")
-        yield address
-    finally:
-        _stop(head)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+def head():
+    """A head whose PATH does not lead to this interpreter: jobs run only with ``--python``."""
+    with ray_head({"PATH": BARE_PATH}) as started:
+        yield started
 
 
-def _stop(head: subprocess.Popen) -> None:
-    """SIGTERM to the head's process group (``ray start --block`` and everything it started)."""
-    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(head.pid, sig)
-            head.wait(wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def _pipeline(tmp_path: Path, caption_input: Path, stages=STAGES, output: str = "out") -> Path:
+    path = tmp_path / "pipeline.yaml"
+    output_config = {"path": output, "format": "parquet", "rows_per_shard": 300}
+    path.write_text(yaml.safe_dump({"input": {"path": str(caption_input)}, "output": output_config, "stages": stages}))
+    return path
 
 
-def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path) -> None:
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
-    deadline = time.monotonic() + 90
-    while True:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}: {log.read_text()[-2000:]}")
-        try:
-            JobSubmissionClient(address).list_jobs()
-            return
-        except AuthenticationError:
-            raise
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``mmcurate ARGS`` in a fresh process (its own Ray client state: auth mode, token cache)."""
+    code = "import sys; from mmcurate.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, caption_input, tmp_path, capsys, run_and_read, make_pipeline, output_of):
-    pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(
-        yaml.safe_dump(
-            {"input": {"path": str(caption_input)}, "output": {"path": "out", "format": "parquet", "rows_per_shard": 300}, "stages": STAGES}
-        )
-    )
-    assert main(["submit", str(pipeline), "--address", ray_head, "--job-id", "mmcurate-test-job", "--wait"]) == 0
+def _client_env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **extra}
+
+
+def test_submit_runs_the_pipeline_as_a_ray_job(head, caption_input, tmp_path, capsys, run_and_read, make_pipeline, output_of):
+    pipeline = _pipeline(tmp_path, caption_input)
+    job = ["--address", head.address]
+    assert main(["submit", str(pipeline), *job, "--python", sys.executable, "--job-id", "mmcurate-test-job", "--wait"]) == 0
     printed = capsys.readouterr().out
-    assert "submitted mmcurate-test-job" in printed and "rows in 3 shards" in printed and "SUCCEEDED" in printed
+    assert "submitted mmcurate-test-job" in printed and "rows in 3 shards" in printed and "mmcurate-test-job SUCCEEDED" in printed
+    # the log came as the job ran: the per-stage progress lines are in what --wait printed
+    assert "global step minhash_dedup: deciding over " in printed and "  caption_quality: " in printed
 
-    assert main(["jobs", "status", "mmcurate-test-job", "--address", ray_head]) == 0
+    assert main(["jobs", "status", "mmcurate-test-job", *job]) == 0
     assert capsys.readouterr().out.strip() == "SUCCEEDED"
-    assert main(["jobs", "logs", "mmcurate-test-job", "--address", ray_head]) == 0
-    logged = capsys.readouterr().out  # where the job is: the global step and the stages of each segment
-    assert "global step minhash_dedup: deciding over " in logged and "  caption_quality: " in logged and " rows in, " in logged
-    assert main(["jobs", "stop", "mmcurate-test-job", "--address", ray_head]) == 0
+    for follow in ([], ["--follow"]):
+        assert main(["jobs", "logs", "mmcurate-test-job", *job, *follow]) == 0
+        logged = capsys.readouterr().out  # where the job is: the global step and the stages of each segment
+        assert "global step minhash_dedup: deciding over " in logged and "  caption_quality: " in logged and " rows in, " in logged
+        assert "memory=" not in logged  # Ray Data's advice to reserve more memory per worker
+    assert main(["jobs", "stop", "mmcurate-test-job", *job]) == 0
     assert capsys.readouterr().out.strip() == "not running"
-    assert main(["jobs", "logs", "no-such-job", "--address", ray_head]) == 2
 
     _, local = run_and_read(make_pipeline(caption_input, STAGES, "local", rows_per_shard=300))
     assert output_of(str(tmp_path / "out")) == local
     assert yaml.safe_load((tmp_path / "out" / "run.json").read_text())["engine"] == "ray"
+
+    # the same --job-id again: one line before anything is uploaded
+    assert main(["submit", str(pipeline), *job, "--job-id", "mmcurate-test-job"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "job mmcurate-test-job exists on the cluster (SUCCEEDED)" in err
+
+
+def test_job_errors_are_one_line(head, caption_input, tmp_path, capsys):
+    job = ["--address", head.address]
+    for args in (["jobs", "logs", "no-such-job", *job], ["jobs", "status", "no-such-job", *job], ["jobs", "stop", "no-such-job", *job]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Job no-such-job does not exist" in err
+    # a job whose pipeline fails on the cluster: the status says why
+    failing = _pipeline(tmp_path, caption_input, stages=["exact_dedup"])
+    assert main(["submit", str(failing), *job, "--python", sys.executable, "--job-id", "mmcurate-failing", "--wait"]) == 1
+    assert "mmcurate-failing FAILED: " in capsys.readouterr().out
+    assert main(["jobs", "status", "mmcurate-failing", *job]) == 0
+    reason = capsys.readouterr().out.strip()
+    assert reason.startswith("FAILED: Job entrypoint command failed with exit code 2: mmcurate: error: stage exact_dedup needs column")
+
+
+def test_ctrl_c_on_wait_leaves_the_job_running(head, caption_input, tmp_path):
+    pipeline = _pipeline(tmp_path, caption_input)
+    code = "import sys; from mmcurate.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["submit", str(pipeline), "--address", head.address, "--python", sys.executable, "--job-id", "mmcurate-interrupted", "--wait"]
+    waiting = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert waiting.stdout.readline().strip() == "submitted mmcurate-interrupted"
+    waiting.send_signal(signal.SIGINT)
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 130
+    assert "job mmcurate-interrupted goes on running on the cluster" in err and "Traceback" not in err
+    assert f"mmcurate jobs stop mmcurate-interrupted --address {head.address}" in err
+    assert f"mmcurate jobs logs mmcurate-interrupted --follow --address {head.address}" in err
+
+    stopping = _cli("jobs", "stop", "mmcurate-interrupted", "--address", head.address, env=_client_env())
+    assert stopping.stdout.strip() == "stopping"  # it was still running
+    for _ in range(60):
+        status = _cli("jobs", "status", "mmcurate-interrupted", "--address", head.address, env=_client_env()).stdout
+        if status.startswith("STOPPED"):
+            break
+        time.sleep(1)
+    assert status.startswith("STOPPED")
+
+
+def test_run_on_a_head_node_joins_its_cluster(head, caption_input, tmp_path):
+    """`mmcurate run --engine ray` on the head without RAY_ADDRESS: the cluster started there, not a second Ray."""
+    pipeline = _pipeline(tmp_path, caption_input, output=str(tmp_path / "out"))
+    on_head = _client_env(RAY_TMPDIR=str(head.temp), RAY_AUTH_MODE="disabled")  # as the head (Ray turns token auth on for a token file)
+    done = _cli("run", str(pipeline), "--engine", "ray", "--workers", "1", env=on_head, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Connecting to existing Ray cluster" in done.stderr and "rows in 3 shards" in done.stdout
+
+
+def test_token_auth(tmp_path, caption_input):
+    """A head with token authentication: the token where Ray keeps it is sent without RAY_AUTH_MODE;
+    no token or another one is one line, exit 2."""
+    token = "0123456789abcdef0123456789abcdef"
+    homes = {}
+    for name, value in (("right", token), ("wrong", "f" * 32), ("none", None)):
+        homes[name] = tmp_path / name
+        (homes[name] / ".ray").mkdir(parents=True)
+        if value:
+            (homes[name] / ".ray" / "auth_token").write_text(value)
+    with ray_head({"RAY_AUTH_MODE": "token", "HOME": str(homes["right"])}) as secured:
+        ask = ("jobs", "status", "no-such-job", "--address", secured.address)
+        asked = {name: _cli(*ask, env=_client_env(HOME=str(home))) for name, home in homes.items()}
+    for done in asked.values():
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "Job no-such-job does not exist" in asked["right"].stderr  # past the token check
+    assert "refused this client: the token here is not the cluster's" in asked["wrong"].stderr
+    assert "refused this client: it wants a token" in asked["none"].stderr
+
+
+def test_unreachable_dashboard_is_one_line(tmp_path):
+    from mmcurate.tests.support.ray_head import free_ports
+
+    done = _cli("jobs", "status", "some-job", "--address", f"http://127.0.0.1:{free_ports(1)[0]}", env=_client_env())
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "cannot reach the Ray dashboard at http://127.0.0.1:" in done.stderr

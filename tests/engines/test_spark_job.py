@@ -50,3 +50,32 @@ def test_spark_submit_runs_a_pipeline(caption_input, tmp_path, make_pipeline, ru
     _, local = run_and_read(make_pipeline(caption_input, stages, "local", rows_per_shard=300))
     assert output_of(str(tmp_path / "out")) == local
     assert yaml.safe_load((tmp_path / "out" / "run.json").read_text())["engine"] == "spark"
+
+
+def _listening(pid: int) -> set[str]:
+    """The local ADDRESS:PORT (hex, as /proc/net writes them) of the TCP sockets process ``pid`` listens on."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")} - {""}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(fields[1])
+    return found
+
+
+def test_a_local_session_binds_to_loopback(monkeypatch):
+    """Without SPARK_LOCAL_IP, Spark binds its driver and block manager to the host's first non-loopback address."""
+    from mmcurate.engines.spark_runner import session
+
+    monkeypatch.setenv("SPARK_LOCAL_IP", "unset")  # restored (or removed) after the test
+    monkeypatch.delenv("SPARK_LOCAL_IP")
+    spark, started = session(1)
+    try:
+        jvm = spark.sparkContext._gateway.proc.pid
+        addresses = {socket.rsplit(":", 1)[0] for socket in _listening(jvm)}
+        sockets = len(_listening(jvm))
+    finally:
+        spark.stop()
+    # 127.0.0.1 in /proc/net/tcp, and as an IPv4-mapped address in tcp6
+    assert started and sockets >= 2 and addresses <= {"0100007F", "0000000000000000FFFF00000100007F"}, addresses

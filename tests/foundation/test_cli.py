@@ -43,6 +43,16 @@ def test_exit_2_on_command_line_mistakes(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_submit_refuses_the_flags_a_job_would_ignore(tmp_path: Path, capsys) -> None:
+    """--engine, --workers, --retry-failed and --no-progress mean nothing to a Ray job: one line, exit 2, before any cluster is asked."""
+    from mmcurate.cli import main
+
+    for flag in (["--engine", "local"], ["--workers", "4"], ["--retry-failed"], ["--no-progress"]):
+        assert main(["submit", "laion", "--address", "http://127.0.0.1:9", *flag]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mmcurate: error: submit does not take {flag[0]}:") and err.count("\n") == 1
+
+
 def test_version_and_schema(tmp_path: Path) -> None:
     version = run_cli("--version")
     assert version.returncode == 0 and version.stdout.strip() == f"mmcurate {__version__}"

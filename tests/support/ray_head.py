@@ -1,0 +1,122 @@
+"""A real Ray head (``ray start --head --block``) on 127.0.0.1 for the job tests: free ports, its own
+temp folder, its own process group (so only its processes are stopped afterwards)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class RayHead:
+    address: str  # the dashboard (Jobs API), http://127.0.0.1:PORT
+    temp: Path  # RAY_TMPDIR of the head: ``ray.init()`` with the same RAY_TMPDIR finds it as a head node's process would
+    env: dict[str, str]  # the environment it was started with
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open until every one is chosen)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@contextmanager
+def ray_head(env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[RayHead]:
+    """Start a head with the dashboard on free ports and ``env`` added to a clean environment (no ``RAY_*``
+    from the caller); token auth is off unless ``env`` sets ``RAY_AUTH_MODE``."""
+    temp = Path(tempfile.mkdtemp(prefix="mmray", dir="/tmp"))
+    names = (
+        "port",
+        "dashboard-port",
+        "ray-client-server-port",
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    worker_base = random.randrange(20000, 30000, 100)  # below Linux's ephemeral range, where the ports above come from
+    ports |= {"min-worker-port": worker_base, "max-worker-port": worker_base + 99}
+    bin_dir = Path(sys.executable).parent
+    head_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    head_env["PATH"] = f"{bin_dir}{os.pathsep}{head_env.get('PATH', '')}"  # the job's `python` is this venv's
+    head_env["RAY_AUTH_MODE"] = "disabled"  # a throw-away head on 127.0.0.1: no token to hand around
+    head_env["RAY_TMPDIR"] = str(temp)
+    head_env |= env or {}
+    cmd = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--object-store-memory={200 * 2**20}",
+        "--disable-usage-stats",
+        *(f"--{k}={v}" for k, v in ports.items()),
+    ]
+    log_path = temp / "head.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    head = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        _wait_for_jobs_api(address, head, log_path)
+        while not (temp / "ray" / "ray_current_cluster").exists():  # written just after the dashboard is up
+            time.sleep(0.2)
+        yield RayHead(address, temp, head_env)
+    finally:
+        _stop(head)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """SIGTERM to the head's process group (``ray start --block`` and everything it started)."""
+    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(wait_s)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path) -> None:
+    """Until the dashboard answers (any HTTP answer, 401 included: the head is up)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while True:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"{address}/api/jobs/", timeout=5).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
