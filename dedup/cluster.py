@@ -5,11 +5,12 @@ chunks) and confirms candidate pairs (``verify``); in every connected component 
 the smallest key is kept. Its global step is four phases over the kept rows of every shard (the
 model: NeMo Curator's fuzzy dedup, minhash -> LSH buckets -> edges -> connected components):
 
-1. ``bands``, per few shards: ``group_rows`` of each shard's rows, as ``(group, id)``, split by a
-   hash of the group;
+1. ``bands``, per few shards: ``group_rows`` of each shard's rows, as ``(group, id[, copy])``, split
+   by a hash of the group;
 2. ``pairs``, per group partition: pair the members of each group with two or more
    (:func:`graph.member_pairs`; a group larger than ``max_group_size`` pairs its smallest key with
-   the others); split by the left row's shard;
+   the others); members with one ``copy`` id enter as one, the others paired with it alone
+   (:func:`graph.first_copies`); split by the left row's shard;
 3. ``left``, per partition: drop repeated pairs, attach the left row's key and global columns (read
    from its shard: a column projection, not a shuffle of the dataset); split by the right row's shard;
 4. ``verify``, per partition: take the right rows' columns and call ``verify``: the edges.
@@ -33,7 +34,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import pyarrow as pa
 
-from mmcurate.dedup.graph import components, member_pairs, shared_groups, sorted_distinct, verify_aligned
+from mmcurate.dedup.graph import components, first_copies, member_pairs, shared_groups, sorted_distinct, verify_aligned
 from mmcurate.dedup.hashing import mix64
 from mmcurate.stages.base import GlobalStage, decisions
 
@@ -53,9 +54,13 @@ class ClusterStage(GlobalStage):
     reason: ClassVar[str] = "duplicate"
     max_group_size: ClassVar[int] = 1000  # candidate groups larger than this pair only with their smallest key
 
-    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, ...]:
         """``(row, group)``, int64: rows of ``table`` (``key`` + ``global_columns``) sharing a group
-        are candidate duplicates; a row may be in several groups, or in none."""
+        are candidate duplicates; a row may be in several groups, or in none.
+
+        Optionally a third array, ``copy`` (int64, aligned): entries of one ``copy`` id are rows with
+        equal global columns (so in the same groups, and equal under ``verify``). The step then pairs
+        each group's copies of one row only with the first of them: n copies make n - 1 pairs, not n**2 / 2."""
         raise NotImplementedError
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
@@ -133,22 +138,26 @@ class ClusterStep:
 
     def bands(self, shard_ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(group, id)`` of some shards' kept rows, split by group."""
-        groups, ids = [], []
-        for shard_id in shard_ids:
-            rows, group = self.stage.group_rows(self.rows(shard_id))
-            groups.append(np.asarray(group, np.int64))
-            ids.append((shard_id << ROW_BITS) | np.asarray(rows, np.int64))
-        group, id_ = np.concatenate(groups), np.concatenate(ids)
-        return _split((group, id_), mix64(group) % np.uint64(self.parts), self.parts)
+        found = [self.stage.group_rows(self.rows(shard_id)) for shard_id in shard_ids]
+        group = np.concatenate([np.asarray(f[1], np.int64) for f in found])
+        id_ = np.concatenate([(shard_id << ROW_BITS) | np.asarray(f[0], np.int64) for shard_id, f in zip(shard_ids, found, strict=True)])
+        copies = [np.concatenate([np.asarray(f[2], np.int64) for f in found])] if found and len(found[0]) > 2 else []
+        if self.parts == 1:
+            return [(group, id_, *copies)]
+        return _split((group, id_, *copies), mix64(group) % np.uint64(self.parts), self.parts)
 
     def pairs(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Candidate pairs ``(a id, b id)`` of one partition's groups, split by the left row's shard."""
-        group, ids = _concat(pieces, 2)
+        group, ids, *copies = _concat(pieces, len(pieces[0]) if pieces else 2)
         rows, run = shared_groups(group)
         distinct, codes = np.unique(ids[rows], return_inverse=True)
+        codes = codes.astype(np.int64)
+        first, other = np.empty(0, np.int64), np.empty(0, np.int64)
+        if copies:
+            run, codes, first, other = first_copies(run, codes, copies[0][rows])
         center = functools.partial(_smallest_key, functools.cache(functools.partial(self.rows, keys_only=True)), distinct)
-        left, right = member_pairs(run, codes.astype(np.int64), self.stage.max_group_size, center)
-        a, b = distinct[left], distinct[right]
+        left, right = member_pairs(run, codes, self.stage.max_group_size, center)
+        a, b = distinct[np.r_[left, first]], distinct[np.r_[right, other]]
         return _split((a, b), (a >> ROW_BITS) % self.parts, self.parts)
 
     def left(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[pa.Table]:

@@ -31,6 +31,20 @@ def shared_groups(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order[shared], run[shared]
 
 
+def first_copies(run: np.ndarray, codes: np.ndarray, copy: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(run, codes)`` (group numbers, member codes) with one member per ``copy`` id, its smallest
+    code, and ``(first, other)``: each left-out member's code and that smallest one of its copy id.
+    Every member of a copy id must be in every group of it (copies are in the same groups), so the
+    smallest code is the same in each group."""
+    _, inverse = np.unique(copy, return_inverse=True)
+    smallest = np.full(int(inverse.max()) + 1 if len(inverse) else 0, np.iinfo(np.int64).max)
+    np.minimum.at(smallest, inverse, codes)
+    smallest = smallest[inverse]
+    alone = codes == smallest
+    other, at = np.unique(codes[~alone], return_index=True)
+    return run[alone], codes[alone], smallest[~alone][at], other
+
+
 def member_pairs(
     run: np.ndarray, codes: np.ndarray, max_group_size: int, center: Callable[[np.ndarray], int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

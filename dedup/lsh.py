@@ -91,11 +91,15 @@ def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, num_perm), _SLOT)
 
 
-def band_groups(matrix: np.ndarray, config: MinhashConfig) -> tuple[np.ndarray, np.ndarray]:
-    """``(row, group)`` for every row and band: the int64 id of (band index, band values)."""
+def band_groups(matrix: np.ndarray, config: MinhashConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(row, group, copy)`` for every row and band: the int64 id of (band index, band values), and
+    the row's id of its whole signature (of its band ids and the slots after the last band)."""
     bands, rows = config.lsh
     groups = [group_ids(band, matrix[:, band * rows : (band + 1) * rows]) for band in range(bands)]
-    return np.tile(np.arange(len(matrix)), bands), np.concatenate(groups)
+    rest = matrix[:, bands * rows :]
+    copy = group_ids(bands, np.concatenate([np.stack(groups, axis=1).view(np.uint64), rest.astype(np.uint64)], axis=1))
+    n = len(matrix)
+    return np.tile(np.arange(n), bands), np.concatenate(groups), np.tile(copy, bands)
 
 
 def similar(left: np.ndarray, right: np.ndarray, threshold: float) -> np.ndarray:

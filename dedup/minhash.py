@@ -35,13 +35,13 @@ class MinhashDedup(ClusterStage):
         matrix = signatures(hashes, counts, self.config)
         return set_column(batch, SIGNATURE, to_arrow(matrix, counts > 0))
 
-    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         column = table.column(SIGNATURE)
         if column.null_count == 0:
             return band_groups(from_arrow(column, self.config.num_perm), self.config)
         signed = np.flatnonzero(np.asarray(pc.is_valid(column)))
-        rows, groups = band_groups(from_arrow(column.take(signed), self.config.num_perm), self.config)
-        return signed[rows], groups
+        rows, groups, copies = band_groups(from_arrow(column.take(signed), self.config.num_perm), self.config)
+        return signed[rows], groups, copies
 
     def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
         a, b = left.column(SIGNATURE), right.column(SIGNATURE)

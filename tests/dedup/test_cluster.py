@@ -96,6 +96,39 @@ def test_large_groups_pair_with_their_smallest_key() -> None:
     assert set(decision.column("duplicate_of").to_pylist()) == {"00000"} and decision.num_rows == 2999
 
 
+class Valued(ClusterStage):
+    """Rows of value ``v`` in groups ``v // 4`` and ``100 + v % 3``; pairs within 1 verify. With
+    ``copies``, rows of one value are named copies (``group_rows``' third array)."""
+
+    name = "t_valued"
+    global_columns = ("v",)
+
+    def __init__(self, copies: bool) -> None:
+        super().__init__()
+        self.copies = copies
+        self.asked = 0
+
+    def group_rows(self, table: pa.Table) -> tuple[np.ndarray, ...]:
+        v = table.column("v").to_numpy()
+        rows, groups = np.tile(np.arange(len(v)), 2), np.r_[v // 4, 100 + v % 3]
+        return (rows, groups, np.r_[v, v]) if self.copies else (rows, groups)
+
+    def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
+        self.asked += left.num_rows
+        return pa.array(np.abs(left.column("v").to_numpy() - right.column("v").to_numpy()) <= 1)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_copies_pair_with_their_first_and_decide_the_same(seed: int) -> None:
+    rng = random.Random(seed)
+    values = [rng.randint(0, 30) for _ in range(rng.randint(0, 200))]
+    keys = [f"k{i:04d}" for i in rng.sample(range(10_000), len(values))]
+    table = pa.table({"key": pa.array(keys, pa.string()), "v": pa.array(values, pa.int64())})
+    plain, copies = Valued(copies=False), Valued(copies=True)
+    assert copies.decide(table).equals(plain.decide(table))
+    assert copies.asked <= plain.asked
+
+
 def test_exact_dedup_hashes_missing_digests_and_keeps_the_smallest_key() -> None:
     images = [b"one", b"two", b"one", None, b"two"]
     digests = [hashlib.sha256(b"one").hexdigest(), None, None, None, "not-a-hex-digest"]
