@@ -35,6 +35,7 @@ from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, sta
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.ray_connect import connect
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
+from mmcurate.engines.ray_storage import check_nodes
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.worker_state import worker_context
 from mmcurate.pipelines.config import Pipeline
@@ -49,12 +50,26 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     """Run ``pipeline`` on Ray and return the run summary.
 
     Connects to the cluster named by ``RAY_ADDRESS`` (set inside a Ray job), to an already
-    initialised Ray, or starts a local Ray with ``pipeline.workers`` CPUs.
+    initialised Ray, or starts a local Ray with ``pipeline.workers`` CPUs; then checks, before any
+    work, that every node sees the input and the output (:func:`ray_storage.check_nodes`).
     """
-    ctx = start_run(pipeline, "ray")
+    started = False
+
+    def join(resolved: Pipeline) -> None:
+        nonlocal started
+        started = connect(resolved.workers)
+        check_nodes(resolved.input.path, resolved.output.path)
+
+    try:
+        ctx = start_run(pipeline, "ray", check=join)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
     if ctx.finished:
+        if started:
+            ray.shutdown()
         return finish_run(ctx)
-    started = connect(pipeline.workers)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     for stage in ctx.stages:
         if isinstance(stage, ModelStage):

@@ -8,7 +8,7 @@ import logging
 import os
 import platform
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -193,14 +193,18 @@ def resolved(pipeline: Pipeline) -> Pipeline:
 _LEASES: dict[str, Lease] = {}  # the leases this process holds, by output root: taken by start_run, released by finish_run
 
 
-def start_run(pipeline: Pipeline, engine: str) -> RunContext:
-    """Take the output's lease (one writer per output: :mod:`shards.lease`), then start the run (:func:`_start`)."""
+def start_run(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | None = None) -> RunContext:
+    """Take the output's lease (one writer per output: :mod:`shards.lease`), run the engine's ``check`` of
+    the resolved pipeline (e.g. that every node sees the storage) before anything is written, then start
+    the run (:func:`_start`)."""
     pipeline = resolved(pipeline)
     out = OutputDir.open(pipeline.output.path)
     out.entries()  # UsageError if the output is a file
     existed = out.exists(out.root)
     lease = acquire(out.fs, out.root)
     try:
+        if check is not None:
+            check(pipeline)
         ctx = _start(pipeline, engine)
     except BaseException:
         lease.release()
