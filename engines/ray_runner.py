@@ -5,8 +5,9 @@ shard ids -> [read, CPU stages] -> [GPU stage] -> [CPU stages, write per shard i
 ```
 Each bracket is one ``map_batches(batch_format="pyarrow")``: a :class:`Chain` of steps cut at GPU
 stages. A chain whose stages have no ``setup()`` runs as Ray tasks; one with ``setup()`` or a GPU
-runs as an actor pool whose ``__init__`` calls ``setup()``, sized from ``Stage.resources`` (GPU
-stages: one actor per ``gpus`` of the cluster; CPU chains: 1 to CPUs / ``cpus`` actors).
+runs as an actor pool whose ``__init__`` calls ``setup()``, sized from ``Stage.resources`` at the
+start (GPU stages: one actor per ``gpus`` of the cluster; CPU chains: 1 to CPUs / ``cpus`` actors)
+and growing with the cluster, within the pipeline's ``min_actors`` and ``max_actors`` (:func:`pool_limits`).
 
 Model stages (:mod:`mmcurate.stages.model`) get an actor pool of their own: ``num_gpus`` from
 their resources (their device is resolved for the cluster's GPUs on the driver), one actor on a
@@ -185,12 +186,10 @@ def chains(ctx: RunContext, index: int) -> list[Chain]:
 
 
 def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Dataset:
-    """One ``map_batches`` for ``chain``: Ray tasks, or an actor pool sized from its resources.
+    """One ``map_batches`` for ``chain``: Ray tasks, or an actor pool (:func:`pool_limits`).
 
-    GPU pools and a CPU pool that is the segment's only step are fixed at their full size; a CPU
-    pool beside GPU pools autoscales from one actor, leaving CPUs to the GPU actors. An actor holds
-    at most two shards (one running, one queued): no wait between shards, and the last ones still
-    spread over the pool.
+    An actor holds at most two shards (one running, one queued): no wait between shards, and the
+    last ones still spread over the pool.
     """
     cluster = ray.cluster_resources()
     cpus = min(chain.cpus, cluster.get("CPU", 1.0))  # a stage asking for more CPUs than there are still runs
@@ -201,11 +200,27 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Data
     if not chain.stateful:
         return ds.map_batches(_run_chain, fn_kwargs={"chain": chain}, **common)
     size, gpus = pool_size(cpus, chain.gpus, cluster)
+    start, most = (size if gpus or alone else 1), chain.ctx.pipeline.max_actors
     if chain.model is not None:
         common["batch_size"] = chain.model.config.batch_size  # rows per call, not whole shards
-        size = size if gpus else 1  # on CPU one model copy per pool
-    pool = ray.data.ActorPoolStrategy(min_size=size if gpus or alone else 1, max_size=size, max_tasks_in_flight_per_actor=2)
+        if not gpus:  # on CPU one model copy per pool, unless max_actors asks for more
+            start, most = 1, most or 1
+    least, initial, most = pool_limits(start, chain.ctx.pipeline.min_actors, most)
+    pool = ray.data.ActorPoolStrategy(min_size=least, initial_size=initial, max_size=most, max_tasks_in_flight_per_actor=2)
     return ds.map_batches(ChainActor, fn_constructor_kwargs={"chain": chain}, compute=pool, num_gpus=gpus, **common)
+
+
+def pool_limits(start: int, min_actors: int | None, max_actors: int | None) -> tuple[int, int, int | None]:
+    """(least, initial, most) actors of a pool that would start with ``start`` actors (planned from the cluster's size).
+
+    The pool keeps at least ``min_actors`` (default: ``start``) and grows with the cluster, as nodes join
+    (an autoscaler's, or by hand), up to ``max_actors`` (default None: no limit).
+    """
+    least = start if min_actors is None else min_actors
+    initial = max(start, least)
+    if max_actors is not None:
+        least, initial = min(least, max_actors), min(initial, max_actors)
+    return least, initial, max_actors
 
 
 def pool_size(cpus: float, gpus: float, cluster: dict[str, float]) -> tuple[int, float]:

@@ -5,6 +5,8 @@ input:  {path: urls.parquet, format: parquet, url_col: URL, caption_col: TEXT}
 output: {path: out, format: webdataset, rows_per_shard: 10000}
 engine: local          # local | ray | spark
 workers: 2             # local process pool size
+min_actors: 2          # Ray: the least actors of each actor pool (default: as many as the cluster fits at the start)
+max_actors: 32         # Ray: the most (default: no limit, pools grow with the cluster)
 stages:
   - download: {image_size: 256}
   - language: {keep: [en], min_score: 0.5}
@@ -32,6 +34,7 @@ from mmcurate.shards.writers import OutputSpec
 from mmcurate.stages.base import Stage
 
 ENGINES = ("local", "ray", "spark")
+ENGINE_KEYS = ("engine", "workers", "min_actors", "max_actors")  # how a pipeline runs, not what it outputs
 PRESETS = Path(__file__).parent
 # Columns every reader provides, and those only image-bearing inputs provide.
 READER_COLUMNS = ("key", "url", "caption", "reject_stage", "reject_reason")
@@ -56,10 +59,14 @@ class Pipeline:
     stages: list[StageSpec]
     engine: str = "local"
     workers: int = bounded(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    min_actors: int | None = bounded(None, ge=1)  # Ray actor pools: the least actors (None: the pool's planned size)
+    max_actors: int | None = bounded(None, ge=1)  # Ray actor pools: the most (None: they grow with the cluster)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise UsageError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.min_actors is not None and self.max_actors is not None and self.min_actors > self.max_actors:
+            raise UsageError(f"min_actors ({self.min_actors}) must not be above max_actors ({self.max_actors})")
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +74,7 @@ class Pipeline:
             "output": dataclasses.asdict(self.output),
             "engine": self.engine,
             "workers": self.workers,
+            **{k: v for k, v in (("min_actors", self.min_actors), ("max_actors", self.max_actors)) if v is not None},
             "stages": [{s.name: dict(s.params)} for s in self.stages],
         }
 
@@ -122,9 +130,9 @@ def parse_pipeline(data: Any, base: Path | None = None, paths: dict[str, str] | 
     """
     if not isinstance(data, dict):
         raise UsageError("a pipeline is a mapping with input, output and stages")
-    unknown = sorted(set(data) - {"input", "output", "stages", "engine", "workers", "description"})
+    unknown = sorted(set(data) - {"input", "output", "stages", *ENGINE_KEYS, "description"})
     if unknown:
-        raise UsageError(f"pipeline: unknown key {unknown[0]!r} (keys: input, output, stages, engine, workers)")
+        raise UsageError(f"pipeline: unknown key {unknown[0]!r} (keys: input, output, stages, {', '.join(ENGINE_KEYS)})")
     sections = {}
     for section in ("input", "output"):
         given = data.get(section) or {}
@@ -143,7 +151,7 @@ def parse_pipeline(data: Any, base: Path | None = None, paths: dict[str, str] | 
         given = "a mapping" if isinstance(listed, dict) else repr(listed)
         raise UsageError(f"pipeline: stages is a list, one '- name: {{options}}' item per stage in the order they run, not {given}")
     stages = [_stage_spec(item) for item in listed]
-    extra = {k: data[k] for k in ("engine", "workers") if k in data}
+    extra = {k: data[k] for k in ENGINE_KEYS if k in data}
     return build_config(Pipeline, {"input": inp, "output": out, "stages": stages, **extra}, "pipeline")
 
 

@@ -26,7 +26,7 @@ from mmcurate.shards.writers import written_by
 # run.json entries that differ between runs of one pipeline (``sources``: input files' modification times
 # differ between copies of one input; a different content shows in the rows).
 IGNORED_RUN = frozenset({"engine", "started", "finished", "versions", "mmcurate_version", "run_id", "sources"})
-IGNORED_PIPELINE = frozenset({"engine", "workers"})
+IGNORED_PIPELINE = frozenset({"engine", "workers", "min_actors", "max_actors"})
 EXAMPLES = 3  # keys shown per kind of difference
 
 
