@@ -188,7 +188,7 @@ def test_a_run_whose_output_one_node_cannot_see_is_refused_naming_it(mode: int, 
     server.shutdown()
     node_id, node_ip = _second_node(address)
     assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.strip().splitlines() if " INFO " not in line]  # Ray's own lines as it connects
+    lines = [line for line in done.stderr.strip().splitlines() if "\tINFO " not in line]  # Ray's own lines as it connects
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"mmcurate: error: node {node_id} ({node_ip}, ")
     assert f"{cannot} {out}: PermissionError" in lines[0] and "Permission denied" in lines[0]
