@@ -66,15 +66,17 @@ def to_arrow(matrix: np.ndarray, valid: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(width * _SLOT.itemsize), n, [bitmap, pa.py_buffer(data)], null_count=int(n - valid.sum()))
 
 
-def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
-    """The uint32 signature matrix of a ``_minhash`` column without nulls (no copy per chunk)."""
+def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int, nulls: bool = False) -> np.ndarray:
+    """The uint32 signature matrix of a ``_minhash`` column without nulls, or with ``nulls`` (their
+    rows hold anything) in a fixed-size binary column (no copy for one chunk)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = []
     size = num_perm * _SLOT.itemsize
     for chunk in chunks:
-        if chunk.null_count:
+        fixed = pa.types.is_fixed_size_binary(chunk.type)
+        if chunk.null_count and not (nulls and fixed):
             raise ValueError("_minhash signatures must not be null")
-        if pa.types.is_fixed_size_binary(chunk.type):
+        if fixed:
             if chunk.type.byte_width != size:
                 raise ValueError(f"_minhash signatures must all be {num_perm} slots")
             start, end = chunk.offset * size, (chunk.offset + len(chunk)) * size

@@ -39,7 +39,11 @@ class MinhashDedup(ClusterStage):
         column = table.column(SIGNATURE)
         if column.null_count == 0:
             return band_groups(from_arrow(column, self.config.num_perm), self.config)
-        signed = np.flatnonzero(np.asarray(pc.is_valid(column)))
+        valid = np.asarray(pc.is_valid(column))
+        if pa.types.is_fixed_size_binary(column.type):  # band every row in place (no copy), then drop the null rows' bands
+            found = band_groups(from_arrow(column, self.config.num_perm, nulls=True), self.config)
+            return tuple(a[valid[found[0]]] for a in found)
+        signed = np.flatnonzero(valid)
         rows, groups, copies = band_groups(from_arrow(column.take(signed), self.config.num_perm), self.config)
         return signed[rows], groups, copies
 

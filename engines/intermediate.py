@@ -1,5 +1,6 @@
-"""What a global step reads from a segment's intermediate files (``OUT/_work/segN/ID.parquet``):
-the kept rows' ``key`` + global columns of one shard, and their Arrow types."""
+"""What is read from a segment's intermediate files (``OUT/_work/segN/ID.parquet``): by its global
+step, the kept rows' ``key`` + global columns of one shard and their Arrow types; by the next
+segment, the shard's rows without the global step's internal state."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pyarrow.parquet as pq
 
 from mmcurate.engines.core import kept_mask
 from mmcurate.engines.run import RunContext
+from mmcurate.shards.layout import open_parquet
 from mmcurate.stages.base import Stage
 
 
@@ -23,3 +25,11 @@ def columns_schema(ctx: RunContext, segment: int, stage: Stage) -> pa.Schema:
     with ctx.out.fs.open(ctx.work_path(segment, ctx.reader.shards[0].shard_id, ".parquet"), "rb") as f:
         schema = pq.ParquetFile(f).schema_arrow
     return pa.schema([schema.field(n) for n in ("key", *stage.global_columns)])
+
+
+def next_segment_rows(ctx: RunContext, segment: int, shard_id: int) -> pa.Table:
+    """The rows of one shard as ``segment`` left them, less the internal global columns (``_*``, such
+    as MinHash signatures) of the global stage that ended it: its decision has replaced them."""
+    internal = {c for c in ctx.segments[segment].global_stage.global_columns if c.startswith("_")}
+    with open_parquet(ctx.out.fs, ctx.work_path(segment, shard_id, ".parquet")) as pf:
+        return pf.read(columns=[name for name in pf.schema_arrow.names if name not in internal])

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from mmcurate import killpoints
 from mmcurate.engines.core import Segment, run_segment, shard_stats, start_ledger
-from mmcurate.engines.intermediate import kept_rows
+from mmcurate.engines.intermediate import kept_rows, next_segment_rows
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
@@ -94,7 +94,7 @@ def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: 
         table = start_ledger(ctx.reader.read(plan))
         killpoints.reached("read")
     else:
-        table = out.read_parquet(ctx.work_path(segment_index - 1, plan.shard_id, ".parquet"))
+        table = next_segment_rows(ctx, segment_index - 1, plan.shard_id)
     decisions = ctx.decisions(segment_index - 1) if segment_index and carried is None else None
     table = run_segment(Segment(stages, segment.start + lo, applies=segment.applies if carried is None else None), table, decisions)
     if hi < len(segment.stages):

@@ -104,6 +104,11 @@ class Reader:
     sources: dict[str, list] = field(default_factory=dict)  # identity of each input file, by path relative to the input
     work_fs: fsspec.AbstractFileSystem | None = None  # the output's filesystem, which holds parsed URL lists (``normalised``)
     _tar_indexes: OrderedDict[str, tuple[dict[str, TarMember], str | None]] = field(default_factory=OrderedDict, repr=False, compare=False)
+    # The last row groups read that hold more rows than their shard: the next shards cut from them take them from here.
+    _row_groups: dict[tuple, pa.Table] = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_row_groups": {}}  # a copy in another process reads its own
 
     def read(self, plan: ShardPlan) -> pa.Table:
         """The normalised rows of one shard."""
@@ -111,7 +116,7 @@ class Reader:
         return _reject_repeated_keys(pa.concat_tables(tables, promote_options="permissive")) if tables else pa.table({})
 
     def _read_piece(self, src: SourceFile, start: int, stop: int) -> pa.Table:
-        table = _read_rows(self.work_fs or self.fs if src.format == "normalised" else self.fs, src.path, start, stop)
+        table = _read_rows(self.work_fs or self.fs if src.format == "normalised" else self.fs, src.path, start, stop, self._row_groups)
         if src.format == "img2dataset":
             return self._with_images(_from_img2dataset(table, src, start), src, src.key_prefix)
         if src.format == "mmcurate":
@@ -314,8 +319,9 @@ def _parquet_rows(fs, path: str) -> int:
         raise UsageError(f"cannot read {path}: {e}") from None
 
 
-def _read_rows(fs, path: str, start: int, stop: int) -> pa.Table:
-    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
+def _read_rows(fs, path: str, start: int, stop: int, cache: dict[tuple, pa.Table] | None = None) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them; row groups
+    with more rows than that stay in ``cache`` (one entry) for the next rows."""
     try:
         with open_parquet(fs, path) as pf:
             if stop <= start:
@@ -327,7 +333,13 @@ def _read_rows(fs, path: str, start: int, stop: int) -> pa.Table:
                     groups.append(g)
                     first = offset if first is None else first
                 offset += n
-            table = pf.read_row_groups(groups)
+            key = (path, tuple(groups))
+            table = cache.get(key) if cache is not None else None
+            if table is None:
+                table = pf.read_row_groups(groups)
+                if cache is not None and table.num_rows > stop - start:
+                    cache.clear()
+                    cache[key] = table
     except (OSError, pa.ArrowException) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
     return table.slice(start - first, stop - start)
