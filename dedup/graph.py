@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import scipy.sparse
-import scipy.sparse.csgraph
 
 from mmcurate.dedup.hashing import mix64
 
@@ -115,13 +113,26 @@ def components(left: pa.Array, right: pa.Array) -> tuple[pa.Array, pa.Array]:
 
 
 def _component_codes(n: int, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`components` on key codes ``0..n-1`` (code order = key order): ``(duplicates, their keepers)``."""
-    if len(left) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    graph = scipy.sparse.coo_matrix((np.ones(len(left), np.int8), (left, right)), shape=(n, n))
-    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
-    smallest = np.full(labels.max() + 1, n, np.int64)
-    np.minimum.at(smallest, labels, np.arange(n))
-    keeper = smallest[labels]
-    dups = np.flatnonzero(keeper != np.arange(n))
-    return dups, keeper[dups]
+    """:func:`components` on key codes ``0..n-1`` (code order = key order): ``(duplicates, their keepers)``.
+
+    Each code points to a smaller or equal code of its component; every round hooks the two roots
+    of each edge to the smaller one, then makes every code point at its root, until the edges'
+    ends share roots: each component's root is then its smallest code. A few rounds for the star-like
+    components of duplicates, and no scipy import."""
+    root = np.arange(n)
+    while True:
+        a, b = root[left], root[right]
+        apart = a != b
+        if not apart.any():
+            break
+        a, b = a[apart], b[apart]
+        low = np.minimum(a, b)
+        np.minimum.at(root, a, low)
+        np.minimum.at(root, b, low)
+        while True:
+            up = root[root]
+            if np.array_equal(up, root):
+                break
+            root = up
+    dups = np.flatnonzero(root != np.arange(n))
+    return dups, root[dups]
