@@ -37,6 +37,14 @@ class MinhashDedup(ClusterStage):
 
     def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         column = table.column(SIGNATURE)
+        found, start = [], 0
+        for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:  # no copy of the signatures
+            rows, groups, copies = self._chunk_groups(chunk)
+            found.append((rows + start, groups, copies))
+            start += len(chunk)
+        return tuple(np.concatenate(parts) for parts in zip(*found)) if found else tuple(np.empty(0, np.int64) for _ in range(3))
+
+    def _chunk_groups(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if column.null_count == 0:
             return band_groups(from_arrow(column, self.config.num_perm), self.config)
         valid = np.asarray(pc.is_valid(column))

@@ -103,7 +103,7 @@ def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: 
     if segment_index == len(ctx.segments) - 1:
         write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats)
     else:
-        out.write_parquet(ctx.work_path(segment_index, plan.shard_id, ".parquet"), table)
+        out.write_parquet(ctx.work_path(segment_index, plan.shard_id, ".parquet"), table, scratch=True)
     return ShardDone.of(plan.rows, stats, segment, segment_index == 0)
 
 

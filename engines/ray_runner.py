@@ -278,6 +278,6 @@ def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
         if last:
             write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, stats)
         else:
-            ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table)
+            ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table, scratch=True)
         done.append(ShardDone.of(table.num_rows, stats, ctx.segments[segment], segment == 0).encode())
     return pa.table({"shard": pa.array(ids, pa.int64()), "done": pa.array(done, pa.string())})

@@ -211,13 +211,14 @@ class OutputDir:
         with self.fs.open(path, "rb") as f:
             return json.load(f)
 
-    def write_parquet(self, path: str, table: pa.Table) -> None:
-        """Write ``table`` atomically with the schema version in the file metadata."""
+    def write_parquet(self, path: str, table: pa.Table, scratch: bool = False) -> None:
+        """Write ``table`` atomically with the schema version in the file metadata; a ``scratch``
+        file (an intermediate this run reads back) is written for speed (LZ4, no dictionaries), not size."""
         metadata = dict(table.schema.metadata or {})
         metadata[METADATA_KEY] = SCHEMA_VERSION.encode()
         table = table.replace_schema_metadata(metadata)
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, **({"compression": "lz4", "use_dictionary": False} if scratch else {"compression": "zstd"}))
         self.write_bytes(path, sink.getvalue().to_pybytes())
 
     def write_parquet_stream(self, path: str, tables: Iterable[pa.Table]) -> None:
