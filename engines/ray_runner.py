@@ -36,6 +36,7 @@ from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, sta
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.ray_connect import connect
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
+from mmcurate.engines.ray_quiet import quiet_driver
 from mmcurate.engines.ray_storage import check_nodes
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.engines.worker_state import worker_context
@@ -84,20 +85,26 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
     # one shard besides its stages' state, which no stage declares (docs/cluster.md, batch sizes).
     memory_check.detection_time_interval_s = -1
     try:
-        for index in range(len(ctx.segments)):
-            todo = [p.shard_id for p in ctx.pending(index)]
-            kept = _run_segment(ctx, index, todo, progress) if todo else 0
-            if ctx.needs_global(index):
-                rows = kept if len(todo) == len(ctx.reader.shards) else None  # None: some shards ran before a resume
-                with global_step(ctx.global_stage(index).label, rows, progress) as rejected:
-                    decision = global_decisions(ctx, index)
-                    rejected.append(decision.num_rows)
-                ctx.write_decision(index, decision)
+        with quiet_driver():
+            _run_segments(ctx, progress)
     finally:
         context.target_max_block_size, context.enable_progress_bars, memory_check.detection_time_interval_s = saved
         if started:
             ray.shutdown()
     return finish_run(ctx)
+
+
+def _run_segments(ctx: RunContext, progress: bool) -> None:
+    """Each segment's pending shards, then its global step (unless decided before a resume)."""
+    for index in range(len(ctx.segments)):
+        todo = [p.shard_id for p in ctx.pending(index)]
+        kept = _run_segment(ctx, index, todo, progress) if todo else 0
+        if ctx.needs_global(index):
+            rows = kept if len(todo) == len(ctx.reader.shards) else None  # None: some shards ran before a resume
+            with global_step(ctx.global_stage(index).label, rows, progress) as rejected:
+                decision = global_decisions(ctx, index)
+                rejected.append(decision.num_rows)
+            ctx.write_decision(index, decision)
 
 
 def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -> int:
