@@ -183,10 +183,10 @@ def command(args, pipeline: Pipeline | None) -> int:
             print("stopping" if stop(args.address, args.job_id) else "not running")
         return 0
     job_id = submit(pipeline, args.address, args.pip, args.job_id, args.python, _env(args.env), args.working_dir)
-    print(f"submitted {job_id}", flush=True)
-    if not args.wait:
-        return 0
-    try:
+    try:  # from here on, Ctrl-C leaves a submitted job
+        print(f"submitted {job_id}", flush=True)
+        if not args.wait:
+            return 0
         final = wait(args.address, job_id)
     except KeyboardInterrupt:
         where = f" --address {shlex.quote(args.address)}" if args.address else ""
