@@ -69,7 +69,7 @@ class ClusterStage(GlobalStage):
 
     def decide(self, table: pa.Table) -> pa.Table:
         """The global step on one in-memory table (``key`` + ``global_columns``): one shard, one partition."""
-        table = table.select(["key", *self.global_columns])
+        table = table.select(["key", *self.global_columns]).combine_chunks()  # one copy, not one per phase that takes rows
         step = ClusterStep(self, functools.partial(_whole_table, table), table.schema, parts=1)
         return run_step(step, [0], InMemory(), maps=1)
 
