@@ -13,7 +13,8 @@ larger input over the extra seconds it took: what every run pays once, whatever 
 processes and actor pools starting, fastText loading, Ray Data planning), cancels out and is shown
 apart as the per-run cost. ``end-to-end`` compares whole runs on the larger input, everything included.
 
-    python bench/engines.py [--rows 150000] [--scale 3] [--dup-rate 0.15] [--workers 2] [--engines local,ray,spark] [--repeat 3]
+    python bench/engines.py [--rows 150000] [--scale 3] [--dup-rate 0.15] [--workers 2] [--engines local,ray,spark]
+        [--pipelines per-shard,with-dedup] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--engines", default="local,ray,spark")
+    parser.add_argument("--pipelines", default=",".join(PIPELINES), help="which of: " + ", ".join(PIPELINES))
     parser.add_argument("--repeat", type=int, default=3, help="runs per engine, pipeline and input; the median counts")
     args = parser.parse_args()
 
@@ -109,6 +111,7 @@ def main() -> None:
         sizes = (args.rows, args.rows * args.scale)
         inputs = {n: _write_input(work / f"captions-{n}.parquet", captions(n, args.dup_rate), args.rows_per_shard) for n in sizes}
         engines = args.engines.split(",")
+        pipelines = {name: PIPELINES[name] for name in args.pipelines.split(",")}
         startups, handles = {}, []
         for engine in engines:
             start = time.perf_counter()
@@ -120,7 +123,7 @@ def main() -> None:
         kept: dict[tuple[str, int], set[int]] = {}
         for attempt in range(args.repeat):
             for n, input_path in inputs.items():
-                for name, stages in PIPELINES.items():
+                for name, stages in pipelines.items():
                     for engine in engines:
                         out = work / f"{engine}-{name}-{n}-{attempt}"
                         start = time.perf_counter()
@@ -132,7 +135,7 @@ def main() -> None:
         for handle in handles:
             if handle is not None:
                 getattr(handle, "shutdown", getattr(handle, "stop", None))()
-        _report(args, sizes, engines, startups, times, kept)
+        _report(args, sizes, engines, list(pipelines), startups, times, kept)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -143,7 +146,9 @@ def _write_input(path: Path, docs: list[str], rows_per_shard: int) -> Path:
     return path
 
 
-def _report(args: argparse.Namespace, sizes: tuple[int, int], engines: list[str], startups: dict, times: dict, kept: dict) -> None:
+def _report(
+    args: argparse.Namespace, sizes: tuple[int, int], engines: list[str], pipelines: list[str], startups: dict, times: dict, kept: dict
+) -> None:
     """Per pipeline and engine: median run times on both inputs; throughput = extra rows / extra
     seconds (what every run pays once, whatever its size, cancels out) and that per-run cost."""
     small, large = sizes
@@ -153,7 +158,7 @@ def _report(args: argparse.Namespace, sizes: tuple[int, int], engines: list[str]
     )
     print("engine start-up (excluded): " + ", ".join(f"{e} {s:.1f} s" for e, s in startups.items()))
     print(f"{'pipeline':11} {'engine':7} {'run s':>13} {'throughput':>12} {'vs ' + engines[0]:>9} {'per-run s':>10} {'end-to-end':>11}")
-    for name in PIPELINES:
+    for name in pipelines:
         medians = {e: [statistics.median(times[(name, e, n)]) for n in sizes] for e in engines}
         rates = {e: (large - small) / (t_large - t_small) for e, (t_small, t_large) in medians.items()}
         for engine, (t_small, t_large) in medians.items():

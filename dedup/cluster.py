@@ -162,7 +162,7 @@ class ClusterStep:
 
     def left(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[pa.Table]:
         """Distinct pairs with the left row's key and global columns (``_a_<column>``), split by the
-        right row's shard and sorted by the right row. The wide global columns are copied by one ``take``."""
+        right row's shard and sorted by the right row. The wide global columns are copied by one ``take`` per piece."""
         a, b = _distinct(*_concat(pieces, 2))
         schema = pa.schema(
             [("a", pa.string()), ("b", pa.int64()), *(self.columns.field(c).with_name(f"_a_{c}") for c in self.stage.global_columns)]
@@ -174,10 +174,13 @@ class ClusterStep:
         offsets = np.cumsum([0] + [t.num_rows for t in tables])
         position = np.concatenate([offsets[i] + (a[run] & ROW_MASK) for i, (_, run) in enumerate(runs)])
         order, slices = _grouping((b >> ROW_BITS) % self.parts, self.parts, within=b)
-        side = pa.concat_tables(tables).combine_chunks().take(pa.array(position[order]))
-        columns = [side.column(c) for c in self.stage.global_columns]
-        table = pa.Table.from_arrays([side.column("key"), pa.array(b[order]), *columns], schema=schema)
-        return [table.slice(piece.start, piece.stop - piece.start) for piece in slices]
+        rows = pa.concat_tables(tables).combine_chunks()
+        split = []
+        for piece in slices:  # a take per piece: a slice of one table would pickle the whole table's buffers
+            side = rows.take(pa.array(position[order[piece]]))
+            columns = [side.column(c) for c in self.stage.global_columns]
+            split.append(pa.Table.from_arrays([side.column("key"), pa.array(b[order[piece]]), *columns], schema=schema))
+        return split
 
     def verify(self, *pieces: pa.Table) -> pa.Table:
         """The partition's pairs that ``stage.verify`` confirms, as ``(a key, b key)``. Each piece is
