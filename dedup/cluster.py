@@ -11,8 +11,9 @@ model: NeMo Curator's fuzzy dedup, minhash -> LSH buckets -> edges -> connected 
    (:func:`graph.member_pairs`; a group larger than ``max_group_size`` pairs its smallest key with
    the others); members with one ``copy`` id enter as one, the others paired with it alone
    (:func:`graph.first_copies`); split by the left row's shard;
-3. ``left``, per partition: drop repeated pairs, attach the left row's key and global columns (read
-   from its shard: a column projection, not a shuffle of the dataset); split by the right row's shard;
+3. ``left``, per partition: drop repeated pairs, attach the left rows' key and global columns (read
+   from their shards: a column projection, not a shuffle of the dataset; each distinct left row once
+   per piece, not once per pair); split by the right row's shard;
 4. ``verify``, per partition: take the right rows' columns and call ``verify``: the edges.
 
 The driver then keeps the smallest key of every component of the edges (:meth:`ClusterStep.decide`).
@@ -160,16 +161,15 @@ class ClusterStep:
         a, b = distinct[np.r_[left, first]], distinct[np.r_[right, other]]
         return _split((a, b), (a >> ROW_BITS) % self.parts, self.parts)
 
-    def left(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[pa.Table]:
-        """Distinct pairs with the left row's key and global columns (``_a_<column>``), split by the
-        right row's shard and sorted by the right row. The wide global columns are copied by one ``take`` per piece."""
+    def left(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[tuple[pa.Table, np.ndarray, np.ndarray]]:
+        """Distinct pairs split by the right row's shard, each piece sorted by the right row, as
+        ``(rows, left, right)``: ``rows`` the piece's distinct left rows (``key`` + global columns),
+        ``left`` each pair's place in ``rows``, ``right`` its right row's id. A left row travels once
+        per piece, not once per pair (rows in large clusters are in many pairs)."""
         a, b = _distinct(*_concat(pieces, 2))
-        schema = pa.schema(
-            [("a", pa.string()), ("b", pa.int64()), *(self.columns.field(c).with_name(f"_a_{c}") for c in self.stage.global_columns)]
-        )
         runs = _shard_runs(a)
         if not runs:
-            return [schema.empty_table()] * self.parts
+            return [(self.columns.empty_table(), np.empty(0, np.int64), np.empty(0, np.int64))] * self.parts
         tables = [self.rows(shard_id) for shard_id, _ in runs]
         offsets = np.cumsum([0] + [t.num_rows for t in tables])
         position = np.concatenate([offsets[i] + (a[run] & ROW_MASK) for i, (_, run) in enumerate(runs)])
@@ -177,25 +177,22 @@ class ClusterStep:
         rows = pa.concat_tables(tables).combine_chunks()
         split = []
         for piece in slices:  # a take per piece: a slice of one table would pickle the whole table's buffers
-            side = rows.take(pa.array(position[order[piece]]))
-            columns = [side.column(c) for c in self.stage.global_columns]
-            split.append(pa.Table.from_arrays([side.column("key"), pa.array(b[order[piece]]), *columns], schema=schema))
+            distinct, left = np.unique(position[order[piece]], return_inverse=True)
+            split.append((rows.take(pa.array(distinct)), left.astype(np.int64), b[order[piece]]))
         return split
 
-    def verify(self, *pieces: pa.Table) -> pa.Table:
+    def verify(self, *pieces: tuple[pa.Table, np.ndarray, np.ndarray]) -> pa.Table:
         """The partition's pairs that ``stage.verify`` confirms, as ``(a key, b key)``. Each piece is
         sorted by the right row: the pairs of one right shard are a slice of it."""
         shard_rows = functools.cache(lambda shard_id: self.rows(shard_id).combine_chunks())
         columns = list(self.stage.global_columns)
         edges = [EDGES.empty_table()]
-        for piece in pieces:
-            right = piece.column("b").to_numpy()
+        for rows, left, right in pieces:
             for shard_id, run in _shard_runs(right):
-                pairs = piece.slice(run.start, run.stop - run.start)
-                side = shard_rows(shard_id).take(pa.array(right[run] & ROW_MASK))
-                left = pairs.select([f"_a_{c}" for c in columns]).rename_columns(columns)
-                ok = verify_aligned(self.stage, left, side.select(columns))
-                edges.append(pa.Table.from_arrays([pairs.column("a"), side.column("key")], schema=EDGES).filter(pa.array(ok)))
+                side = rows.take(pa.array(left[run]))
+                other = shard_rows(shard_id).take(pa.array(right[run] & ROW_MASK))
+                ok = verify_aligned(self.stage, side.select(columns), other.select(columns))
+                edges.append(pa.Table.from_arrays([side.column("key"), other.column("key")], schema=EDGES).filter(pa.array(ok)))
         return pa.concat_tables(edges)
 
     def decide(self, edges: Sequence[pa.Table]) -> pa.Table:
