@@ -6,10 +6,11 @@ a conditional put (``If-None-Match: *``) on S3 through s3fs. A live lease refuse
 line naming its holder. A stale one is taken over: its heartbeat is older than :data:`STALE_AFTER`
 seconds, or its holder ran on this host and its process is gone (a killed run), or it is this process's own.
 
-A takeover replaces the stale lease only if it is still the one judged stale, so of several runs
-that find one stale lease exactly one takes it: on S3 a put with ``If-Match`` on the stale lease's
-ETag; elsewhere the takers first create a marker named for the stale lease's content (exclusively, as
-the lease itself), and its one holder checks the lease is unchanged before it replaces it in one step.
+A takeover replaces the stale lease only if it is still the one judged stale, and a heartbeat only if it
+is still the one it read, so of the runs that read one lease exactly one replaces it: on S3 a put with
+``If-Match`` on the lease's ETag; elsewhere each first creates a marker named for the lease's content
+(exclusively, as the lease itself), and the marker's one holder checks the lease is unchanged before it
+replaces it in one step. A run stalled past :data:`STALE_AFTER` thus never overwrites a takeover.
 """
 
 from __future__ import annotations
@@ -50,12 +51,24 @@ class Lease:
     def record(self) -> dict:
         return {"token": self.token, "owner": _owner(), "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
 
+    def renew(self) -> bool:
+        """Renew the heartbeat if the lease is still this process's; whether it is.
+
+        The renewal replaces the lease only if it is unchanged since it was read (as a takeover does), so
+        a run stalled past :data:`STALE_AFTER` between the read and the write never overwrites the lease
+        another run took over meanwhile.
+        """
+        version = _version(self.fs, self.path)
+        raw = _raw(self.fs, self.path)
+        if _parse(raw).get("token") != self.token:
+            return False
+        return _replace(self.fs, self.path, raw, version, self.record())
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
-            if _read(self.fs, self.path).get("token") != self.token:
-                return  # taken over (this process was stalled past STALE_AFTER): stop renewing another's lease
             try:
-                _write(self.fs, self.path, self.record())
+                if not self.renew():
+                    return  # taken over (this process was stalled past STALE_AFTER): stop renewing another's lease
             except OSError:
                 continue  # the next beat tries again; the lease goes stale only after STALE_AFTER
 
@@ -83,7 +96,7 @@ def acquire(fs: AbstractFileSystem, root: str) -> Lease:
                     f" heartbeat {time.time() - held.get('heartbeat', 0):.0f} s ago); wait for it, stop it, or remove {lease.path}"
                     " if that run is gone"
                 ) from None
-            if raw is not None and _take_over(fs, lease.path, raw, version, lease.record()):
+            if raw is not None and _replace(fs, lease.path, raw, version, lease.record()):
                 break
             time.sleep(0.2 * (attempt + 1))  # another run is taking it over: its lease is live the next time round
         except OSError as e:
@@ -97,9 +110,11 @@ def acquire(fs: AbstractFileSystem, root: str) -> Lease:
     return lease
 
 
-def _take_over(fs: AbstractFileSystem, path: str, stale: bytes, version: str | None, record: dict) -> bool:
-    """Replace the stale lease ``stale`` (its raw content; ``version``: its S3 ETag) with ``record`` if it is
-    still there; whether this run took it (False: another run did, or its holder removed it)."""
+def _replace(fs: AbstractFileSystem, path: str, stale: bytes, version: str | None, record: dict) -> bool:
+    """Replace the lease ``stale`` (its raw content; ``version``: its S3 ETag) with ``record`` if it is still
+    there; whether this process did (False: another run or the holder changed or removed it first).
+
+    Takeovers and heartbeats both go through here, so of the runs that read one lease exactly one replaces it."""
     data = json.dumps(record).encode()
     if version is not None:  # S3: the put succeeds only if the object is still the stale one
         try:

@@ -133,6 +133,46 @@ def test_two_takers_of_one_stale_lease_one_wins(store: str, tmp_path: Path, requ
     assert fs.find(path) == []  # the winner released the lease; no takeover marker is left
 
 
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_stalled_heartbeat_never_overwrites_a_takeover(store: str, tmp_path: Path, monkeypatch, request) -> None:
+    """The holder reads its lease, stalls past STALE_AFTER, and another run takes the lease over before the
+    holder writes its heartbeat: the heartbeat leaves the new lease alone and the holder stops renewing."""
+    if store == "s3":
+        fs, bucket = request.getfixturevalue("s3")
+        root = f"{bucket.removeprefix('s3://')}/out"
+    else:
+        fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    held = lease.acquire(fs, root)
+    parse, stalled = lease._parse, []
+
+    def taken_over_while_stalled(raw):
+        if not stalled:  # between the holder's read and its write
+            stalled.append(True)
+            hold(root, fs, token="taker", host="node-7.invalid")
+        return parse(raw)
+
+    monkeypatch.setattr(lease, "_parse", taken_over_while_stalled)
+    assert held.renew() is False
+    monkeypatch.setattr(lease, "_parse", parse)
+    assert lease._read(fs, f"{root}/{lease.LEASE}")["token"] == "taker"
+    assert held.renew() is False  # and it stays the taker's
+    held.release()
+    assert lease._read(fs, f"{root}/{lease.LEASE}")["token"] == "taker"
+    assert [p.rsplit("/", 1)[-1] for p in fs.find(root)] == [lease.LEASE]  # no marker left
+
+
+def test_a_live_holder_renews_its_heartbeat(tmp_path: Path) -> None:
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "out")
+    held = lease.acquire(fs, root)
+    before = lease._read(fs, f"{root}/{lease.LEASE}")
+    time.sleep(0.01)
+    assert held.renew() is True
+    after = lease._read(fs, f"{root}/{lease.LEASE}")
+    assert after["token"] == before["token"] and after["heartbeat"] > before["heartbeat"]
+    held.release()
+    assert fs.find(root) == []
+
+
 def test_lease_on_s3_is_a_conditional_put(s3) -> None:
     fs, bucket = s3
     root = f"{bucket.removeprefix('s3://')}/out"
