@@ -53,7 +53,8 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
 
     Connects to the cluster named by ``RAY_ADDRESS`` (set inside a Ray job), to an already
     initialised Ray, or starts a local Ray with ``pipeline.workers`` CPUs; then checks, before any
-    work, that every node sees the input and the output (:func:`ray_storage.check_nodes`).
+    work, that every node sees the input and the output (:func:`ray_storage.check_nodes`). An output
+    that holds this run finished is only summarised, without Ray.
     """
     started = False
 
@@ -68,9 +69,7 @@ def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
         if started:
             ray.shutdown()
         raise
-    if ctx.finished:
-        if started:
-            ray.shutdown()
+    if ctx.finished:  # nothing to do: Ray was not started
         return finish_run(ctx)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     for stage in ctx.stages:

@@ -194,18 +194,16 @@ _LEASES: dict[str, Lease] = {}  # the leases this process holds, by output root:
 
 
 def start_run(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | None = None) -> RunContext:
-    """Take the output's lease (one writer per output: :mod:`shards.lease`), run the engine's ``check`` of
-    the resolved pipeline (e.g. that every node sees the storage) before anything is written, then start
-    the run (:func:`_start`)."""
+    """Take the output's lease (one writer per output: :mod:`shards.lease`), then start the run
+    (:func:`_start`, which calls the engine's ``check``, e.g. joining Ray and checking that every node
+    sees the storage, unless the output holds this run finished)."""
     pipeline = resolved(pipeline)
     out = OutputDir.open(pipeline.output.path)
     out.entries()  # UsageError if the output is a file
     existed = out.exists(out.root)
     lease = acquire(out.fs, out.root)
     try:
-        if check is not None:
-            check(pipeline)
-        ctx = _start(pipeline, engine)
+        ctx = _start(pipeline, engine, check)
     except BaseException:
         lease.release()
         if not existed and not out.entries():  # leave no trace of a run that never started
@@ -215,11 +213,11 @@ def start_run(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None]
     return ctx
 
 
-def _start(pipeline: Pipeline, engine: str) -> RunContext:
-    """Check the output folder, set up the run (stages, input plan) and only then write ``run.json``.
+def _start(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | None = None) -> RunContext:
+    """Check the output folder, set up the run (stages, input plan), run ``check`` and only then write ``run.json``.
 
     An output folder is written into only when it is empty or holds a run of the same pipeline
-    (compared on typed options); a finished run is left as it is (``ctx.finished``).
+    (compared on typed options); a finished run is left as it is (``ctx.finished``, without ``check``).
     """
     pipeline = resolved(pipeline)
     out = OutputDir.open(pipeline.output.path)
@@ -236,25 +234,27 @@ def _start(pipeline: Pipeline, engine: str) -> RunContext:
             out.remove_partial_writes()
         reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out, previous.get("sources") if previous else None)
         check_columns(stages, reader.format, carried_columns(reader))
-    except UsageError:
+        run_id = previous.get("run_id") if previous is not None else None
+        ctx = RunContext(pipeline, reader, stages, dataclasses.replace(out, run_id=run_id or uuid.uuid4().hex))
+        if previous is not None and previous.get("finished"):
+            pending = ctx.pending()
+            if not pending:
+                ctx.finished = True
+                out.remove_work()  # the input plan made to compare the input
+                return ctx
+            if len(ctx.segments) > 1:
+                raise UsageError(
+                    f"{len(pending)} shards of the finished run in {pipeline.output.path} were changed or removed, and its global step"
+                    " cannot be redone; use a new output folder"
+                )
+        if check is not None:
+            check(pipeline)
+    except BaseException:
         if previous is None or previous.get("finished"):  # leave no trace of a run that never started (or a re-run refused)
             out.remove_work()
         if previous is None and not existed and not out.entries():
             out.fs.rmdir(out.root)
         raise
-    run_id = previous.get("run_id") if previous is not None else None
-    ctx = RunContext(pipeline, reader, stages, dataclasses.replace(out, run_id=run_id or uuid.uuid4().hex))
-    if previous is not None and previous.get("finished"):
-        pending = ctx.pending()
-        if not pending:
-            ctx.finished = True
-            out.remove_work()  # the input plan made to compare the input
-            return ctx
-        if len(ctx.segments) > 1:
-            raise UsageError(
-                f"{len(pending)} shards of the finished run in {pipeline.output.path} were changed or removed, and its global step"
-                " cannot be redone; use a new output folder"
-            )
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     ctx.out.write_json(
         ctx.out.run_json,
