@@ -2,7 +2,8 @@
 
 Per segment a bar (rows, rows/s, kept and rejected so far), then a line per stage of the segment
 (rows in, rejected, rows/s of the stage's own time); a line per global step (rows decided, rows
-rejected, seconds).
+rejected, seconds). Where stderr is no terminal (a job's log), the bar is a line at most every
+:data:`LOG_EVERY_S` seconds instead: rows and shards done, kept and rejected so far (Spark: shards done).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from tqdm import tqdm
 
 from mmcurate.engines.core import Segment
 from mmcurate.shards.summary import rate
+
+LOG_EVERY_S = 60.0
 
 
 class ShardDone(NamedTuple):
@@ -54,14 +57,20 @@ class SegmentProgress:
     enabled: bool
     unit: str = "rows"  # or "shards": the bar counts finished shards (Spark advances it from its task tracker)
     bar: tqdm = field(init=False)
+    log: bool = field(init=False)  # stderr is no terminal (a job's log): a line now and then instead of the bar
+    done: int = 0  # in ``unit``
+    shards: int = 0
     kept: int = 0
     rows: int = 0
     stages: dict[str, list] = field(default_factory=dict)
+    _logged: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.bar = tqdm(total=self.total, unit=self.unit, desc=self.label, disable=not self.enabled or None, file=sys.stderr)
+        self.log = self.enabled and not sys.stderr.isatty()
 
     def update(self, done: ShardDone) -> None:
+        self.shards += 1
         self.kept += done.kept
         self.rows += done.rows
         for label, rows_in, rejected, seconds in done.stages:
@@ -70,11 +79,18 @@ class SegmentProgress:
             entry[1] += rejected
             entry[2] += seconds
         if self.unit == "rows":  # a bar of shards is advanced by its caller
-            self.advance_to(self.bar.n + done.rows)
+            self.advance_to(self.done + done.rows)
         self.bar.set_postfix(kept=self.kept, rejected=self.rows - self.kept, refresh=False)
 
     def advance_to(self, n: int) -> None:
-        self.bar.update(max(n, self.bar.n) - self.bar.n)
+        self.bar.update(max(n, self.done) - self.done)
+        self.done = max(n, self.done)
+        if self.log and time.monotonic() - self._logged >= LOG_EVERY_S:
+            self._logged = time.monotonic()
+            line = f"{self.label}: {self.done}/{self.total} {self.unit} done"
+            if self.unit == "rows":  # Spark counts shards from its tracker and hears of their rows at the end
+                line += f" ({self.shards} shards), {self.kept} kept, {self.rows - self.kept} rejected"
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
