@@ -206,8 +206,8 @@ def start_run(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None]
         ctx = _start(pipeline, engine, check)
     except BaseException:
         lease.release()
-        if not existed and not out.entries():  # leave no trace of a run that never started
-            out.fs.rmdir(out.root)
+        if not existed and out.exists(out.root) and not out.entries():  # leave no trace of a run that never started
+            out.fs.rmdir(out.root)  # (an object store has no empty folder: nothing is left once the lease is gone)
         raise
     _LEASES[ctx.out.root] = lease
     return ctx
@@ -227,7 +227,6 @@ def _start(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | 
     before = previous["pipeline"] if previous is not None else None
     if before is not None and (_comparable(before) != _comparable(config) or _typed_stages(before["stages"]) != list(map(_typed, stages))):
         raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
-    existed = out.exists(out.root)
     out.claim()
     try:
         if previous is not None:
@@ -252,8 +251,6 @@ def _start(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | 
     except BaseException:
         if previous is None or previous.get("finished"):  # leave no trace of a run that never started (or a re-run refused)
             out.remove_work()
-        if previous is None and not existed and not out.entries():
-            out.fs.rmdir(out.root)
         raise
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     ctx.out.write_json(

@@ -121,3 +121,13 @@ def test_missing_driver_is_one_line(url: str, module: str, extra: str, urls: Pat
     monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed: importing it fails
     code, _, err = cli(capsys, "run", str(pipeline_yaml(tmp_path, urls, url)), "--no-progress")
     assert_usage_error(subprocess.CompletedProcess([], code, "", err), extra, url)
+
+
+def test_a_refused_run_on_a_new_s3_output_is_one_line_and_leaves_nothing(s3, s3_env, urls: Path, tmp_path: Path) -> None:
+    """A run refused after taking the lease (here an unknown stage) removes the lease; no folder to remove on S3."""
+    fs, bucket = s3
+    config = pipeline_yaml(tmp_path, urls, f"{bucket}/out")
+    config.write_text(config.read_text().replace("caption_dedup", "no_such_stage"))
+    assert_usage_error(run(config, s3_env), "unknown stage 'no_such_stage'")
+    fs.invalidate_cache()
+    assert fs.find(bucket.removeprefix("s3://")) == []
