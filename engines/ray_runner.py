@@ -11,10 +11,14 @@ and growing with the cluster, within the pipeline's ``min_actors`` and ``max_act
 
 Model stages (:mod:`mmcurate.stages.model`) get an actor pool of their own: ``num_gpus`` from
 their resources (their device is resolved for the cluster's GPUs on the driver), one actor on a
-cluster without GPUs, fed ``batch_size`` rows per call. Every other block is one whole shard:
-batches are whole blocks (``batch_size=None``; a stage's own ``batch_size`` slices inside
-:func:`engines.core.apply_stage`) and Ray's output-block splitting is off, so the writer sees whole
-shards and writes the same files, per shard id, as the local runner.
+cluster without GPUs. They never see whole shards: the chain before one numbers each shard's rows
+(kept rows first, as :func:`engines.core.apply_stage` orders them), a streaming repartition cuts
+the blocks into pieces of ``batch_size`` rows, so several actors share a shard and an actor holds a
+few batches, not shards; the chain after it hands its pieces to a :class:`ShardGather` actor,
+which gives back each shard whole, in its rows' order, once its last piece is in. Every other
+block is one whole shard: batches are whole blocks (``batch_size=None``; a stage's own
+``batch_size`` slices inside :func:`engines.core.apply_stage`) and Ray's output-block splitting is
+off, so the writer sees whole shards and writes the same files, per shard id, as the local runner.
 Each row carries ``_shard`` and the ledger columns of :mod:`engines.core` (the position of the
 stage that rejected it, its share of each stage's seconds), from which the writer derives the
 shard's stats with the local runner's function.
@@ -24,6 +28,7 @@ Global stages run as Ray shuffles over the segment's intermediate files (see :mo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, start_ledger
+from mmcurate.engines.core import REJECTED_AT, apply_decisions, apply_stage, shard_stats, start_ledger
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.ray_connect import connect
 from mmcurate.engines.ray_global import global_decisions, shard_dataset
@@ -46,6 +51,7 @@ from mmcurate.stages.base import Stage, set_column
 from mmcurate.stages.model import ModelStage
 
 SHARD = "_shard"
+ORDER = "_order"  # a row's place in its shard, while the shard travels in pieces through a model stage
 
 
 def run_ray(pipeline: Pipeline, progress: bool = True) -> dict:
@@ -113,8 +119,23 @@ def _run_segment(ctx: RunContext, index: int, todo: list[int], progress: bool) -
     blocks = len(todo) if ctx.segments[index].stages else 2 * int(ray.cluster_resources().get("CPU", 1))
     ds = shard_dataset(todo, blocks)
     steps = chains(ctx, index)
-    for chain in steps:
+    gathers = []
+    for before, chain in zip([None, *steps], steps, strict=False):
+        if before is not None and before.model is not None:  # the model stage's pieces become shards again
+            chain.gather = ShardGather.remote({i: ctx.reader.shards[i].rows for i in todo})
+            gathers.append(chain.gather)
+        if chain.model is not None:
+            ds = ds.repartition(target_num_rows_per_block=chain.model.config.batch_size)
         ds = _map_chain(ds, chain, alone=len(steps) == 1)
+    try:
+        return _consume(ctx, index, todo, ds, progress)
+    finally:
+        for gather in gathers:
+            ray.kill(gather)
+
+
+def _consume(ctx: RunContext, index: int, todo: list[int], ds: ray.data.Dataset, progress: bool) -> int:
+    """Run the segment's plan, showing its shards as they are written; their rows still kept."""
     label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
     bar = SegmentProgress(f"ray {label}", sum(ctx.reader.shards[i].rows for i in todo), progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -135,6 +156,8 @@ class Chain:
     read: bool
     write: bool
     applies: int | None = None  # position of the global stage whose decision the read applies
+    split: bool = False  # the next chain is a model stage: number each shard's rows for its pieces
+    gather: Any = None  # after a model stage: the ShardGather actor that makes its pieces shards again
 
     @property
     def gpus(self) -> float:
@@ -164,6 +187,14 @@ class Chain:
         ctx = worker_context(self.ctx)
         if self.read and self.write:  # the whole segment: one shard at a time, whatever the block holds
             return pa.concat_tables([self._steps(ctx, batch.slice(i, 1)) for i in range(batch.num_rows)])
+        if self.model is not None:  # pieces of shards: each shard's rows apart, so its events stay its own
+            parts = [self._steps(ctx, part) for part in _by_shard(batch)]  # a part of rejected rows gains no columns
+            return pa.concat_tables(parts, promote_options="permissive") if parts else batch
+        if self.gather is not None:
+            whole = ray.get(self.gather.add.remote(batch)) if batch.num_rows else []
+            if not whole:
+                return _written([], []) if self.write else batch.slice(0, 0)  # no shard whole yet
+            batch = pa.concat_tables(whole, promote_options="permissive")
         return self._steps(ctx, batch)
 
     def _steps(self, ctx: RunContext, batch: pa.Table) -> pa.Table:
@@ -171,13 +202,16 @@ class Chain:
             batch = _read(batch, ctx, self.segment, self.applies)
         for _, position in self.stages:
             batch = apply_stage(ctx.ready(position), batch, position)
+        if self.split:
+            batch = number_rows(batch)
         return _write(batch, ctx, self.segment) if self.write else batch
 
 
 def chains(ctx: RunContext, index: int) -> list[Chain]:
     """Cut segment ``index`` at its GPU stages: CPU stages share a worker with the read and write
     next to them (no hand-over through the object store, and a small cluster's CPUs are not split
-    between pools); each GPU stage gets its own actor pool."""
+    between pools); each GPU stage gets its own actor pool. A model stage always has a chain on
+    each side, which cuts shards into its pieces and makes them shards again."""
     segment = ctx.segments[index]
     positions = {id(stage): position for position, stage in enumerate(ctx.stages)}
     runs: list[list[tuple[Stage, int]]] = [[]]
@@ -186,16 +220,25 @@ def chains(ctx: RunContext, index: int) -> list[Chain]:
             runs += [[(stage, positions[id(stage)])], []]
         else:
             runs[-1].append((stage, positions[id(stage)]))
-    runs = [run for i, run in enumerate(runs) if run or i in (0, len(runs) - 1)]
+
+    def needed(i: int) -> bool:
+        """CPU runs are the even ones, GPU stages the odd ones: an empty CPU run stays at either end and beside a model stage."""
+        beside = [run[0][0] for run in runs[max(i - 1, 0) : i + 2] if run]
+        return bool(runs[i]) or i in (0, len(runs) - 1) or any(isinstance(stage, ModelStage) for stage in beside)
+
+    runs = [run for i, run in enumerate(runs) if needed(i)]
     applies = positions[id(segment.applies)] if segment.applies is not None else None
-    return [Chain(ctx, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
+    result = [Chain(ctx, index, run, read=i == 0, write=i == len(runs) - 1, applies=applies) for i, run in enumerate(runs)]
+    for chain, after in itertools.pairwise(result):
+        chain.split = after.model is not None
+    return result
 
 
 def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Dataset:
     """One ``map_batches`` for ``chain``: Ray tasks, or an actor pool (:func:`pool_limits`).
 
-    An actor holds at most two shards (one running, one queued): no wait between shards, and the
-    last ones still spread over the pool.
+    An actor holds at most two blocks (one running, one queued): no wait between them, and the last
+    ones still spread over the pool. A block is a shard, or for a model stage a piece of ``batch_size`` rows.
     """
     cluster = ray.cluster_resources()
     cpus = min(chain.cpus, cluster.get("CPU", 1.0))  # a stage asking for more CPUs than there are still runs
@@ -208,7 +251,7 @@ def _map_chain(ds: ray.data.Dataset, chain: Chain, alone: bool) -> ray.data.Data
     size, gpus = pool_size(cpus, chain.gpus, cluster)
     start, most = (size if gpus or alone else 1), chain.ctx.pipeline.max_actors
     if chain.model is not None:
-        common["batch_size"] = chain.model.config.batch_size  # rows per call, not whole shards
+        common["batch_size"] = chain.model.config.batch_size  # blocks of batch_size rows (see _run_segment)
         if not gpus:  # on CPU one model copy per pool, unless max_actors asks for more
             start, most = 1, most or 1
     least, initial, most = pool_limits(start, chain.ctx.pipeline.min_actors, most)
@@ -255,6 +298,40 @@ class ChainActor:
         return self.chain(batch)
 
 
+def number_rows(table: pa.Table) -> pa.Table:
+    """Each shard's rows in the order :func:`engines.core.apply_stage` gives them (kept first, the
+    rest after), numbered in ``_order``, before the shards go in pieces through a model stage."""
+    rejected = pc.is_valid(table.column(REJECTED_AT)).cast(pa.int8())
+    table = table.take(pc.sort_indices(pa.table({"s": table.column(SHARD), "r": rejected}), [("s", "ascending"), ("r", "ascending")]))
+    return set_column(table, ORDER, np.arange(table.num_rows), pa.int64())
+
+
+def _by_shard(table: pa.Table) -> list[pa.Table]:
+    return [table.filter(pc.equal(table.column(SHARD), i)) for i in pc.unique(table.column(SHARD)).to_pylist()]
+
+
+@ray.remote(num_cpus=0)
+class ShardGather:
+    """The pieces of each shard, from the chains after a model stage, until the shard is whole."""
+
+    def __init__(self, rows: dict[int, int]) -> None:
+        self.rows = rows  # rows of each shard
+        self.pieces: dict[int, dict[int, pa.Table]] = {}  # per shard, its pieces by their first row's number
+
+    def add(self, batch: pa.Table) -> list[pa.Table]:
+        """Keep ``batch``'s pieces; return the shards they complete, each in its rows' order. A piece
+        sent again (a task Ray retried after it had sent it) replaces itself: no row counts twice."""
+        whole = []
+        for piece in _by_shard(batch):
+            shard = piece.column(SHARD)[0].as_py()
+            pieces = self.pieces.setdefault(shard, {})
+            pieces[pc.min(piece.column(ORDER)).as_py()] = piece
+            if sum(p.num_rows for p in pieces.values()) == self.rows[shard]:
+                table = pa.concat_tables(self.pieces.pop(shard).values(), promote_options="permissive")
+                whole.append(table.take(pc.sort_indices(table.column(ORDER))).drop_columns([ORDER]))
+        return whole
+
+
 def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -> pa.Table:
     """The rows of the block's shards: from the reader, or the previous segment's intermediate
     files with the decision of the previous global stage (at position ``applies``) applied."""
@@ -286,4 +363,8 @@ def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
         else:
             ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table, scratch=True)
         done.append(ShardDone.of(table.num_rows, stats, ctx.segments[segment], segment == 0).encode())
+    return _written(ids, done)
+
+
+def _written(ids: list[int], done: list[str]) -> pa.Table:
     return pa.table({"shard": pa.array(ids, pa.int64()), "done": pa.array(done, pa.string())})

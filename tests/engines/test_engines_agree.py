@@ -88,6 +88,25 @@ def test_engines_agree_on_two_stages_of_one_name(ray_local, spark, test_stages, 
         _assert_same(local, result, engine)
 
 
+def test_ray_feeds_model_stages_pieces_of_shards(ray_local, test_stages, caption_input, make_pipeline, run_and_read):
+    """Model stages on Ray get blocks of ``batch_size`` rows, not shards, and give the local runner's
+    files (rows rejected before and after them in place, shards made whole again between two model
+    stages); the one CPU model actor counts its out-of-memory halvings as the local model worker does."""
+    model = {"device": "cpu", "batch_size": 32, "oom_above": 8}
+    stages = [{"t_words": {"min_words": 9}}, {"t_model": model}, {"t_model": {**model, "oom_above": 32}}, {"t_words": {"min_words": 11}}]
+    summaries, results = {}, {}
+    for engine in ("local", "ray"):
+        summaries[engine], results[engine] = run_and_read(make_pipeline(caption_input, stages, engine, engine=engine))
+        for shard in results[engine].values():
+            for row in shard["kept"] + shard["rejects"]:
+                row.pop("model_pid"), row.pop("model_threads")  # where the model ran
+            for entry in shard["stats"]["stages"]:
+                entry.pop("oom_halvings", None)  # the shard the model worker met first counts them
+    _assert_same(results["local"], results["ray"], "ray")
+    halvings = [{name: summary["stages"][name]["oom_halvings"] for name in ("t_model#1", "t_model#2")} for summary in summaries.values()]
+    assert halvings[0] == halvings[1] == {"t_model#1": 2, "t_model#2": 0}  # 32 rows, 16, then 8 per call
+
+
 # --- the real stages, images downloaded from a local server -------------------------------------
 
 

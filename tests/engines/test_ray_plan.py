@@ -27,6 +27,16 @@ def test_segments_are_cut_at_gpu_stages(test_stages, caption_input, make_pipelin
     assert [(c.read, c.write, c.applies, c.stages) for c in third] == [(True, True, 4, [])]
 
 
+def test_a_model_stage_has_a_chain_on_each_side(test_stages, caption_input, make_pipeline):
+    """The chain before a model stage numbers its shards' rows for the pieces; the one after makes
+    them shards again (between two model stages, a chain of no stages does both)."""
+    stages = ["t_words", {"t_model": {"device": "cpu"}}, {"t_model": {"device": "cpu"}}, "t_gpu"]
+    steps = chains(RunContext.create(make_pipeline(caption_input, stages, "plan", engine="ray")), 0)
+    assert [[s.name for s, _ in c.stages] for c in steps] == [["t_words"], ["t_model"], [], ["t_model"], [], ["t_gpu"], []]
+    model, split = [c.model is not None for c in steps], [c.split for c in steps]
+    assert model == [False, True, False, True, False, False, False] and split == [True, False, True, False, False, False, False]
+
+
 def test_pool_sizes_follow_declared_resources():
     assert pool_size(1.0, 1.0, {"CPU": 16, "GPU": 4}) == (4, 1.0)
     assert pool_size(1.0, 0.5, {"CPU": 16, "GPU": 2}) == (4, 0.5)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from mmcurate.stages.base import set_column
+from mmcurate.stages.base import Resources, set_column
 from mmcurate.stages.model import ModelConfig, ModelStage
 
 
@@ -24,6 +24,7 @@ class Probe(ModelStage):
 
     name = "t_model"
     Config = ProbeConfig
+    resources = Resources(cpus=0.5, gpus=1, memory_gb=0.5)  # two model pools and the shard chains fit 2 Ray CPUs
     needs = ("caption",)
 
     def load(self) -> None:
