@@ -11,10 +11,16 @@ the image's phrases as queries), forward, ``post_process_grounded_object_detecti
 decodes and preprocesses ahead in threads, batches ``--batch-size`` images with padded phrase lists,
 runs NMS across phrases, and uses bf16 on a GPU. Images/s are the best of ``--repeat`` alternating runs.
 
+``--parts`` times instead where OWLv2's time goes, per image: preprocessing, the text queries, the
+vision encoder at batch 1 and at ``--batch-size``, and the whole forward; on CPU the vision encoder
+is nearly all of it, which bounds what batching, caching phrase embeddings or faster preprocessing
+can gain there.
+
 The GPU machine has no spaCy or open_clip: prepare there from here with ``--prepare DIR`` (phrases
 and the CLIP tokenizer) and run with ``--prepared DIR`` on the GPU.
 
     python bench/grounding.py [--images 8] [--batch-size 8] [--device cpu] [--detectors owlv2,grounding-dino]
+    python bench/grounding.py --parts [--batch-size 2]                # OWLv2's time by part
     python bench/grounding.py --prepare bench/out/grounding          # here, on CPU
     python bench/grounding.py --prepared bench/out/grounding --device cuda --images 128 --batch-size 16
 """
@@ -108,6 +114,35 @@ def staged(folder: str, batch: pa.Table, args: argparse.Namespace, threshold: fl
     return time.perf_counter() - start, sum(out.column("num_boxes").to_pylist())
 
 
+def parts(folder: str, batch: pa.Table, args: argparse.Namespace) -> None:
+    """Milliseconds per image of each part of OWLv2's work on the first image (and a batch of it)."""
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(folder).to(args.device).eval()
+    image = Image.open(io.BytesIO(batch.column("image")[0].as_py())).convert("RGB")
+    texts = [e["phrase"] for e in batch.column("grounding")[0].as_py()]
+
+    def timed(label: str, fn, images: int = 1) -> object:
+        start = time.perf_counter()
+        out = fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        print(f"  {label:42} {(time.perf_counter() - start) / images * 1000:9.1f} ms per image")
+        return out
+
+    with torch.inference_mode():
+        processor.image_processor(images=image, return_tensors="pt")  # warm-up
+        pixels = timed("image preprocessing", lambda: processor.image_processor(images=image, return_tensors="pt")["pixel_values"])
+        pixels = pixels.to(args.device)
+        tokens = processor.tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt").to(args.device)
+        timed(f"text queries ({len(texts)} phrases)", lambda: model.owlv2.get_text_features(**tokens))
+        model.image_embedder(pixel_values=pixels)  # warm-up
+        timed("vision encoder, batch 1", lambda: model.image_embedder(pixel_values=pixels))
+        many = pixels.expand(args.batch_size, -1, -1, -1).contiguous()
+        timed(f"vision encoder, batch {args.batch_size}", lambda: model.image_embedder(pixel_values=many), args.batch_size)
+        inputs = processor(text=[texts], images=image, return_tensors="pt", padding="max_length", truncation=True, max_length=16)
+        timed("whole forward, batch 1", lambda: model(**inputs.to(args.device)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
@@ -116,6 +151,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--detectors", default="owlv2,grounding-dino")
+    parser.add_argument("--parts", action="store_true", help="time OWLv2's parts instead of the stage and the loop")
     parser.add_argument("--prepare", type=Path, help="write phrases and the CLIP tokenizer here and stop")
     parser.add_argument("--prepared", type=Path, help="a folder written by --prepare (no spaCy or open_clip needed)")
     args = parser.parse_args()
@@ -132,6 +168,9 @@ def main() -> None:
     print(f"{args.images} photos, {phrases / args.images:.1f} phrases per photo, device {args.device}, batch {args.batch_size}")
     words = sorted({w for r in rows for e in r["grounding"] for w in e["phrase"].lower().split()})
     with tempfile.TemporaryDirectory() as tmp:
+        if args.parts:
+            parts(str(save_owlv2(Path(tmp) / "owlv2", tiny=False, tokenizer=tokenizer)), batch, args)
+            return
         for kind in args.detectors.split(","):
             if kind == "owlv2":
                 folder, threshold = str(save_owlv2(Path(tmp) / kind, tiny=False, tokenizer=tokenizer)), 0.1
