@@ -335,10 +335,16 @@ def hf_load(cls: Any, name: str, revision: str | None = None, stage: str = "", *
         except UsageError as e:
             raise UsageError(f"{where}{e}") from None
         source, options = name, {**kwargs, "revision": revision, "local_files_only": status == "cached"}  # no hub round trip when cached
+    bars = sys.modules["transformers"].utils.logging
+    shown = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()  # transformers' weight-loading bar would cut through the run's progress lines
     try:
         return cls.from_pretrained(source, **options)
     except (OSError, ValueError) as e:
         raise UsageError(f"{where}cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        if shown:
+            bars.enable_progress_bar()
 
 
 def open_clip_load(model: str, pretrained: str | None, device: str, stage: str = "") -> tuple[Any, Any, Any]:
