@@ -15,6 +15,7 @@ import pytest
 
 from mmcurate import killpoints
 from mmcurate.cli import main
+from mmcurate.shards.layout import OutputDir
 from mmcurate.tests.support.foundation import (
     assert_same_output,
     assert_usage_error,
@@ -131,3 +132,19 @@ def test_a_refused_run_on_a_new_s3_output_is_one_line_and_leaves_nothing(s3, s3_
     assert_usage_error(run(config, s3_env), "unknown stage 'no_such_stage'")
     fs.invalidate_cache()
     assert fs.find(bucket.removeprefix("s3://")) == []
+
+
+def test_the_driver_sees_what_workers_write_after_it_listed(s3) -> None:
+    """A resuming driver lists the output (leftovers of a killed run), then its workers write into it: it
+    must see their files (a cached listing hid them: 'N shards are unfinished' on a finished resume)."""
+    import s3fs
+
+    _, bucket = s3
+    worker = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's view
+    root = bucket.removeprefix("s3://") + "/out"
+    worker.pipe_file(f"{root}/shards/00000.parquet", b"0")
+    worker.pipe_file(f"{root}/_done/.tmp-0123456789abcdef0123456789abcdef-00001", b"")
+    out = OutputDir.open(f"{bucket}/out")
+    out.remove_partial_writes()  # lists every folder of the output
+    worker.pipe_file(f"{root}/shards/00001.parquet", b"01")
+    assert out.exists(f"{root}/shards/00001.parquet") and out.fs.size(f"{root}/shards/00001.parquet") == 2
