@@ -50,8 +50,10 @@ def cluster(address: str | None) -> Iterator:
 
     from mmcurate.engines.ray_connect import auth_problem, first_line, use_cluster_token
 
-    where = address or os.environ.get("RAY_ADDRESS") or "$RAY_ADDRESS (unset)"
+    where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "$RAY_ADDRESS (unset)"
     use_cluster_token()
+    # Ray's client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over its address argument: --address wins here.
+    saved = {name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if address and name in os.environ}
     try:
         yield JobSubmissionClient(address)
     except AuthenticationError as e:
@@ -60,6 +62,8 @@ def cluster(address: str | None) -> Iterator:
         raise UsageError(f"cannot reach the Ray dashboard at {where}: {first_line(e)}") from None
     except RuntimeError as e:  # the client's answer to a refused request (unknown job, ...)
         raise UsageError(f"the Ray dashboard at {where} answered: {_answer(e)}") from None
+    finally:
+        os.environ.update(saved)
 
 
 def _answer(error: RuntimeError) -> str:

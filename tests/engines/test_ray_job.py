@@ -150,3 +150,14 @@ def test_unreachable_dashboard_is_one_line(tmp_path):
 
     done = _cli("jobs", "status", "some-job", "--address", f"http://127.0.0.1:{free_ports(1)[0]}", env=_client_env())
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "cannot reach the Ray dashboard at http://127.0.0.1:" in done.stderr
+
+
+def test_address_flag_wins_over_ray_address(head):
+    """Ray's client takes RAY_ADDRESS over its address argument; mmcurate's --address wins."""
+    from mmcurate.tests.support.ray_head import free_ports
+
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
+    done = _cli("jobs", "status", "no-such-job", "--address", head.address, env=_client_env(RAY_ADDRESS=dead))
+    assert done.returncode == 2 and "Job no-such-job does not exist" in done.stderr, done.stderr  # the head answered
+    done = _cli("jobs", "status", "no-such-job", "--address", dead, env=_client_env(RAY_ADDRESS=head.address))
+    assert done.returncode == 2 and f"cannot reach the Ray dashboard at {dead}" in done.stderr, done.stderr
