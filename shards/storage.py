@@ -1,4 +1,5 @@
-"""Filesystems of input and output paths (fsspec), with one clear line when a path's driver is missing."""
+"""Filesystems of input and output paths (fsspec), with one clear line when a path's driver is missing or its
+object store cannot be reached."""
 
 from __future__ import annotations
 
@@ -8,20 +9,40 @@ from fsspec.spec import AbstractFileSystem
 from mmcurate.errors import UsageError
 
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # URL protocol -> the mmcurate extra that installs its driver
+SETTINGS = {"s3": "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...", "gcs": "GOOGLE_APPLICATION_CREDENTIALS, ..."}  # what each driver reads
+_REACHED: set[str] = set()  # the object-store URLs this process has reached
 
 
 def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
-    """``fsspec.core.url_to_fs``; UsageError naming the extra to install when the protocol's driver is missing.
+    """``fsspec.core.url_to_fs``; UsageError naming the extra to install when the protocol's driver is missing,
+    and (once per URL and process) when the object store cannot be reached.
 
     Object stores get no listing cache: a driver lists a folder (e.g. for leftovers of a killed run), then
     its workers write into it, and a cached listing would hide their files from it (s3fs answers ``info``,
     ``exists`` and ``open`` from a cached listing of the parent: FileNotFoundError for a file written since).
     """
-    options = {"use_listings_cache": False} if url.split("://", 1)[0] in EXTRAS else {}
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = {"use_listings_cache": False} if protocol in EXTRAS else {}
     try:
-        return fsspec.core.url_to_fs(url, **options)
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as e:
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
         extra = EXTRAS.get(protocol)
         hint = f'pip install "mmcurate[{extra}]"' if extra else str(e)
         raise UsageError(f"{url}: {protocol}:// paths need a driver that is not installed; {hint}") from None
+    if protocol in EXTRAS and url not in _REACHED:
+        _reach(fs, path, url, SETTINGS[EXTRAS[protocol]])
+        _REACHED.add(url)
+    return fs, path
+
+
+def _reach(fs: AbstractFileSystem, path: str, url: str, settings: str) -> None:
+    """Ask the store for ``path`` once, before anything reads or writes there: an unreachable endpoint, missing
+    or refused credentials are one line (UsageError), not the client library's traceback halfway through a run.
+    A path that does not exist is an answer (a new output, or an input the reader reports)."""
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 -- botocore and gcsfs raise their own types for a dead endpoint or bad credentials
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"cannot reach {url}: {cause}; check the store's endpoint and credentials ({settings})") from None

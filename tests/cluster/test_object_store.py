@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,27 @@ def test_the_driver_sees_what_workers_write_after_it_listed(s3) -> None:
     out.remove_partial_writes()  # lists every folder of the output
     worker.pipe_file(f"{root}/shards/00001.parquet", b"01")
     assert out.exists(f"{root}/shards/00001.parquet") and out.fs.size(f"{root}/shards/00001.parquet") == 2
+
+
+@pytest.mark.parametrize("cause", ["endpoint", "credentials"])
+def test_an_unreachable_store_is_one_line_before_anything_is_written(cause: str, urls: Path, tmp_path: Path) -> None:
+    """A dead endpoint or no credentials: ``run`` (the store as input or as output) and ``validate`` say so in
+    one line naming the URL, where the client library's traceback came halfway through the run."""
+    nowhere = tmp_path / "none"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_MAX_ATTEMPTS": "1", "AWS_EC2_METADATA_DISABLED": "true"}  # one try, no instance metadata to wait for
+    env |= {"AWS_CONFIG_FILE": str(nowhere), "AWS_SHARED_CREDENTIALS_FILE": str(nowhere)}
+    if cause == "endpoint":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+        env |= {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
+    said = {"endpoint": "Could not connect to the endpoint URL", "credentials": "Unable to locate credentials"}[cause]
+    local = tmp_path / "out"
+    for src, out in (("s3://bucket/in/urls.csv", str(local)), (str(urls), "s3://bucket/out")):
+        result = run(pipeline_yaml(tmp_path, src, out), env)
+        assert_usage_error(result, f"cannot reach {src if out == str(local) else out}: {said}", "AWS_ENDPOINT_URL")
+        assert not local.exists()
+    command = toy_cli_command("validate", "s3://bucket/out")
+    validate = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert_usage_error(validate, f"cannot reach s3://bucket/out: {said}")
