@@ -14,8 +14,6 @@ import os
 import pwd
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,8 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
+from mmcurate.tests.support.ray_head import free_ports, stop_group
+
 pytestmark = pytest.mark.slow
 
 USER = "mmcurate-node"  # owns the output folder: only root with all its capabilities (the driver) may write there too
@@ -39,22 +39,12 @@ UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fo
 MARK = "mmcurate_second_node"  # a custom resource that tells the second node apart
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _node_ports() -> list[str]:
     """Every port of a node, free, so that two nodes (and other tests) on this host do not collide."""
     names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
     names += ("runtime-env-agent-port", "metrics-export-port")
     base = random.randrange(20000, 30000, 100)  # worker ports below Linux's ephemeral range, where the ports above come from
-    ports = {**dict(zip(names, _free_ports(len(names)), strict=True)), "min-worker-port": base, "max-worker-port": base + 49}
+    ports = {**dict(zip(names, free_ports(len(names)), strict=True)), "min-worker-port": base, "max-worker-port": base + 49}
     return [f"--{k}={v}" for k, v in ports.items()]
 
 
@@ -73,19 +63,6 @@ def _unix_user() -> pwd.struct_passwd:
     return pwd.getpwnam(USER)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group of a ``ray start --block`` (only what it started)."""
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait_s)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[tuple[str, Path, pwd.struct_passwd]]:
     """A head (root) and a second node (root without its file capabilities) on 127.0.0.1; yields the head's
@@ -98,13 +75,13 @@ def two_nodes() -> Iterator[tuple[str, Path, pwd.struct_passwd]]:
     env["RAY_AUTH_MODE"] = "disabled"
     ray_bin = str(Path(sys.executable).parent / "ray")
     common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--object-store-memory={80 * 2**20}", "--disable-usage-stats"]
-    (gcs,) = _free_ports(1)
+    (gcs,) = free_ports(1)
     procs = []
     try:
         head_temp = shared / "head"
         head_temp.mkdir()
         cmd = [ray_bin, "start", "--head", f"--port={gcs}", "--include-dashboard=false", f"--temp-dir={head_temp}", *common]
-        cmd += [f"--ray-client-server-port={_free_ports(1)[0]}", *_node_ports()]
+        cmd += [f"--ray-client-server-port={free_ports(1)[0]}", *_node_ports()]
         procs.append(_start(cmd, env, head_temp / "node.log"))
         node_temp = shared / "second"
         node_temp.mkdir()
@@ -114,7 +91,7 @@ def two_nodes() -> Iterator[tuple[str, Path, pwd.struct_passwd]]:
         yield f"127.0.0.1:{gcs}", shared, user
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_group(proc, grace=5)
         shutil.rmtree(shared, ignore_errors=True)
 
 

@@ -84,17 +84,18 @@ def ray_head(env: dict[str, str] | None = None, num_cpus: int = 2) -> Iterator[R
             time.sleep(0.2)
         yield RayHead(address, temp, head_env)
     finally:
-        _stop(head)
+        stop_group(head)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _stop(head: subprocess.Popen) -> None:
-    """SIGTERM to the head's process group (``ray start --block`` and everything it started)."""
-    for sig, wait_s in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+def stop_group(proc: subprocess.Popen, grace: float = 3) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, to the process group of a ``ray start --block``
+    (everything it started, and only that)."""
+    for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
         try:
-            os.killpg(head.pid, sig)
-            head.wait(wait_s)
+            os.killpg(proc.pid, sig)
+            proc.wait(wait_s)
             return
         except ProcessLookupError:
             return
