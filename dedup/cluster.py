@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import pyarrow as pa
 
-from mmcurate.dedup.graph import components, first_copies, member_pairs, shared_groups, sorted_distinct, verify_aligned
+from mmcurate.dedup.graph import components, first_copies, member_pairs, shared_groups, sorted_distinct, unique_inverse, verify_aligned
 from mmcurate.dedup.hashing import mix64
 from mmcurate.stages.base import GlobalStage, decisions
 
@@ -151,8 +151,7 @@ class ClusterStep:
         """Candidate pairs ``(a id, b id)`` of one partition's groups, split by the left row's shard."""
         group, ids, *copies = _concat(pieces, len(pieces[0]) if pieces else 2)
         rows, run = shared_groups(group)
-        distinct, codes = np.unique(ids[rows], return_inverse=True)
-        codes = codes.astype(np.int64)
+        distinct, codes = unique_inverse(ids[rows])
         first, other = np.empty(0, np.int64), np.empty(0, np.int64)
         if copies:
             run, codes, first, other = first_copies(run, codes, copies[0][rows])
@@ -231,9 +230,9 @@ def _concat(pieces: Sequence[tuple[np.ndarray, ...]], width: int) -> list[np.nda
 
 def _distinct(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct pairs ``(a[i], b[i])`` of ids, sorted by ``a``."""
-    distinct_a, code_a = np.unique(a, return_inverse=True)
-    distinct_b, code_b = np.unique(b, return_inverse=True)
-    code_a, code_b = sorted_distinct(code_a.astype(np.int64), code_b.astype(np.int64))
+    distinct_a, code_a = unique_inverse(a)
+    distinct_b, code_b = unique_inverse(b)
+    code_a, code_b = sorted_distinct(code_a, code_b)
     return distinct_a[code_a], distinct_b[code_b]
 
 

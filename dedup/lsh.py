@@ -14,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.dedup.config import MinhashConfig
-from mmcurate.dedup.hashing import group_ids
+from mmcurate.dedup.hashing import group_ids, mix64
 
 # A signature is stored as num_perm little-endian uint32 in one fixed-size binary value: every
 # engine carries binary (Spark has no unsigned ints; it hands fixed-size binary back as binary, which
 # is read too), and taking fixed-size binary rows is ~5x faster than binary and ~50x than lists.
 _SLOT = np.dtype("<u4")
 _ROWS_PER_STEP = 1024  # captions folded per numpy call: keeps the working set in cache
+_ROWS_PER_BLOCK = 4096  # signatures banded per numpy call (2 MiB at 128 slots)
 
 
 @functools.lru_cache(maxsize=8)
@@ -93,15 +94,34 @@ def from_arrow(column: pa.Array | pa.ChunkedArray, num_perm: int, nulls: bool = 
     return np.concatenate(parts) if parts else np.empty((0, num_perm), _SLOT)
 
 
-def band_groups(matrix: np.ndarray, config: MinhashConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(row, group, copy)`` for every row and band: the int64 id of (band index, band values), and
-    the row's id of its whole signature (of its band ids and the slots after the last band)."""
+def band_groups(matrix: np.ndarray, config: MinhashConfig, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(row, group, copy)`` for every row (or every ``valid`` row) and band: the int64 id of (band
+    index, band values), and the row's id of its whole signature (of its band ids and the slots after
+    the last band).
+
+    Rows are hashed a block at a time (every band of a block while it is in cache); a band of an even
+    number of slots is read as 64-bit pairs of slots, half the mixing rounds."""
     bands, rows = config.lsh
-    groups = [group_ids(band, matrix[:, band * rows : (band + 1) * rows]) for band in range(bands)]
-    rest = matrix[:, bands * rows :]
-    copy = group_ids(bands, np.concatenate([np.stack(groups, axis=1).view(np.uint64), rest.astype(np.uint64)], axis=1))
     n = len(matrix)
-    return np.tile(np.arange(n), bands), np.concatenate(groups), np.tile(copy, bands)
+    width = bands * rows
+    slots = matrix[:, :width]
+    if rows % 2 == 0:
+        slots, rows = slots.view(np.uint64), rows // 2
+    salts = mix64(np.arange(bands, dtype=np.uint64))
+    groups = np.empty((bands, n), np.int64)
+    copy = np.empty(n, np.int64)
+    for lo in range(0, n, _ROWS_PER_BLOCK):
+        block = slots[lo : lo + _ROWS_PER_BLOCK].reshape(-1, bands, rows)
+        h = salts
+        for j in range(rows):
+            h = mix64(h ^ block[:, :, j])
+        groups[:, lo : lo + len(block)] = h.T.view(np.int64)
+        rest = group_ids(bands, matrix[lo : lo + len(block), width:]).view(np.uint64)
+        copy[lo : lo + len(block)] = mix64(np.bitwise_xor.reduce(h, axis=1) ^ rest).view(np.int64)
+    if valid is None:
+        return np.tile(np.arange(n), bands), groups.ravel(), np.tile(copy, bands)
+    keep = np.flatnonzero(valid)
+    return np.tile(keep, bands), groups[:, keep].ravel(), np.tile(copy[keep], bands)
 
 
 def similar(left: np.ndarray, right: np.ndarray, threshold: float) -> np.ndarray:

@@ -42,15 +42,16 @@ class MinhashDedup(ClusterStage):
             rows, groups, copies = self._chunk_groups(chunk)
             found.append((rows + start, groups, copies))
             start += len(chunk)
+        if len(found) == 1:
+            return found[0]
         return tuple(np.concatenate(parts) for parts in zip(*found)) if found else tuple(np.empty(0, np.int64) for _ in range(3))
 
     def _chunk_groups(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if column.null_count == 0:
             return band_groups(from_arrow(column, self.config.num_perm), self.config)
         valid = np.asarray(pc.is_valid(column))
-        if pa.types.is_fixed_size_binary(column.type):  # band every row in place (no copy), then drop the null rows' bands
-            found = band_groups(from_arrow(column, self.config.num_perm, nulls=True), self.config)
-            return tuple(a[valid[found[0]]] for a in found)
+        if pa.types.is_fixed_size_binary(column.type):  # band the valid rows in place (no copy of the signatures)
+            return band_groups(from_arrow(column, self.config.num_perm, nulls=True), self.config, valid)
         signed = np.flatnonzero(valid)
         rows, groups, copies = band_groups(from_arrow(column.take(signed), self.config.num_perm), self.config)
         return signed[rows], groups, copies

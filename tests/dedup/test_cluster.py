@@ -12,6 +12,7 @@ import pytest
 
 from mmcurate.dedup.cluster import ClusterStage
 from mmcurate.dedup.exact import ExactDedup
+from mmcurate.dedup.graph import argsort64, unique_inverse
 from mmcurate.stages.base import reject
 
 
@@ -87,6 +88,24 @@ def test_pairs_and_components_match_references(seed: int) -> None:
     dups = decision.column("key").to_pylist()
     assert dict(zip(dups, decision.column("duplicate_of").to_pylist(), strict=True)) == reference_components(expected)
     assert dups == sorted(dups)
+
+
+@pytest.mark.parametrize("kind", ["ids", "hashes", "equal_high_bits"])
+def test_argsort64_is_a_stable_argsort(kind: str) -> None:
+    rng = np.random.default_rng(len(kind))
+    for n in (0, 1, 2, 7, 100, 5000):
+        if kind == "ids":
+            values = rng.integers(0, 50, n)
+        elif kind == "hashes":
+            values = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+        else:  # hash values whose high bits are equal but low bits differ: the runs sorted by value afterwards
+            values = rng.choice([-3, 1, 2], n) * 2**50 + rng.integers(0, 4, n) * rng.choice([1, 2**20], n)
+        values = values.astype(np.int64)
+        order, ordered = argsort64(values)
+        assert np.array_equal(order, np.argsort(values, kind="stable")) and np.array_equal(ordered, values[order])
+        distinct, inverse = unique_inverse(values)
+        expected, expected_inverse = np.unique(values, return_inverse=True)
+        assert np.array_equal(distinct, expected) and np.array_equal(inverse, expected_inverse)
 
 
 def test_large_groups_pair_with_their_smallest_key() -> None:
