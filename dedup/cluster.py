@@ -99,16 +99,21 @@ class Exchange(Protocol):
 
 
 class InMemory:
-    """The :class:`Exchange` of one process: tasks run one after another; pieces stay lists."""
+    """The :class:`Exchange` whose pieces stay lists in this process: a phase's tasks run one after
+    another (:meth:`run`), or where a subclass sends them (a process pool), their results coming back here."""
 
     def scatter(self, step: ClusterStep, phase: str, inputs: list[tuple]) -> list[list]:
-        return _transpose([getattr(step, phase)(*args) for args in inputs], step.parts)
+        return _transpose(self.run(step, phase, inputs), step.parts)
 
     def exchange(self, step: ClusterStep, phase: str, pieces: list[list]) -> list[list]:
-        return _transpose([getattr(step, phase)(*part) for part in pieces], step.parts)
+        return _transpose(self.run(step, phase, pieces), step.parts)
 
     def gather(self, step: ClusterStep, phase: str, pieces: list[list]) -> list:
-        return [getattr(step, phase)(*part) for part in pieces]
+        return self.run(step, phase, pieces)
+
+    def run(self, step: ClusterStep, phase: str, tasks: list[tuple] | list[list]) -> list:
+        """``phase(*args)`` for each args of ``tasks``."""
+        return [getattr(step, phase)(*args) for args in tasks]
 
 
 def _transpose(outputs: list[list], parts: int) -> list[list]:

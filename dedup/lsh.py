@@ -20,7 +20,7 @@ from mmcurate.dedup.hashing import group_ids, mix64
 # engine carries binary (Spark has no unsigned ints; it hands fixed-size binary back as binary, which
 # is read too), and taking fixed-size binary rows is ~5x faster than binary and ~50x than lists.
 _SLOT = np.dtype("<u4")
-_ROWS_PER_STEP = 1024  # captions folded per numpy call: keeps the working set in cache
+_ROWS_PER_STEP = 256  # captions folded per numpy call: keeps the working set in cache
 _ROWS_PER_BLOCK = 4096  # signatures banded per numpy call (2 MiB at 128 slots)
 
 

@@ -17,7 +17,9 @@ def kept_rows(ctx: RunContext, segment: int, stage: Stage, shard_id: int, keys_o
     """``key`` + ``stage.global_columns`` (or ``key`` alone) of the kept rows of one shard."""
     columns = [] if keys_only else list(stage.global_columns)
     table = ctx.out.read_parquet(ctx.work_path(segment, shard_id, ".parquet"), ["key", "reject_reason", *columns])
-    return table.filter(kept_mask(table)).select(["key", *columns])
+    if table.column("reject_reason").null_count < table.num_rows:  # some rows were rejected (no copy of the columns otherwise)
+        table = table.filter(kept_mask(table))
+    return table.select(["key", *columns])
 
 
 def columns_schema(ctx: RunContext, segment: int, stage: Stage) -> pa.Schema:

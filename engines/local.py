@@ -1,5 +1,5 @@
 """The in-process engine: shards in a local process pool, model stages in pools of their own,
-global steps in the driver.
+global steps' phases in the pool (or in the driver without one).
 
 A pipeline is cut into segments at its global stages. Each segment runs shard by shard; a segment
 that ends in a global stage leaves its shard's rows in ``OUT/_work/segN/`` and the global step writes
@@ -11,10 +11,13 @@ With a process pool, a segment's model stages (:class:`stages.model.ModelStage`)
 steps: CPU stages run in the pool of ``workers`` processes, each model stage in a pool of its own
 beside it, one worker per GPU, or on CPU one worker whose torch uses ``workers`` threads, so the
 machine holds one copy of each model. A shard's table goes from step to step through the driver.
+A dedup global step (:mod:`dedup.cluster`) runs its phases as tasks of the CPU pool, ``workers``
+partitions each, their pieces passing through the driver.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
@@ -27,10 +30,13 @@ from typing import Any
 import pyarrow as pa
 
 from mmcurate import killpoints
+from mmcurate.dedup import cluster
+from mmcurate.dedup.cluster import ClusterStage, ClusterStep, InMemory
 from mmcurate.engines.core import Segment, run_segment, shard_stats, start_ledger
-from mmcurate.engines.intermediate import kept_rows, next_segment_rows
+from mmcurate.engines.intermediate import columns_schema, kept_rows, next_segment_rows
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
+from mmcurate.engines.worker_state import run_phase
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.pipelines.registry import STAGES
 from mmcurate.shards.readers import Reader, ShardPlan
@@ -142,19 +148,45 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
         for index, segment in enumerate(ctx.segments):
             todo = ctx.pending(index)
             label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
-            _map(ctx, pools, in_flight, todo, index, label, progress)
+            kept = _map(ctx, pools, in_flight, todo, index, label, progress)
             if ctx.needs_global(index):
-                stage = ctx.global_stage(index)
-                parts = [kept_rows(ctx, index, stage, p.shard_id) for p in ctx.reader.shards]
-                table = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
-                with global_step(stage.label, table.num_rows, progress) as rejected:
-                    decision = stage.decide(table)
+                rows = kept if len(todo) == len(ctx.reader.shards) else None  # None: some shards ran before a resume
+                with global_step(ctx.global_stage(index).label, rows, progress) as rejected:
+                    decision = _decide(ctx, index, pools.get(None))
                     rejected.append(decision.num_rows)
                 ctx.write_decision(index, decision)
     finally:
         for pool in pools.values():
             pool.shutdown(cancel_futures=True)
     return finish_run(ctx)
+
+
+def _decide(ctx: RunContext, index: int, pool: Executor | None) -> pa.Table:
+    """The decision of the global stage that ends segment ``index``: a :class:`ClusterStage`'s phases
+    in the worker pool (:class:`PoolExchange`), any other global stage on the kept rows here."""
+    stage = ctx.global_stage(index)
+    ids = [p.shard_id for p in ctx.reader.shards]
+    if isinstance(stage, ClusterStage) and pool is not None and len(ids) > 1:
+        step = ClusterStep(stage, functools.partial(kept_rows, ctx, index, stage), columns_schema(ctx, index, stage), ctx.pipeline.workers)
+        return cluster.run_step(step, ids, PoolExchange(pool, index), maps=ctx.pipeline.workers)
+    parts = [kept_rows(ctx, index, stage, i) for i in ids]
+    return stage.decide(pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())}))
+
+
+class PoolExchange(InMemory):
+    """The :class:`dedup.cluster.Exchange` of the local process pool: a phase's tasks run in the
+    pool's workers (the global stage set up once per worker); their pieces come back through the driver."""
+
+    def __init__(self, pool: Executor, segment: int) -> None:
+        self.pool, self.segment = pool, segment
+
+    def run(self, step: ClusterStep, phase: str, tasks: list[tuple] | list[list]) -> list:
+        futures = [self.pool.submit(_run_phase, self.segment, step, phase, *args) for args in tasks]
+        return [future.result() for future in futures]
+
+
+def _run_phase(segment: int, step: ClusterStep, phase: str, *args: object) -> Any:
+    return run_phase(_CONTEXT, segment, step, phase, *args)
 
 
 def _gpu_workers(stage: ModelStage) -> int:
@@ -168,14 +200,15 @@ def _gpu_workers(stage: ModelStage) -> int:
 
 def _map(
     ctx: RunContext, pools: dict[int | None, Executor], in_flight: int, todo: list[ShardPlan], segment: int, label: str, progress: bool
-) -> None:
-    """Every shard of ``todo`` through the segment's steps, each step in its pool; in this process without pools."""
+) -> int:
+    """Every shard of ``todo`` through the segment's steps, each step in its pool; in this process
+    without pools. Returns the rows of ``todo`` still kept."""
     bar = SegmentProgress(label, sum(p.rows for p in todo), progress)
     if not pools:
         for plan in todo:
             bar.update(_run_step(plan, segment, 0, len(ctx.segments[segment].stages), None))
         bar.close()
-        return
+        return bar.kept
     stages = ctx.segments[segment].stages
     positions = {id(stage): position for position, stage in enumerate(ctx.stages)}
     ranges = steps(ctx.segments[segment])
@@ -197,3 +230,4 @@ def _map(
             else:
                 submit(plan, step + 1, future.result())
     bar.close()
+    return bar.kept
