@@ -60,6 +60,7 @@ class Download(Stage):
     Config = DownloadConfig
     resources = Resources(cpus=1.0)
     needs = ("url",)
+    split_rows = True
     adds = tuple(name for name, _ in _COLUMNS)
     config: DownloadConfig
 

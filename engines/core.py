@@ -6,6 +6,7 @@ readers, these functions and writers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,9 +121,21 @@ def kept_mask(table: pa.Table) -> pa.ChunkedArray:
     return pc.is_null(table.column("reject_reason"))
 
 
-def apply_stage(stage: Stage, table: pa.Table, position: int) -> pa.Table:
-    """Run ``stage`` (at pipeline ``position``) on the kept rows of ``table``; newly rejected rows get
-    ``reject_stage`` and ``_rejected_at``, the rows it saw a share of its seconds.
+# How a runner has a stage process a shard's kept rows: ``(stage, position, kept)`` to the processed
+# rows, in order, and the stage's events (:meth:`Stage.events`).
+Process = Callable[[Stage, int, pa.Table], tuple[pa.Table, dict[str, int]]]
+
+
+def process_here(stage: Stage, position: int, kept: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    """``stage.process`` on ``kept`` in this process, ``stage.batch_size`` rows per call, and the stage's events."""
+    size = stage.batch_size or max(kept.num_rows, 1)
+    parts = [stage.process(kept.slice(offset, size)) for offset in range(0, max(kept.num_rows, 1), size)]
+    return pa.concat_tables(parts, promote_options="permissive"), stage.events()
+
+
+def apply_stage(stage: Stage, table: pa.Table, position: int, process: Process = process_here) -> pa.Table:
+    """Run ``stage`` (at pipeline ``position``) on the kept rows of ``table`` through ``process``; newly
+    rejected rows get ``reject_stage`` and ``_rejected_at``, the rows it saw a share of its seconds.
 
     Rows rejected earlier skip the stage and keep their place after the kept ones.
     """
@@ -132,22 +145,16 @@ def apply_stage(stage: Stage, table: pa.Table, position: int) -> pa.Table:
     # A global stage runs even on no rows, so that every shard has the columns its global step reads.
     if kept.num_rows == 0 and not stage.is_global:
         return table
-    parts = []
-    size = stage.batch_size or max(kept.num_rows, 1)
-    for offset in range(0, max(kept.num_rows, 1), size):
-        batch = kept.slice(offset, size)
-        result = stage.process(batch)
-        if result.num_rows != batch.num_rows or not result.column("key").equals(batch.column("key")):
-            raise RuntimeError(f"stage {stage.label} returned other rows than it was given")
-        parts.append(result)
-    processed = pa.concat_tables(parts, promote_options="permissive")
+    processed, events = process(stage, position, kept)
+    if processed.num_rows != kept.num_rows or not processed.column("key").equals(kept.column("key")):
+        raise RuntimeError(f"stage {stage.label} returned other rows than it was given")
     newly = pc.and_(pc.is_valid(processed.column("reject_reason")), pc.is_null(processed.column("reject_stage")))
     stage_col = pc.if_else(newly, pa.scalar(stage.label), processed.column("reject_stage"))
     processed = processed.set_column(processed.column_names.index("reject_stage"), "reject_stage", stage_col)
     table = mark_rejected(pa.concat_tables([processed, done], promote_options="permissive"), position)
     seen = pa.array(np.arange(table.num_rows) < kept.num_rows)
     killpoints.reached("stage")
-    return _add_events(_add_seconds(table, position, time.perf_counter() - start, seen), position, stage.events())
+    return _add_events(_add_seconds(table, position, time.perf_counter() - start, seen), position, events)
 
 
 def apply_decisions(stage: Stage, position: int, table: pa.Table, decisions: pa.Table) -> pa.Table:
@@ -165,10 +172,10 @@ def apply_decisions(stage: Stage, position: int, table: pa.Table, decisions: pa.
     return _add_seconds(mark_rejected(table, position), position, time.perf_counter() - start, kept)
 
 
-def run_segment(segment: Segment, table: pa.Table, decisions: pa.Table | None) -> pa.Table:
-    """Apply the previous global decision, then the segment's stages, to one shard's ledger."""
+def run_segment(segment: Segment, table: pa.Table, decisions: pa.Table | None, process: Process = process_here) -> pa.Table:
+    """Apply the previous global decision, then the segment's stages (through ``process``), to one shard's ledger."""
     if segment.applies is not None and decisions is not None:
         table = apply_decisions(segment.applies, segment.start - 1, table, decisions)
     for offset, stage in enumerate(segment.stages):
-        table = apply_stage(stage, table, segment.start + offset)
+        table = apply_stage(stage, table, segment.start + offset, process)
     return table

@@ -13,6 +13,12 @@ beside it, one worker per GPU, or on CPU one worker whose torch uses ``workers``
 machine holds one copy of each model. A shard's table goes from step to step through the driver.
 A dedup global step (:mod:`dedup.cluster`) runs its phases as tasks of the CPU pool, ``workers``
 partitions each, their pieces passing through the driver.
+
+With fewer shards to run than workers, a stage that splits rows (:attr:`Stage.split_rows`:
+download) would leave cores idle (a 4,000-row URL list is one shard): the driver then runs the
+shards one after another, as with one worker, and cuts each shard's kept rows for that stage into
+one piece per worker, one processed in the driver and the others in a pool of ``workers - 1``
+processes at the same time. The pieces are joined in row order, so the files are those of one worker.
 """
 
 from __future__ import annotations
@@ -23,16 +29,17 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from mmcurate import killpoints
 from mmcurate.dedup import cluster
 from mmcurate.dedup.cluster import ClusterStage, ClusterStep, InMemory
-from mmcurate.engines.core import Segment, run_segment, shard_stats, start_ledger
+from mmcurate.engines.core import Process, Segment, process_here, run_segment, shard_stats, start_ledger
 from mmcurate.engines.intermediate import columns_schema, kept_rows, next_segment_rows
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
@@ -41,6 +48,7 @@ from mmcurate.pipelines.config import Pipeline
 from mmcurate.pipelines.registry import STAGES
 from mmcurate.shards.readers import Reader, ShardPlan
 from mmcurate.shards.writers import write_shard
+from mmcurate.stages.base import Stage
 from mmcurate.stages.model import ModelStage
 
 # Per-worker state: the run context, whose stages are set up lazily once per worker.
@@ -81,16 +89,45 @@ def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa
     return run_step(_CONTEXT, plan, segment_index, lo, hi, carried)
 
 
+def _process_rows(position: int, rows: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    return process_here(_CONTEXT.ready(position), position, rows)
+
+
+def split_rows(pool: Executor, pieces: int) -> Process:
+    """Process a shard's kept rows in ``pieces`` pieces of consecutive rows at once, for the stages
+    that :attr:`~Stage.split_rows`: the last piece in this process, the others in ``pool``; the
+    results joined in row order. Other stages, and fewer rows than pieces, as :func:`process_here`."""
+
+    def process(stage: Stage, position: int, kept: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+        if not stage.split_rows or kept.num_rows < pieces:
+            return process_here(stage, position, kept)
+        size = -(-kept.num_rows // pieces)
+        # Pieces taken, not sliced: a pickled slice carries all of its table's buffers.
+        cut = [kept.take(np.arange(lo, min(lo + size, kept.num_rows))) for lo in range(0, kept.num_rows, size)]
+        futures = [pool.submit(_process_rows, position, piece) for piece in cut[:-1]]
+        last = process_here(stage, position, cut[-1])
+        results = [future.result() for future in futures] + [last]
+        events: Counter[str] = Counter()
+        for _, counts in results:
+            events.update(counts)
+        return pa.concat_tables([table for table, _ in results], promote_options="permissive"), dict(events)
+
+    return process
+
+
 def process_shard(ctx: RunContext, plan: ShardPlan, segment_index: int) -> ShardDone:
     """Run one segment of the pipeline on one shard; write its intermediate or final files (the
     Spark engine runs shards through this same function); return its :class:`ShardDone`."""
     return run_step(ctx, plan, segment_index, 0, len(ctx.segments[segment_index].stages), None)
 
 
-def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None) -> Any:
-    """Stages ``lo:hi`` of a segment on one shard (each set up once per process): read it first
-    (``carried`` is None) or take the table an earlier step returned; write its files after the
-    segment's last stage (return its :class:`ShardDone`), else return the table for the next step."""
+def run_step(
+    ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None, process: Process = process_here
+) -> Any:
+    """Stages ``lo:hi`` of a segment on one shard (each set up once per process, run through
+    ``process``): read it first (``carried`` is None) or take the table an earlier step returned;
+    write its files after the segment's last stage (return its :class:`ShardDone`), else return the
+    table for the next step."""
     segment = ctx.segments[segment_index]
     stages = [ctx.ready(position) for position in segment.positions[lo:hi]]
     out = ctx.out
@@ -102,7 +139,8 @@ def run_step(ctx: RunContext, plan: ShardPlan, segment_index: int, lo: int, hi: 
     else:
         table = next_segment_rows(ctx, segment_index - 1, plan.shard_id)
     decisions = ctx.decisions(segment_index - 1) if segment_index and carried is None else None
-    table = run_segment(Segment(stages, segment.start + lo, applies=segment.applies if carried is None else None), table, decisions)
+    applies = segment.applies if carried is None else None
+    table = run_segment(Segment(stages, segment.start + lo, applies=applies), table, decisions, process)
     if hi < len(segment.stages):
         return table
     stats = shard_stats(plan.shard_id, table, ctx.stages)
@@ -122,16 +160,23 @@ def steps(segment: Segment) -> list[tuple[int, int]]:
 
 def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
     """Run ``pipeline`` with a pool of ``pipeline.workers`` processes (and one pool per model
-    stage); return the run summary."""
+    stage), or with fewer shards than workers, in this process with the rows of a download spread
+    over a pool of ``workers - 1``; return the run summary."""
     ctx = start_run(pipeline, "local")
     if ctx.finished:
         return finish_run(ctx)
     pools: dict[int | None, Executor] = {}
+    here: Process | None = process_here  # how shards run in this process; None: in the pools
     in_flight = pipeline.workers  # shards in the pools at once, one per CPU worker and two per model worker: bounds memory
     devices = {position: stage.device for position, stage in enumerate(ctx.stages) if isinstance(stage, ModelStage)}
     worker = (ctx.pipeline, ctx.reader, dict(STAGES), devices)  # devices resolved here, on the driver
-    if pipeline.workers > 1 and len(ctx.pending()) > 1:
-        spawn = multiprocessing.get_context("spawn")
+    pending = len(ctx.pending())
+    spawn = multiprocessing.get_context("spawn")
+    if pipeline.workers > 1 and pending < pipeline.workers and any(stage.split_rows for stage in ctx.stages):
+        pools[None] = ProcessPoolExecutor(pipeline.workers - 1, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))
+        here = split_rows(pools[None], pipeline.workers)
+    elif pipeline.workers > 1 and pending > 1:
+        here = None
         pools[None] = ProcessPoolExecutor(pipeline.workers, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))
         for position, stage in enumerate(ctx.stages):
             if isinstance(stage, ModelStage):
@@ -142,13 +187,13 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
                 initargs = ((*worker, os.getpid()), position, gpus, pipeline.workers)
                 pools[position] = ProcessPoolExecutor(size, mp_context=spawn, initializer=_init_model_worker, initargs=initargs)
                 in_flight += 2 * size
-    else:
+    if here is not None:
         _init_worker(*worker)
     try:
         for index, segment in enumerate(ctx.segments):
             todo = ctx.pending(index)
             label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
-            kept = _map(ctx, pools, in_flight, todo, index, label, progress)
+            kept = _map(ctx, pools, in_flight, todo, index, label, progress, here)
             if ctx.needs_global(index):
                 rows = kept if len(todo) == len(ctx.reader.shards) else None  # None: some shards ran before a resume
                 with global_step(ctx.global_stage(index).label, rows, progress) as rejected:
@@ -199,14 +244,21 @@ def _gpu_workers(stage: ModelStage) -> int:
 
 
 def _map(
-    ctx: RunContext, pools: dict[int | None, Executor], in_flight: int, todo: list[ShardPlan], segment: int, label: str, progress: bool
+    ctx: RunContext,
+    pools: dict[int | None, Executor],
+    in_flight: int,
+    todo: list[ShardPlan],
+    segment: int,
+    label: str,
+    progress: bool,
+    here: Process | None,
 ) -> int:
-    """Every shard of ``todo`` through the segment's steps, each step in its pool; in this process
-    without pools. Returns the rows of ``todo`` still kept."""
+    """Every shard of ``todo`` through the segment's steps: in this process through ``here``, or
+    (``here`` None) each step in its pool. Returns the rows of ``todo`` still kept."""
     bar = SegmentProgress(label, sum(p.rows for p in todo), progress)
-    if not pools:
+    if here is not None:
         for plan in todo:
-            bar.update(_run_step(plan, segment, 0, len(ctx.segments[segment].stages), None))
+            bar.update(run_step(_CONTEXT, plan, segment, 0, len(ctx.segments[segment].stages), None, here))
         bar.close()
         return bar.kept
     stages = ctx.segments[segment].stages

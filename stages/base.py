@@ -41,6 +41,9 @@ class Stage:
     needs: ClassVar[tuple[str, ...]] = ()
     adds: ClassVar[tuple[str, ...]] = ()
     batch_size: ClassVar[int | None] = None  # rows per process() call; None: the whole shard
+    # Whether process() treats each row on its own and costs enough to spread (download): with fewer
+    # shards than workers, the local engine cuts a shard's kept rows into one piece per worker.
+    split_rows: ClassVar[bool] = False
     # What one worker needs: the class's default; a stage whose needs follow its options (a model on
     # a GPU or not) sets its own in ``__init__``.
     resources: Resources = Resources()
