@@ -35,7 +35,16 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import pyarrow as pa
 
-from mmcurate.dedup.graph import components, first_copies, member_pairs, shared_groups, sorted_distinct, unique_inverse, verify_aligned
+from mmcurate.dedup.graph import (
+    argsort64,
+    components,
+    first_copies,
+    member_pairs,
+    shared_groups,
+    sorted_distinct,
+    unique_inverse,
+    verify_aligned,
+)
 from mmcurate.dedup.hashing import mix64
 from mmcurate.stages.base import GlobalStage, decisions
 
@@ -103,16 +112,16 @@ class InMemory:
     another (:meth:`run`), or where a subclass sends them (a process pool), their results coming back here."""
 
     def scatter(self, step: ClusterStep, phase: str, inputs: list[tuple]) -> list[list]:
-        return _transpose(self.run(step, phase, inputs), step.parts)
+        return _transpose(self.run(step, phase, inputs, pieces=True), step.parts)
 
     def exchange(self, step: ClusterStep, phase: str, pieces: list[list]) -> list[list]:
-        return _transpose(self.run(step, phase, pieces), step.parts)
+        return _transpose(self.run(step, phase, pieces, pieces=True), step.parts)
 
     def gather(self, step: ClusterStep, phase: str, pieces: list[list]) -> list:
-        return self.run(step, phase, pieces)
+        return self.run(step, phase, pieces, pieces=False)
 
-    def run(self, step: ClusterStep, phase: str, tasks: list[tuple] | list[list]) -> list:
-        """``phase(*args)`` for each args of ``tasks``."""
+    def run(self, step: ClusterStep, phase: str, tasks: list[tuple] | list[list], pieces: bool) -> list:
+        """``phase(*args)`` for each args of ``tasks`` (``pieces``: the results are lists of pieces, not the step's results)."""
         return [getattr(step, phase)(*args) for args in tasks]
 
 
@@ -215,8 +224,12 @@ def _smallest_key(shard_keys: Callable[[int], pa.Table], distinct: np.ndarray, m
 def _grouping(part: np.ndarray, parts: int, within: np.ndarray | None = None) -> tuple[np.ndarray, list[slice]]:
     """The order that groups rows by ``part`` (then by ``within``), and each of the ``parts``
     pieces as a slice of that order."""
-    order = np.lexsort((within, part)) if within is not None else np.argsort(part, kind="stable")
-    bounds = np.searchsorted(part[order], np.arange(parts + 1))
+    if within is None:
+        order, ordered = argsort64(part)
+    else:
+        order = np.lexsort((within, part))
+        ordered = part[order]
+    bounds = np.searchsorted(ordered, np.arange(parts + 1))
     return order, [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
 

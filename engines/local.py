@@ -27,6 +27,7 @@ import functools
 import itertools
 import multiprocessing
 import os
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -41,9 +42,9 @@ from mmcurate.dedup import cluster
 from mmcurate.dedup.cluster import ClusterStage, ClusterStep, InMemory
 from mmcurate.engines.core import Process, Segment, process_here, run_segment, shard_stats, start_ledger
 from mmcurate.engines.intermediate import columns_schema, kept_rows, next_segment_rows
+from mmcurate.engines.pieces import StoredPiece, load, store
 from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
-from mmcurate.engines.worker_state import run_phase
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.pipelines.registry import STAGES
 from mmcurate.shards.readers import Reader, ShardPlan
@@ -213,25 +214,33 @@ def _decide(ctx: RunContext, index: int, pool: Executor | None) -> pa.Table:
     ids = [p.shard_id for p in ctx.reader.shards]
     if isinstance(stage, ClusterStage) and pool is not None and len(ids) > 1:
         step = ClusterStep(stage, functools.partial(kept_rows, ctx, index, stage), columns_schema(ctx, index, stage), ctx.pipeline.workers)
-        return cluster.run_step(step, ids, PoolExchange(pool, index), maps=ctx.pipeline.workers)
+        with tempfile.TemporaryDirectory(prefix="mmcurate-pieces-") as folder:
+            return cluster.run_step(step, ids, PoolExchange(pool, index, folder), maps=ctx.pipeline.workers)
     parts = [kept_rows(ctx, index, stage, i) for i in ids]
     return stage.decide(pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())}))
 
 
 class PoolExchange(InMemory):
     """The :class:`dedup.cluster.Exchange` of the local process pool: a phase's tasks run in the
-    pool's workers (the global stage set up once per worker); their pieces come back through the driver."""
+    pool's workers, each with its own step over its run context (the global stage set up once per
+    worker); the pieces they make are files in ``folder`` (:mod:`engines.pieces`), only their names
+    pass through the driver."""
 
-    def __init__(self, pool: Executor, segment: int) -> None:
-        self.pool, self.segment = pool, segment
+    def __init__(self, pool: Executor, segment: int, folder: str) -> None:
+        self.pool, self.segment, self.folder = pool, segment, folder
 
-    def run(self, step: ClusterStep, phase: str, tasks: list[tuple] | list[list]) -> list:
-        futures = [self.pool.submit(_run_phase, self.segment, step, phase, *args) for args in tasks]
+    def run(self, step: ClusterStep, phase: str, tasks: list[tuple] | list[list], pieces: bool) -> list:
+        folder = self.folder if pieces else None
+        futures = [self.pool.submit(_run_phase, self.segment, step.columns, step.parts, phase, folder, *args) for args in tasks]
         return [future.result() for future in futures]
 
 
-def _run_phase(segment: int, step: ClusterStep, phase: str, *args: object) -> Any:
-    return run_phase(_CONTEXT, segment, step, phase, *args)
+def _run_phase(segment: int, columns: pa.Schema, parts: int, phase: str, folder: str | None, *args: object) -> Any:
+    """A phase task in a pool worker: its stored pieces read, the pieces it makes stored in ``folder`` (None: returned)."""
+    stage = _CONTEXT.global_stage(segment)
+    step = ClusterStep(stage, functools.partial(kept_rows, _CONTEXT, segment, stage), columns, parts)
+    result = getattr(step, phase)(*(load(a) if isinstance(a, StoredPiece) else a for a in args))
+    return result if folder is None else [store(piece, folder) for piece in result]
 
 
 def _gpu_workers(stage: ModelStage) -> int:

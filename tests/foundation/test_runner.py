@@ -106,11 +106,13 @@ def test_progress_shows_each_stage_and_the_global_step(tmp_path: Path, dup_csv: 
 
 
 def test_pool_of_workers_writes_the_same_files_as_one_worker(tmp_path: Path, laion_sample: Path) -> None:
-    """A real registered stage in a pool of 2 spawned workers gives the files of a single worker."""
+    """Real registered stages in a pool of 2 spawned workers, a dedup global step's phases among them
+    (files between its processes), give the files of a single worker (which decides in the driver)."""
     outs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        run_local(pipeline(laion_sample, out, [StageSpec("caption_quality")], rows_per_shard=250, workers=workers), progress=False)
+        stages = [StageSpec("caption_quality"), StageSpec("minhash_dedup", {"threshold": 0.5})]
+        run_local(pipeline(laion_sample, out, stages, rows_per_shard=250, workers=workers), progress=False)
         outs[workers] = out
     files = sorted_files(outs[1])
     assert files == sorted_files(outs[2]) and "shards/00003.tar" in files
