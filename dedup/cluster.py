@@ -187,11 +187,12 @@ class ClusterStep:
         offsets = np.cumsum([0] + [t.num_rows for t in tables])
         position = np.concatenate([offsets[i] + (a[run] & ROW_MASK) for i, (_, run) in enumerate(runs)])
         order, slices = _grouping((b >> ROW_BITS) % self.parts, self.parts, within=b)
-        rows = pa.concat_tables(tables).combine_chunks()
         split = []
         for piece in slices:  # a take per piece: a slice of one table would pickle the whole table's buffers
-            distinct, left = np.unique(position[order[piece]], return_inverse=True)
-            split.append((rows.take(pa.array(distinct)), left.astype(np.int64), b[order[piece]]))
+            distinct, left = unique_inverse(position[order[piece]])
+            bounds = np.searchsorted(distinct, offsets)  # each table's share of the distinct rows (no copy of all rows)
+            taken = [t.take(pa.array(distinct[bounds[i] : bounds[i + 1]] - offsets[i])) for i, t in enumerate(tables)]
+            split.append((pa.concat_tables([self.columns.empty_table(), *taken]).combine_chunks(), left, b[order[piece]]))
         return split
 
     def verify(self, *pieces: tuple[pa.Table, np.ndarray, np.ndarray]) -> pa.Table:

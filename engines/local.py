@@ -30,7 +30,7 @@ import os
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -55,6 +55,10 @@ from mmcurate.stages.model import ModelStage
 # Per-worker state: the run context, whose stages are set up lazily once per worker.
 _CONTEXT: RunContext | None = None
 PARENT_POLL_SECONDS = 0.5
+# The kept rows of shards a pool worker read in a global step's phases, for its later phases (left
+# and verify read again the shards bands read), at most STEP_ROWS_BYTES, the least recent dropped first.
+_STEP_ROWS: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+STEP_ROWS_BYTES = 1 << 29
 
 
 def _init_worker(pipeline: Pipeline, reader: Reader, registry: dict[str, str], devices: dict[int, str], parent: int | None = None) -> None:
@@ -87,6 +91,7 @@ def _init_model_worker(worker: tuple, position: int, gpus: Any, threads: int) ->
 
 
 def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa.Table | None) -> Any:
+    _STEP_ROWS.clear()  # shards run again: the global step is over
     return run_step(_CONTEXT, plan, segment_index, lo, hi, carried)
 
 
@@ -238,9 +243,20 @@ class PoolExchange(InMemory):
 def _run_phase(segment: int, columns: pa.Schema, parts: int, phase: str, folder: str | None, *args: object) -> Any:
     """A phase task in a pool worker: its stored pieces read, the pieces it makes stored in ``folder`` (None: returned)."""
     stage = _CONTEXT.global_stage(segment)
-    step = ClusterStep(stage, functools.partial(kept_rows, _CONTEXT, segment, stage), columns, parts)
+    step = ClusterStep(stage, functools.partial(_step_rows, segment, stage), columns, parts)
     result = getattr(step, phase)(*(load(a) if isinstance(a, StoredPiece) else a for a in args))
     return result if folder is None else [store(piece, folder) for piece in result]
+
+
+def _step_rows(segment: int, stage: Stage, shard_id: int, keys_only: bool = False) -> pa.Table:
+    """:func:`kept_rows` of a global step's phase in a pool worker, kept for its next phases."""
+    if (segment, shard_id) not in _STEP_ROWS:
+        _STEP_ROWS[segment, shard_id] = kept_rows(_CONTEXT, segment, stage, shard_id)
+        while len(_STEP_ROWS) > 1 and sum(t.nbytes for t in _STEP_ROWS.values()) > STEP_ROWS_BYTES:
+            _STEP_ROWS.popitem(last=False)
+    _STEP_ROWS.move_to_end((segment, shard_id))
+    table = _STEP_ROWS[segment, shard_id]
+    return table.select(["key"]) if keys_only else table
 
 
 def _gpu_workers(stage: ModelStage) -> int:
