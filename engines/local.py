@@ -96,6 +96,7 @@ def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa
 
 
 def _process_rows(position: int, rows: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+    _STEP_ROWS.clear()  # rows run again: the global step is over
     return process_here(_CONTEXT.ready(position), position, rows)
 
 
