@@ -34,16 +34,24 @@ def group_ids(part: int, columns: np.ndarray) -> np.ndarray:
     return h.view(np.int64)
 
 
+_POWERS: tuple[np.ndarray, np.ndarray] = (np.ones(1, np.uint64), np.ones(1, np.uint64))  # see _powers
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``B**k`` and ``B**-k`` mod 2**64 for k < ``n``, computed once per process and grown by doubling."""
+    global _POWERS
+    if len(_POWERS[0]) < n:
+        size = max(n, 2 * len(_POWERS[0]))
+        with np.errstate(over="ignore"):
+            _POWERS = tuple(np.cumprod(np.r_[np.uint64(1), np.full(size - 1, base, np.uint64)]) for base in (_BASE, _BASE_INV))
+    return _POWERS[0][:n], _POWERS[1][:n]
+
+
 def span_hashes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     """64-bit hash of each byte span ``data[start:end]``: mix64 of the polynomial hash
     sum(data[k] * B**(end-1-k)) mod 2**64, all spans at once from one prefix sum."""
+    powers, inverse = _powers(len(data) + 1)
     with np.errstate(over="ignore"):
-        powers = np.full(len(data) + 1, _BASE, np.uint64)
-        powers[0] = 1
-        powers = np.cumprod(powers)
-        inverse = np.full(len(data) + 1, _BASE_INV, np.uint64)
-        inverse[0] = 1
-        inverse = np.cumprod(inverse)
         prefix = np.zeros(len(data) + 1, np.uint64)
         np.cumsum(data.astype(np.uint64) * inverse[:-1], out=prefix[1:])
         poly = powers[end - 1] * (prefix[end] - prefix[start])
