@@ -182,6 +182,8 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
     if pipeline.workers > 1 and pending < pipeline.workers and any(stage.split_rows for stage in ctx.stages):
         pools[None] = ProcessPoolExecutor(pipeline.workers - 1, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))
         here = split_rows(pools[None], pipeline.workers)
+        for _ in range(pipeline.workers - 1):  # start the workers now: they set up while this process does and reads
+            pools[None].submit(int)
     elif pipeline.workers > 1 and pending > 1:
         here = None
         pools[None] = ProcessPoolExecutor(pipeline.workers, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))

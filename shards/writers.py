@@ -171,30 +171,40 @@ def tar_bytes(table: pa.Table) -> bytes:
     caption = table.column("caption") if "caption" in table.column_names else pa.nulls(n, pa.string())
     kinds.append((pc.binary_join_element_wise(keys, CAPTION_EXTENSION, "."), pc.fill_null(pc.cast(caption, pa.string()), "")))
     kinds.append((pc.binary_join_element_wise(keys, JSON_EXTENSION, "."), json_rows(table)))
-    # Members in sample order (kinds interleaved), absent ones dropped.
-    order = pa.array(np.arange(n * len(kinds)).reshape(len(kinds), n).T.ravel())
-    names = pa.concat_arrays([_flat(names, pa.large_binary()) for names, _ in kinds]).take(order)
-    payload = pa.concat_arrays([_flat(data, pa.large_binary()) for _, data in kinds]).take(order)
-    present = pc.is_valid(names)
-    names, payload = names.filter(present), payload.filter(present)
-    sizes = pc.binary_length(payload).to_numpy().astype(np.int64)
-    padded = pc.binary_join_element_wise(
-        payload, pc.binary_repeat(pa.scalar(b"\0", pa.large_binary()), pa.array(-sizes % _BLOCK)), pa.scalar(b"", pa.large_binary())
-    )
-    data_blocks = (sizes + _BLOCK - 1) // _BLOCK
-    first = np.concatenate([[0], np.cumsum(1 + data_blocks)])  # each member's header block
-    used = int(first[-1]) + 2  # two zero blocks end the archive
+    present = np.stack([np.asarray(pc.is_valid(names), bool) for names, _ in kinds], axis=1)  # per sample and kind
+    sizes = np.stack([pc.fill_null(pc.binary_length(data), 0).to_numpy() for _, data in kinds], axis=1).astype(np.int64) * present
+    member_blocks = present * (1 + (sizes + _BLOCK - 1) // _BLOCK)  # a header, then the data padded to whole blocks
+    first = (np.cumsum(member_blocks) - member_blocks.ravel()).reshape(member_blocks.shape)  # each member's header block
+    used = int(member_blocks.sum()) + 2  # two zero blocks end the archive
     blocks = np.zeros((used + (-used * _BLOCK) % _RECORD // _BLOCK, _BLOCK), np.uint8)
-    blocks[first[:-1]] = _headers(names, sizes)
-    is_data = np.ones(int(first[-1]), bool)
-    is_data[first[:-1]] = False
-    blocks[: int(first[-1])][is_data] = _buffer(padded).reshape(-1, _BLOCK)
+    # Headers in sample order (kinds interleaved), absent members dropped; then each kind's data in place.
+    order = pa.array(np.arange(n * len(kinds)).reshape(len(kinds), n).T.ravel())
+    names = pa.concat_arrays([_flat(names, pa.large_binary()) for names, _ in kinds]).take(order).filter(pa.array(present.ravel()))
+    blocks[first[present]] = _headers(names, sizes[present])
+    for kind, (_, data) in enumerate(kinds):
+        _place(blocks.reshape(-1), data, (first[:, kind] + 1) * _BLOCK, present[:, kind])
     return blocks.tobytes()
 
 
 def _flat(values: pa.Array | pa.ChunkedArray, kind: pa.DataType) -> pa.Array:
     values = pc.cast(values, kind)
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _place(out: np.ndarray, values: pa.Array | pa.ChunkedArray, at: np.ndarray, present: np.ndarray) -> None:
+    """Copy each present value of a binary or string array to ``out[at[row]:]``: one copy, no
+    intermediate arrays (image payloads are most of a shard's bytes)."""
+    row = 0
+    for chunk in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
+        width = 8 if pa.types.is_large_binary(chunk.type) or pa.types.is_large_string(chunk.type) else 4
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, f"<i{width}", len(chunk) + 1, chunk.offset * width).astype(np.int64)
+        rows = np.flatnonzero(present[row : row + len(chunk)])
+        if data is not None and len(rows):
+            source = np.frombuffer(data, np.uint8)
+            for start, end, to in zip(ends[rows].tolist(), ends[rows + 1].tolist(), at[row + rows].tolist()):
+                out[to : to + end - start] = source[start:end]
+        row += len(chunk)
 
 
 def _buffer(values: pa.Array) -> np.ndarray:
