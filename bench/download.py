@@ -4,7 +4,8 @@ Builds a corpus of ~800 px JPEGs from the test photos and serves it with nginx; 
 hosts are served by this script. Both tools download each scenario's URL list at 256 px
 keep_ratio, JPEG q95, WebDataset. img2dataset (in its own venv) runs 2 processes x 64 threads,
 500-row shards, timeout 10; mmcurate runs ``mmcurate run`` with its default settings (one
-10,000-row shard for 4,000 URLs, one worker per core). Scenarios, all on loopback addresses:
+10,000-row shard for 4,000 URLs, its rows downloaded in one piece per core). Scenarios, all on
+loopback addresses:
 
 - ``clean``: every URL good, on 127.0.0.1;
 - ``a``: 5% of the URLs on one host (127.0.0.2) that trickles one byte a second (and hangs up after 60 s);

@@ -196,11 +196,11 @@ def _place(out: np.ndarray, values: pa.Array | pa.ChunkedArray, at: np.ndarray, 
     intermediate arrays (image payloads are most of a shard's bytes)."""
     row = 0
     for chunk in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
-        width = 8 if pa.types.is_large_binary(chunk.type) or pa.types.is_large_string(chunk.type) else 4
-        _, offsets, data = chunk.buffers()
-        ends = np.frombuffer(offsets, f"<i{width}", len(chunk) + 1, chunk.offset * width).astype(np.int64)
         rows = np.flatnonzero(present[row : row + len(chunk)])
+        _, offsets, data = chunk.buffers()
         if data is not None and len(rows):
+            width = 8 if pa.types.is_large_binary(chunk.type) or pa.types.is_large_string(chunk.type) else 4
+            ends = np.frombuffer(offsets, f"<i{width}", len(chunk) + 1, chunk.offset * width).astype(np.int64)
             source = np.frombuffer(data, np.uint8)
             for start, end, to in zip(ends[rows].tolist(), ends[rows + 1].tolist(), at[row + rows].tolist()):
                 out[to : to + end - start] = source[start:end]

@@ -68,6 +68,14 @@ def test_tar_equals_the_one_tarfile_writes(columns: list[str] | None) -> None:
     assert tar_bytes(table.slice(0, 0)) == tarfile_bytes(table.slice(0, 0))
 
 
+def test_tar_of_a_shard_joined_from_pieces() -> None:
+    """Chunked columns (a shard whose rows were processed in pieces), slices and large types: the same tar."""
+    joined = pa.concat_tables([ROWS.slice(0, 2), ROWS.slice(2, 1), ROWS.slice(3)])
+    large = joined.set_column(joined.column_names.index("image"), "image", joined.column("image").cast(pa.large_binary()))
+    for table in (joined, large, ROWS.slice(1, 3)):
+        assert tar_bytes(table) == tarfile_bytes(table)
+
+
 def test_tar_reads_back_with_tarfile() -> None:
     with tarfile.open(fileobj=io.BytesIO(tar_bytes(ROWS))) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
