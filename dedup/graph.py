@@ -48,10 +48,15 @@ def argsort64(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, ordered
 
 
+def _run_starts(ordered: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of sorted ``ordered`` starts."""
+    return np.r_[True, ordered[1:] != ordered[:-1]] if len(ordered) else np.empty(0, bool)
+
+
 def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)`` of int64 values (inverse as int64), by :func:`argsort64`."""
     order, ordered = argsort64(values)
-    new = np.r_[True, ordered[1:] != ordered[:-1]] if len(values) else np.empty(0, bool)
+    new = _run_starts(ordered)
     inverse = np.empty(len(values), np.int64)
     inverse[order] = np.cumsum(new) - 1
     return ordered[new], inverse
@@ -75,7 +80,7 @@ def first_copies(run: np.ndarray, codes: np.ndarray, copy: np.ndarray) -> tuple[
     Every member of a copy id must be in every group of it (copies are in the same groups), so the
     smallest code is the same in each group."""
     order, ordered = argsort64(copy)
-    new = np.r_[True, ordered[1:] != ordered[:-1]] if len(copy) else np.empty(0, bool)
+    new = _run_starts(ordered)
     smallest = np.empty(len(copy), np.int64)
     if len(copy):
         smallest[order] = np.minimum.reduceat(codes[order], np.flatnonzero(new))[np.cumsum(new) - 1]

@@ -12,7 +12,8 @@ steps: CPU stages run in the pool of ``workers`` processes, each model stage in 
 beside it, one worker per GPU, or on CPU one worker whose torch uses ``workers`` threads, so the
 machine holds one copy of each model. A shard's table goes from step to step through the driver.
 A dedup global step (:mod:`dedup.cluster`) runs its phases as tasks of the CPU pool, ``workers``
-partitions each, their pieces passing through the driver.
+partitions each, their pieces passing between workers as files (:mod:`engines.pieces`), only their
+names through the driver.
 
 With fewer shards to run than workers, a stage that splits rows (:attr:`Stage.split_rows`:
 download) would leave cores idle (a 4,000-row URL list is one shard): the driver then runs the

@@ -16,6 +16,11 @@ _ALIGN = 64
 _HEAD = struct.Struct("<Q")
 
 
+def _aligned(size: int) -> int:
+    """``size`` rounded up to a multiple of ``_ALIGN``."""
+    return -(-size // _ALIGN) * _ALIGN
+
+
 @dataclass(frozen=True)
 class StoredPiece:
     """A piece written to ``path`` by :func:`store`."""
@@ -31,9 +36,9 @@ def store(piece: object, folder: str) -> StoredPiece:
     offsets, offset = [], 0
     for raw in raws:
         offsets.append(offset)
-        offset += -(-raw.nbytes // _ALIGN) * _ALIGN
+        offset += _aligned(raw.nbytes)
     meta = pickle.dumps((body, offsets, [raw.nbytes for raw in raws]))
-    start = -(-(_HEAD.size + len(meta)) // _ALIGN) * _ALIGN
+    start = _aligned(_HEAD.size + len(meta))
     fd, path = tempfile.mkstemp(dir=folder)
     with os.fdopen(fd, "wb") as f:
         f.write(_HEAD.pack(len(meta)) + meta)
@@ -50,5 +55,5 @@ def load(stored: StoredPiece) -> object:
     view = memoryview(mapped)
     (size,) = _HEAD.unpack_from(view)
     body, offsets, sizes = pickle.loads(view[_HEAD.size : _HEAD.size + size])
-    start = -(-(_HEAD.size + size) // _ALIGN) * _ALIGN
+    start = _aligned(_HEAD.size + size)
     return pickle.loads(body, buffers=[view[start + at : start + at + n] for at, n in zip(offsets, sizes, strict=True)])
