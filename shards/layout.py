@@ -47,18 +47,19 @@ def shard_name(shard_id: int) -> str:
 
 
 @contextmanager
-def open_parquet(fs: AbstractFileSystem, path: str) -> Iterator[pq.ParquetFile]:
-    """A Parquet file on any fsspec filesystem; local files are opened by pyarrow itself.
+def open_parquet(fs: AbstractFileSystem, path: str, *, pre_buffer: bool = True) -> Iterator[pq.ParquetFile]:
+    """A Parquet file on any fsspec filesystem; local files are opened by pyarrow itself. Reading
+    its batches one at a time needs ``pre_buffer=False`` (pyarrow otherwise buffers every row group).
 
     Through a Python file object, Arrow's IO threads hold Python buffers that they may release while
     the interpreter shuts down, which aborts the process ("terminate called without an active
     exception", apache/arrow#49942) and turns a clean exit code into 134.
     """
     if isinstance(fs, LocalFileSystem):
-        with pq.ParquetFile(path) as pf:
+        with pq.ParquetFile(path, pre_buffer=pre_buffer) as pf:
             yield pf
     else:
-        with fs.open(path, "rb") as f, pq.ParquetFile(f) as pf:
+        with fs.open(path, "rb") as f, pq.ParquetFile(f, pre_buffer=pre_buffer) as pf:
             yield pf
 
 
@@ -211,14 +212,16 @@ class OutputDir:
         with self.fs.open(path, "rb") as f:
             return json.load(f)
 
-    def write_parquet(self, path: str, table: pa.Table, scratch: bool = False) -> None:
-        """Write ``table`` atomically with the schema version in the file metadata; a ``scratch``
-        file (an intermediate this run reads back) is written for speed (LZ4, no dictionaries), not size."""
+    def write_parquet(self, path: str, table: pa.Table, scratch: bool = False, row_group_rows: int | None = None) -> None:
+        """Write ``table`` atomically with the schema version in the file metadata, in row groups of
+        ``row_group_rows`` (default: pyarrow's); a ``scratch`` file (an intermediate this run reads
+        back) is written for speed (LZ4, no dictionaries), not size."""
         metadata = dict(table.schema.metadata or {})
         metadata[METADATA_KEY] = SCHEMA_VERSION.encode()
         table = table.replace_schema_metadata(metadata)
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **({"compression": "lz4", "use_dictionary": False} if scratch else {"compression": "zstd"}))
+        options = {"compression": "lz4", "use_dictionary": False} if scratch else {"compression": "zstd"}
+        pq.write_table(table, sink, row_group_size=row_group_rows, **options)
         self.write_bytes(path, sink.getvalue().to_pybytes())
 
     def write_parquet_stream(self, path: str, tables: Iterable[pa.Table]) -> None:

@@ -557,7 +557,7 @@ def _member_name(member: tarfile.TarInfo) -> tuple[str, str] | None:
     return key, ext
 
 
-def _image_extension(ext: str) -> str | None:
+def image_extension(ext: str) -> str | None:
     """The image format an extension names (``jpeg`` as ``jpg``), None for no image."""
     ext = "jpg" if ext.lower() == "jpeg" else ext.lower()
     return ext if ext in IMAGE_EXTENSIONS else None
@@ -573,19 +573,7 @@ def tar_members(fileobj, read: Callable[[str], bool]) -> Iterator[tuple[str, str
             name = _member_name(member)
             if name is not None:
                 yield name[0], name[1], tar.extractfile(member).read() if read(name[1]) else None
-
-
-def read_tar_images(fileobj, name: str) -> tuple[dict[str, tuple[str, bytes]], str | None]:
-    """``{key: (extension, bytes)}`` of the image members of a tar, read in memory, and the error
-    that stopped the reading of a corrupt or truncated tar (None when it was read to the end)."""
-    images: dict[str, tuple[str, bytes]] = {}
-    try:
-        for key, ext, data in tar_members(fileobj, lambda ext: _image_extension(ext) is not None):
-            if data is not None:
-                images[key] = (_image_extension(ext), data)
-    except TAR_ERRORS as e:
-        return images, f"{name}: not a readable tar ({e})"
-    return images, None
+            tar.members = []  # tarfile would keep every header read: memory in step with the tar's length
 
 
 @dataclass(frozen=True)
@@ -606,7 +594,7 @@ def index_tar(fileobj, name: str) -> tuple[dict[str, TarMember], str | None]:
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for member in tar:
                 found = _member_name(member)
-                ext = _image_extension(found[1]) if found else None
+                ext = image_extension(found[1]) if found else None
                 if ext is not None:
                     index[found[0]] = TarMember(ext, member.offset_data, member.size)
     except TAR_ERRORS as e:

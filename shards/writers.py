@@ -7,9 +7,11 @@ Each output format is a :class:`ShardWriter` subclass registered in :data:`WRITE
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -18,8 +20,10 @@ import pyarrow.compute as pc
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import CAPTION_EXTENSION, IMAGE_EXTENSIONS, JSON_EXTENSION, NOT_IN_JSON, conform
-from mmcurate.shards.layout import SHARDS, OutputDir
-from mmcurate.shards.readers import attach_images, read_tar_images
+from mmcurate.shards.layout import SHARDS, OutputDir, open_parquet
+from mmcurate.shards.readers import TAR_ERRORS, attach_images, image_extension, tar_members
+
+READ_ROWS = 64  # rows per batch when a shard is read back
 
 
 class ShardWriter:
@@ -32,14 +36,20 @@ class ShardWriter:
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
         raise NotImplementedError
 
-    def read(self, out: OutputDir, shard_id: int) -> pa.Table:
-        """The shard's kept rows as written, images included."""
+    def batches(self, out: OutputDir, shard_id: int, rows: int = READ_ROWS) -> Iterator[pa.Table]:
+        """The shard's kept rows as written, images included, streamed ``rows`` at a time (at least
+        one table, empty for a shard without rows)."""
         raise NotImplementedError
+
+    def read(self, out: OutputDir, shard_id: int) -> pa.Table:
+        """The shard's kept rows as written, images included, in one table."""
+        return pa.concat_tables(self.batches(out, shard_id))
 
 
 class WebDatasetWriter(ShardWriter):
     """``shards/ID.tar`` (per sample ``KEY.<image_format>``, ``KEY.txt``, ``KEY.json``) and
-    ``meta/ID.parquet`` (every column but the image bytes)."""
+    ``meta/ID.parquet`` (every column but the image bytes), in the same row order: reading back
+    streams both side by side, member by member."""
 
     name = "webdataset"
     shard_ext = ".tar"
@@ -48,27 +58,62 @@ class WebDatasetWriter(ShardWriter):
         out.write_bytes(out.tar_path(shard_id), tar_bytes(kept))
         out.write_parquet(out.meta_path(shard_id), _drop(kept, "image"))
 
-    def read(self, out: OutputDir, shard_id: int) -> pa.Table:
-        meta = out.read_parquet(out.meta_path(shard_id))
-        tar = out.tar_path(shard_id)
+    def batches(self, out: OutputDir, shard_id: int, rows: int = READ_ROWS) -> Iterator[pa.Table]:
+        tar, meta = out.tar_path(shard_id), out.meta_path(shard_id)
+        position = {key: i for i, key in enumerate(out.read_parquet(meta, ["key"]).column("key").to_pylist())}
         with out.fs.open(tar, "rb") as f:
-            images, error = read_tar_images(f, tar)
-        if error is not None:
-            raise UsageError(error)
-        return attach_images(meta, images, [True] * meta.num_rows)[0]
+            members = _tar_images(f, tar)
+            held: list[tuple[str, tuple[str, bytes] | None]] = []
+            start = 0
+            for batch in _parquet_batches(out, meta, rows):
+                end = start + batch.num_rows
+                images: dict[str, tuple[str, bytes]] = {}
+                pending, held = itertools.chain(held, members), []
+                for key, image in pending:
+                    at = position.get(key, -1)
+                    if at >= end:  # the next batch's member: the tar is in row order
+                        held = [(key, image)]
+                        break
+                    if at >= start and image is not None:
+                        images[key] = image
+                yield attach_images(batch, images, [True] * batch.num_rows)[0]
+                start = end
 
 
 class ParquetWriter(ShardWriter):
-    """``shards/ID.parquet``: every column, image bytes included."""
+    """``shards/ID.parquet``: every column, image bytes included, in row groups of about
+    ``row_group_bytes`` (a reader streams the shard one row group at a time)."""
 
     name = "parquet"
     shard_ext = ".parquet"
+    row_group_bytes: ClassVar[int] = 64 << 20
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
-        out.write_parquet(out.parquet_path(shard_id), kept)
+        rows = max(1, self.row_group_bytes * kept.num_rows // max(kept.nbytes, 1))
+        out.write_parquet(out.parquet_path(shard_id), kept, row_group_rows=rows)
 
-    def read(self, out: OutputDir, shard_id: int) -> pa.Table:
-        return out.read_parquet(out.parquet_path(shard_id))
+    def batches(self, out: OutputDir, shard_id: int, rows: int = READ_ROWS) -> Iterator[pa.Table]:
+        return _parquet_batches(out, out.parquet_path(shard_id), rows)
+
+
+def _parquet_batches(out: OutputDir, path: str, rows: int) -> Iterator[pa.Table]:
+    """A Parquet file ``rows`` at a time (one empty table for a file without rows): one row group's
+    pages are read at a time."""
+    with open_parquet(out.fs, path, pre_buffer=False) as pf:
+        if pf.metadata.num_rows == 0:
+            yield pf.schema_arrow.empty_table()
+        for batch in pf.iter_batches(batch_size=rows):
+            yield pa.Table.from_batches([batch])
+
+
+def _tar_images(fileobj: BinaryIO, name: str) -> Iterator[tuple[str, tuple[str, bytes] | None]]:
+    """``(key, (image_format, bytes))`` per image member of a tar and ``(key, None)`` per other member,
+    in tar order, streamed; UsageError for a corrupt or truncated tar."""
+    try:
+        for key, ext, data in tar_members(fileobj, lambda ext: image_extension(ext) is not None):
+            yield key, None if data is None else (image_extension(ext), data)
+    except TAR_ERRORS as e:
+        raise UsageError(f"{name}: not a readable tar ({e})") from None
 
 
 WRITERS: dict[str, type[ShardWriter]] = {cls.name: cls for cls in (WebDatasetWriter, ParquetWriter)}

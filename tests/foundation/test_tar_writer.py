@@ -1,4 +1,5 @@
-"""The column-wise tar writer against Python's tarfile, writers by name, the Parquet default for rows without images."""
+"""The column-wise tar writer against Python's tarfile, writers by name, shards streamed back in batches, the Parquet default for
+rows without images."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import IMAGE_EXTENSIONS, NOT_IN_JSON
-from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, WebDatasetWriter, tar_bytes
+from mmcurate.shards.layout import OutputDir
+from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, ShardWriter, WebDatasetWriter, tar_bytes
 from mmcurate.tests.support.foundation import LAION, kept_table, toy_stage
 
 
@@ -99,6 +102,40 @@ def test_writers_are_chosen_by_name() -> None:
     assert OutputSpec("out").resolved(carries_images=True).format == "webdataset"
     assert OutputSpec("out").resolved(carries_images=False).format == "parquet"
     assert OutputSpec("out", format="webdataset").resolved(carries_images=False).format == "webdataset"
+
+
+# ROWS as both writers read it back: no NaN (NaN != NaN), image formats a tar member's extension can hold.
+SHARD = ROWS.drop_columns(["score"]).set_column(4, "image_format", pa.array(["jpg", None, "png", "webp", "png"]))
+
+
+@pytest.mark.parametrize("writer", [WebDatasetWriter(), ParquetWriter()], ids=lambda w: w.name)
+def test_shards_stream_back_in_batches_as_written(writer: ShardWriter, tmp_path: Path) -> None:
+    """Batches of two rows across rows without an image or with an empty one; an empty shard is one empty table."""
+    out = OutputDir.open(str(tmp_path))
+    writer.write(out, 0, SHARD)
+    batches = list(writer.batches(out, 0, rows=2))
+    assert [b.num_rows for b in batches] == [2, 2, 1]
+    whole = writer.read(out, 0)
+    assert whole.select(SHARD.column_names).equals(SHARD) and pa.concat_tables(batches).equals(whole)
+    writer.write(out, 1, SHARD.slice(0, 0))
+    assert [b.num_rows for b in writer.batches(out, 1)] == [0] and writer.read(out, 1).num_rows == 0
+
+
+def test_parquet_shards_are_written_in_row_groups_a_reader_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = OutputDir.open(str(tmp_path))
+    monkeypatch.setattr(ParquetWriter, "row_group_bytes", 2 * SHARD.nbytes // 5 + 1)  # two rows a group
+    ParquetWriter().write(out, 0, SHARD)
+    assert pq.ParquetFile(out.parquet_path(0)).metadata.num_row_groups == 3
+    assert ParquetWriter().read(out, 0).equals(SHARD)
+
+
+def test_a_truncated_tar_is_a_usage_error_when_streamed(tmp_path: Path) -> None:
+    out = OutputDir.open(str(tmp_path))
+    WebDatasetWriter().write(out, 0, ROWS)
+    data = (tmp_path / "shards" / "00000.tar").read_bytes()
+    (tmp_path / "shards" / "00000.tar").write_bytes(data[:1000])  # inside the first image
+    with pytest.raises(UsageError, match="00000.tar: not a readable tar"):
+        list(WebDatasetWriter().batches(out, 0))
 
 
 def test_rows_without_images_default_to_parquet_and_say_so(tmp_path: Path, laion_sample: Path, img2dataset_output: Path) -> None:
