@@ -2,9 +2,10 @@
 
 A format is a :class:`Format` subclass registered by ``name``. :func:`mmcurate.exports.export`
 streams the source output shard by shard and hands each shard's :class:`Sample` list to
-``write_shard``; ``finish`` closes what spans shards. Formats that quantise boxes decode each box
-as their consumer does (``decoded``), and the mean and lowest IoU between the boxes and their
-decoded versions go to ``export.json``.
+``write_shard``; ``finish`` closes what spans shards. ``target`` gives what a format writes per
+sample, which the writer lays out and :class:`mmcurate.loaders.CuratedDataset` hands to training.
+Formats that quantise boxes decode each box as their consumer does (``decoded``), and the mean and
+lowest IoU between the boxes and their decoded versions go to ``export.json``.
 """
 
 from __future__ import annotations
@@ -153,6 +154,12 @@ class Format:
     def decoded(self, box: Box) -> Box:
         """``box`` after this format's quantisation, decoded as its consumer decodes it."""
         return box
+
+    def target(self, sample: Sample) -> dict[str, Any]:
+        """What this format writes for ``sample`` besides its key and image: ``target``, the text a
+        model learns to produce, and the format's other fields (``prompt``, the model's input text,
+        where it has one). The writer writes these; the loader's ``grounding=`` gives them per sample."""
+        raise NotImplementedError
 
     def write_shard(self, shard_id: int, samples: list[Sample]) -> None:
         raise NotImplementedError

@@ -3,16 +3,19 @@
 - ``grit`` writes ``DEST/{id:05d}.parquet`` with GRIT-20M's columns ``key, url, caption, width,
   height, noun_chunks, ref_exps``; each entry is ``[start, end, x0, y0, x1, y1, score]`` (character
   span, normalised box), one per box. ``ref_exps`` holds the referring expressions (a phrase's
-  expression span with the phrase's boxes) that no other expression contains. No images.
+  expression span with the phrase's boxes) that no other expression contains. No images. Its
+  ``target`` is the caption the spans index.
 - ``llava`` writes ``DEST/llava.json``, one JSON array of ``{"id", "image": "00000/KEY.jpg",
   "conversations": [{"from": "human", "value": "<image>\\n" + instruction}, {"from": "gpt", "value":
   caption}]}``, with the images under ``DEST/images/`` (LLaVA's ``--image_folder``). The
   instruction is drawn from the configured list by a hash of the seed and the key. Rows need no box.
+  Its ``target`` is the gpt turn and its ``prompt`` the human turn.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pyarrow as pa
 
@@ -53,15 +56,23 @@ class Grit(Format):
     name = "grit"
     needs_image = False
 
+    def target(self, sample: Sample) -> dict[str, Any]:
+        return {
+            "target": sample.caption,
+            "noun_chunks": _entries([(p.start, p.end, p) for p in sample.phrases]),
+            "ref_exps": _entries(outermost_expressions(sample.phrases)),
+        }
+
     def write_shard(self, shard_id: int, samples: list[Sample]) -> None:
+        targets = [self.target(s) for s in samples]
         rows = {
             "key": [s.key for s in samples],
             "url": [s.url for s in samples],
-            "caption": [s.caption for s in samples],
+            "caption": [t["target"] for t in targets],
             "width": [s.width for s in samples],
             "height": [s.height for s in samples],
-            "noun_chunks": [_entries([(p.start, p.end, p) for p in s.phrases]) for s in samples],
-            "ref_exps": [_entries(outermost_expressions(s.phrases)) for s in samples],
+            "noun_chunks": [t["noun_chunks"] for t in targets],
+            "ref_exps": [t["ref_exps"] for t in targets],
         }
         self.dest.write_parquet(self.dest.path(f"{shard_name(shard_id)}.parquet"), pa.table(rows, schema=GRIT_SCHEMA))
         self.record(samples)
@@ -72,6 +83,10 @@ class Llava(Format):
     min_boxes = 0
     path = "llava.json"
 
+    def target(self, sample: Sample) -> dict[str, Any]:
+        """The human turn as ``prompt``, the caption (the gpt turn) as ``target``."""
+        return {"target": sample.caption, "prompt": "<image>\n" + self.instruction(sample.key)}
+
     def begin(self) -> None:
         self._out = self.files.enter_context(self.dest.open_atomic(self.dest.path(self.path)))
         self._out.write(b"[")
@@ -80,8 +95,9 @@ class Llava(Format):
     def write_shard(self, shard_id: int, samples: list[Sample]) -> None:
         self.write_images(samples)
         for s in samples:
-            human = {"from": "human", "value": "<image>\n" + self.instruction(s.key)}
-            entry = {"id": s.key, "image": s.image_path, "conversations": [human, {"from": "gpt", "value": s.caption}]}
+            fields = self.target(s)
+            turns = [{"from": "human", "value": fields["prompt"]}, {"from": "gpt", "value": fields["target"]}]
+            entry = {"id": s.key, "image": s.image_path, "conversations": turns}
             self._out.write((("\n" if self._first else ",\n") + json.dumps(entry, ensure_ascii=False)).encode())
             self._first = False
         self.record(samples)

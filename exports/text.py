@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from mmcurate.exports.base import Box, Format, Phrase, Sample, jsonl
 from mmcurate.shards.layout import shard_name
@@ -37,8 +38,13 @@ class TextFormat(Format):
             at = p.end
         return "".join([*parts, sample.caption[at:]])
 
-    def line(self, sample: Sample) -> dict:
-        return {"key": sample.key, "image": f"images/{sample.image_path}", "text": self.text(sample)}
+    def target(self, sample: Sample) -> dict[str, Any]:
+        return {"target": self.text(sample)}
+
+    def line(self, sample: Sample) -> dict[str, Any]:
+        """The JSONL line: ``target`` written as ``text``."""
+        fields = self.target(sample)
+        return {"key": sample.key, "image": f"images/{sample.image_path}", "text": fields.pop("target"), **fields}
 
     def write_shard(self, shard_id: int, samples: list[Sample]) -> None:
         self.write_images(samples)
@@ -136,5 +142,5 @@ class Florence2(Thousandths):
         phrases: list[Phrase] = sorted(sample.phrases, key=lambda p: p.start)
         return "".join(self.markup(sample.caption[p.start : p.end], p.boxes) for p in phrases)
 
-    def line(self, sample: Sample) -> dict:
-        return {**super().line(sample), "prompt": self.task + sample.caption}
+    def target(self, sample: Sample) -> dict[str, Any]:
+        return {**super().target(sample), "prompt": self.task + sample.caption}

@@ -3,6 +3,6 @@
 See :class:`CuratedDataset` and docs/training.md.
 """
 
-from mmcurate.loaders.dataset import GROUNDED_FORMATS, CuratedDataset
+from mmcurate.loaders.dataset import CuratedDataset
 
-__all__ = ["GROUNDED_FORMATS", "CuratedDataset"]
+__all__ = ["CuratedDataset"]

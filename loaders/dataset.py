@@ -4,14 +4,17 @@ The finished shards are split between distributed ranks and DataLoader workers: 
 ``rank * num_workers + worker`` of ``world_size * num_workers`` reads shards ``consumer::consumers``
 (of the seeded shard order when ``shuffle``), so together they see every kept sample once per
 epoch. A consumer left without a shard yields nothing: give a run at least as many shards as consumers.
-Shards are read back by the writer that wrote them (:mod:`mmcurate.shards.writers`), one at a time.
+Shards are streamed back by the writer that wrote them (:mod:`mmcurate.shards.writers`), a batch of
+rows at a time: a Parquet shard by row group, a WebDataset tar member by member. With ``shuffle`` the
+rows of a shard pass through a seeded buffer of ``shuffle_buffer`` rows, the only rows held at once;
+a shard that fits in it is shuffled whole.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,14 +23,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcurate.errors import UsageError
 from mmcurate.exports import FORMATS, ExportOptions, sample_of
-from mmcurate.exports.text import TextFormat
 from mmcurate.loaders.captions import check_choice, choose
 from mmcurate.shards.layout import SHARDS, OutputDir, detect_layout, open_parquet
 from mmcurate.shards.writers import written_by
 from mmcurate.stages.model import decode_image
 
-# Export formats whose per-sample text a grounded model trains on (``grounding=``).
-GROUNDED_FORMATS: dict[str, type[TextFormat]] = {name: cls for name, cls in FORMATS.items() if issubclass(cls, TextFormat)}
+SHUFFLE_BUFFER = 10_000  # rows: a default shard (output.rows_per_shard) is shuffled whole
+T = TypeVar("T")
 
 
 class CuratedDataset(IterableDataset):
@@ -37,13 +39,16 @@ class CuratedDataset(IterableDataset):
     - ``caption`` and ``caption_source`` (``web`` | ``synthetic``), by ``caption``: ``"web"``, ``"synthetic"``
       (capfilt's highest-scoring synthetic caption) or p, the probability of the synthetic one, drawn per
       key and epoch from ``seed``; a row without a synthetic caption gets its web caption;
-    - ``target`` with ``grounding=FORMAT`` (an export format of :data:`GROUNDED_FORMATS`): the grounded
-      ``caption`` column marked up as that format writes it (``prompt`` too, for ``florence2``);
+    - with ``grounding=FORMAT`` (a format of :data:`mmcurate.exports.FORMATS`), what that export writes
+      for the row (:meth:`mmcurate.exports.base.Format.target`): ``target``, from the stored ``caption``
+      column (the markup of its grounded phrases for the text formats), plus ``prompt`` (``florence2``,
+      ``llava``) or ``noun_chunks`` and ``ref_exps`` (``grit``); rows without a ``caption`` are skipped;
     - each column named in ``columns``, as stored.
 
     ``min`` / ``max`` keep rows whose stored score is at least / at most the bound (``min={"clip_score": 0.3}``);
     a row without that score is left out. ``rank`` / ``world_size`` default to ``torch.distributed``'s when it
-    is initialised. Call :meth:`set_epoch` before each epoch for a new shuffle and a new caption draw.
+    is initialised. ``shuffle`` shuffles the shard order and, through a buffer of ``shuffle_buffer`` rows,
+    the rows of each shard. Call :meth:`set_epoch` before each epoch for a new shuffle and a new caption draw.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class CuratedDataset(IterableDataset):
         max: Mapping[str, float] | None = None,
         columns: Sequence[str] = (),
         shuffle: bool = False,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -65,9 +71,12 @@ class CuratedDataset(IterableDataset):
         if not self.out.exists(self.out.root) or detect_layout(self.out.fs, self.out.root) != "mmcurate":
             raise UsageError(f"{url} is not an mmcurate output (no run.json or _done)")
         self.caption = check_choice(caption)
-        if grounding is not None and grounding not in GROUNDED_FORMATS:
-            raise UsageError(f"grounding must be one of {', '.join(GROUNDED_FORMATS)}, not {grounding!r}")
-        self.grounding, self.seed, self.transform, self.shuffle = grounding, seed, transform, shuffle
+        if grounding is not None and grounding not in FORMATS:
+            raise UsageError(f"grounding must be one of {', '.join(FORMATS)}, not {grounding!r}")
+        if shuffle_buffer < 1:
+            raise UsageError(f"shuffle_buffer must be at least 1, not {shuffle_buffer}")
+        self.grounding, self.seed, self.transform = grounding, seed, transform
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.bounds = [(c, v, pc.greater_equal) for c, v in (min or {}).items()] + [(c, v, pc.less_equal) for c, v in (max or {}).items()]
         self.columns = tuple(columns)
         self.rank, self.world_size = rank, world_size
@@ -119,14 +128,19 @@ class CuratedDataset(IterableDataset):
             table = table.filter(pc.fill_null(compare(table.column(column), bound), False))
         return table
 
+    def rows(self, shard_id: int) -> Iterator[dict[str, Any]]:
+        """The rows of a shard within the score bounds, in stored order, streamed."""
+        for batch in written_by(self.out, shard_id).batches(self.out, shard_id):
+            yield from self.select(batch).to_pylist()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        fmt = GROUNDED_FORMATS[self.grounding](self.out, ExportOptions(seed=self.seed)) if self.grounding else None
+        fmt = FORMATS[self.grounding](self.out, ExportOptions(seed=self.seed)) if self.grounding else None
         rng = random.Random(f"{self.seed}:{self.epoch}:rows")
         for shard_id in self.my_shards():
-            rows = self.select(written_by(self.out, shard_id).read(self.out, shard_id)).to_pylist()
-            if self.shuffle:
-                rng.shuffle(rows)
-            for row in rows:
+            rows = self.rows(shard_id)
+            for row in shuffled(rows, self.shuffle_buffer, rng) if self.shuffle else rows:
+                if fmt is not None and row.get("caption") is None:  # the export skips it too
+                    continue
                 image = decode_image(row.get("image"))
                 if image is None:
                     continue
@@ -134,7 +148,22 @@ class CuratedDataset(IterableDataset):
                 sample = {"key": row["key"], "image": self.transform(image) if self.transform else image, "caption": text}
                 sample["caption_source"] = source
                 if fmt is not None:
-                    line = fmt.line(sample_of(shard_id, row))
-                    sample.update({"target": line["text"], **({"prompt": line["prompt"]} if "prompt" in line else {})})
+                    sample.update(fmt.target(sample_of(shard_id, row)))
                 sample.update({c: row[c] for c in self.columns})
                 yield sample
+
+
+def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
+    """``items`` in a random order drawn from ``rng``, holding at most ``size`` of them: once the buffer
+    is full each new item takes the place of a drawn one, which is yielded; the rest is shuffled at the
+    end. With ``size`` at least the number of items this is ``rng.shuffle`` of their list."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        at = rng.randrange(size)
+        yield buffer[at]
+        buffer[at] = item
+    rng.shuffle(buffer)
+    yield from buffer

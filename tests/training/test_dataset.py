@@ -9,13 +9,15 @@ from pathlib import Path
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from mmcurate.errors import UsageError
-from mmcurate.exports import export
+from mmcurate.exports import FORMATS, ExportOptions, export
 from mmcurate.loaders import CuratedDataset
+from mmcurate.tests.support.filters import write_dataset
 
 
 def size(image) -> tuple[int, int]:
@@ -91,16 +93,36 @@ def test_web_only_output_without_capfilt(web_only_output: Path, curated: pa.Tabl
         CuratedDataset(str(web_only_output), caption=0.8)
 
 
-@pytest.mark.parametrize("fmt", ["kosmos2", "qwen-vl", "florence2"])
-def test_grounding_targets_are_the_export_formats_text(fmt: str, curated_output: Path, tmp_path: Path) -> None:
-    export(fmt, str(curated_output), str(tmp_path / fmt))
-    lines = {}
-    for path in sorted((tmp_path / fmt).glob("*.jsonl")):
-        lines.update({line["key"]: line for line in map(json.loads, path.read_text().splitlines())})
-    dataset = CuratedDataset(str(curated_output), grounding=fmt, min={"num_boxes": 1}, transform=size)
-    targets = {s["key"]: s for s in dataset}
-    assert sorted(targets) == sorted(lines)
-    assert all(s["target"] == lines[k]["text"] and s.get("prompt") == lines[k].get("prompt") for k, s in targets.items())
+def written(fmt: str, dest: Path) -> dict[str, dict]:
+    """What ``mmcurate export FMT`` wrote for each key, by the names of the loader's fields."""
+    if fmt == "grit":
+        rows = pa.concat_tables([pq.read_table(p) for p in sorted(dest.glob("*.parquet"))]).to_pylist()
+        return {r["key"]: {"target": r["caption"], "noun_chunks": r["noun_chunks"], "ref_exps": r["ref_exps"]} for r in rows}
+    if fmt == "llava":
+        entries = json.loads((dest / "llava.json").read_text())
+        return {e["id"]: {"prompt": e["conversations"][0]["value"], "target": e["conversations"][1]["value"]} for e in entries}
+    lines = [json.loads(line) for p in sorted(dest.glob("*.jsonl")) for line in p.read_text().splitlines()]
+    return {line["key"]: {"target": line["text"], **({"prompt": line["prompt"]} if "prompt" in line else {})} for line in lines}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_grounding_targets_are_what_the_export_writes(fmt: str, curated_output: Path, tmp_path: Path) -> None:
+    export(fmt, str(curated_output), str(tmp_path / fmt), ExportOptions(seed=5))
+    expected = written(fmt, tmp_path / fmt)
+    least = FORMATS[fmt].min_boxes  # the export skips rows with fewer boxes
+    dataset = CuratedDataset(str(curated_output), grounding=fmt, seed=5, min={"num_boxes": least} if least else None, transform=size)
+    got = {s["key"]: {k: v for k, v in s.items() if k not in ("key", "image", "caption", "caption_source")} for s in dataset}
+    assert got == expected and len(got) >= 20
+    assert any(e.get("noun_chunks") or "<" in e["target"] or "[[" in e["target"] for e in got.values()) == (fmt != "llava")
+
+
+def test_grounding_skips_rows_without_a_caption_as_the_export_does(curated: pa.Table, tmp_path: Path) -> None:
+    captions = curated.column("caption").to_pylist()
+    table = curated.set_column(curated.column_names.index("caption"), "caption", pa.array([None, *captions[1:]], pa.string()))
+    out = write_dataset(tmp_path / "out", table, shards=2)
+    assert export("kosmos2", str(out), str(tmp_path / "export"), ExportOptions(min_boxes=0))["skipped"] == {"caption_missing": 1}
+    keys = {s["key"] for s in CuratedDataset(str(out), grounding="kosmos2", transform=size)}
+    assert keys == set(table.column("key").to_pylist()[1:])
 
 
 def test_score_bounds_select_at_load_time(curated_output: Path, curated: pa.Table) -> None:
@@ -127,7 +149,8 @@ def test_reads_an_fsspec_url(curated_output: Path, curated: pa.Table) -> None:
     [
         ({"caption": "best"}, "caption must be"),
         ({"caption": 1.5}, "caption must be"),
-        ({"grounding": "grit"}, "grounding must be one of"),
+        ({"grounding": "coco"}, "grounding must be one of kosmos2, qwen-vl, qwen2-vl, cogvlm, florence2, grit, llava"),
+        ({"shuffle_buffer": 0}, "shuffle_buffer must be at least 1"),
         ({"min": {"aesthetic": 5.0}}, "no 'aesthetic' column"),
         ({"columns": ["nope"]}, "no 'nope' column"),
     ],
