@@ -47,19 +47,21 @@ def shard_name(shard_id: int) -> str:
 
 
 @contextmanager
-def open_parquet(fs: AbstractFileSystem, path: str, *, pre_buffer: bool = True) -> Iterator[pq.ParquetFile]:
-    """A Parquet file on any fsspec filesystem; local files are opened by pyarrow itself. Reading
-    its batches one at a time needs ``pre_buffer=False`` (pyarrow otherwise buffers every row group).
+def open_parquet(fs: AbstractFileSystem, path: str, *, stream: bool = False) -> Iterator[pq.ParquetFile]:
+    """A Parquet file on any fsspec filesystem; local files are opened by pyarrow itself. With
+    ``stream`` its batches are read one row group at a time through a 1 MiB buffer (pyarrow would
+    otherwise read the column chunks of every row group at once): about twice a row group in memory.
 
     Through a Python file object, Arrow's IO threads hold Python buffers that they may release while
     the interpreter shuts down, which aborts the process ("terminate called without an active
     exception", apache/arrow#49942) and turns a clean exit code into 134.
     """
+    options = {"pre_buffer": False, "buffer_size": 1 << 20} if stream else {}
     if isinstance(fs, LocalFileSystem):
-        with pq.ParquetFile(path, pre_buffer=pre_buffer) as pf:
+        with pq.ParquetFile(path, **options) as pf:
             yield pf
     else:
-        with fs.open(path, "rb") as f, pq.ParquetFile(f, pre_buffer=pre_buffer) as pf:
+        with fs.open(path, "rb") as f, pq.ParquetFile(f, **options) as pf:
             yield pf
 
 

@@ -86,7 +86,7 @@ class ParquetWriter(ShardWriter):
 
     name = "parquet"
     shard_ext = ".parquet"
-    row_group_bytes: ClassVar[int] = 64 << 20
+    row_group_bytes: ClassVar[int] = 16 << 20
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
         rows = max(1, self.row_group_bytes * kept.num_rows // max(kept.nbytes, 1))
@@ -97,9 +97,8 @@ class ParquetWriter(ShardWriter):
 
 
 def _parquet_batches(out: OutputDir, path: str, rows: int) -> Iterator[pa.Table]:
-    """A Parquet file ``rows`` at a time (one empty table for a file without rows): one row group's
-    pages are read at a time."""
-    with open_parquet(out.fs, path, pre_buffer=False) as pf:
+    """A Parquet file ``rows`` at a time, streamed (one empty table for a file without rows)."""
+    with open_parquet(out.fs, path, stream=True) as pf:
         if pf.metadata.num_rows == 0:
             yield pf.schema_arrow.empty_table()
         for batch in pf.iter_batches(batch_size=rows):
