@@ -94,8 +94,8 @@ class CuratedDataset(IterableDataset):
         needed = {c: "min/max" for c, _, _ in self.bounds} | dict.fromkeys(self.columns, "columns")
         if self.caption != "web":
             needed["captions"] = "a synthetic caption (run capfilt)"
-        if self.grounding:
-            needed["grounding"] = "grounding targets (run noun_phrases and grounding)"
+        if self.grounding and FORMATS[self.grounding].min_boxes:  # llava's targets need no boxes
+            needed["grounding"] = f"{self.grounding} targets (run noun_phrases and grounding)"
         for column, why in needed.items():
             if column not in stored:
                 raise UsageError(f"{self.out.root} has no {column!r} column, which {why} needs")

@@ -125,6 +125,14 @@ def test_grounding_skips_rows_without_a_caption_as_the_export_does(curated: pa.T
     assert keys == set(table.column("key").to_pylist()[1:])
 
 
+def test_llava_targets_need_no_grounding_column(curated: pa.Table, tmp_path: Path) -> None:
+    out = write_dataset(tmp_path / "out", curated.drop_columns(["grounding"]), shards=2)
+    samples = list(CuratedDataset(str(out), grounding="llava", transform=size))
+    assert len(samples) == curated.num_rows and all(s["prompt"].startswith("<image>\n") for s in samples)
+    with pytest.raises(UsageError, match="no 'grounding' column, which grit targets"):
+        CuratedDataset(str(out), grounding="grit")
+
+
 def test_score_bounds_select_at_load_time(curated_output: Path, curated: pa.Table) -> None:
     rows = curated.select(["key", "clip_score"]).to_pylist()
     dataset = CuratedDataset(str(curated_output), min={"clip_score": 0.3}, max={"clip_score": 0.8}, columns=["clip_score"], transform=size)
