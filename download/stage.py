@@ -13,7 +13,7 @@ from mmcurate.download.batch import Outcome, download_batch
 from mmcurate.download.breaker import REFUSED, HostBreaker
 from mmcurate.download.config import DownloadConfig
 from mmcurate.download.urls import parse_url
-from mmcurate.schemas import BY_NAME
+from mmcurate.schemas import BY_NAME, binary_array
 from mmcurate.stages.base import Resources, Stage, reject, set_column
 
 # The columns this stage sets, with their declared types.
@@ -117,7 +117,7 @@ def add_outcomes(batch: pa.Table, outcomes: list[Outcome]) -> pa.Table:
     """Set the download columns from ``outcomes`` and reject the rows that failed."""
     images = [o.image for o in outcomes]
     values = {
-        "image": [i.data if i else None for i in images],
+        "image": binary_array([i.data if i else None for i in images]),
         "image_format": [i.format if i else None for i in images],
         "width": [i.width if i else None for i in images],
         "height": [i.height if i else None for i in images],
@@ -127,6 +127,6 @@ def add_outcomes(batch: pa.Table, outcomes: list[Outcome]) -> pa.Table:
         "status": [o.status for o in outcomes],
     }
     for name, type_ in _COLUMNS:
-        batch = set_column(batch, name, pa.array(values[name], type_))
+        batch = set_column(batch, name, values[name], type_)
     failed = [o.status != "ok" for o in outcomes]
     return reject(batch, failed, values["status"])

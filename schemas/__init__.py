@@ -8,8 +8,10 @@ Later work adds columns to :data:`FIELDS`, nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
@@ -121,6 +123,19 @@ def conform(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
         else:
             arrays.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def binary_array(values: Sequence[bytes | None]) -> pa.Array | pa.ChunkedArray:
+    """``pa.array(values, pa.binary())`` made from one join of the bytes: Arrow's builder grows its
+    buffer by reallocation, ten times slower for a shard's image column (a fresh 160 MB: 0.8 s against 0.08 s)."""
+    valid = np.fromiter((v is not None for v in values), bool, len(values))
+    ends = np.cumsum(np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values)))
+    if len(values) == 0 or ends[-1] >= 1 << 31:  # past int32 offsets Arrow's own builder chunks the column
+        return pa.array(values, pa.binary())
+    offsets = np.concatenate([np.zeros(1, np.int32), ends.astype(np.int32)])
+    bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    data = pa.py_buffer(b"".join(v for v in values if v is not None))
+    return pa.Array.from_buffers(pa.binary(), len(values), [bitmap, pa.py_buffer(offsets), data], null_count=int((~valid).sum()))
 
 
 def markdown() -> str:

@@ -156,7 +156,7 @@ class OutputDir:
         killpoints.reached("write")
         self.fs.mv(tmp, path)
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes | memoryview) -> None:
         """Write ``data`` to ``path`` atomically (:meth:`open_atomic`)."""
         with self.open_atomic(path) as f:
             f.write(data)

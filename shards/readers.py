@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
-from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS
+from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS, binary_array
 from mmcurate.shards.image_check import MAX_PIXELS, check_image
 from mmcurate.shards.layout import OutputDir, holds_run, open_parquet, tar_beside
 from mmcurate.shards.storage import url_to_fs
@@ -627,7 +627,7 @@ def attach_images(
     keys = table.column("key").to_pylist() if keys is None else keys
     found = [images.get(k) if want else None for k, want in zip(keys, wanted, strict=True)]
     table = table.drop_columns([c for c in ("image", "image_format") if c in table.column_names])
-    table = table.append_column("image", pa.array([f[1] if f else None for f in found], pa.binary()))
+    table = table.append_column("image", binary_array([f[1] if f else None for f in found]))
     table = table.append_column("image_format", pa.array([f[0] if f else None for f in found], pa.string()))
     return table, [want and f is None for want, f in zip(wanted, found, strict=True)]
 

@@ -153,8 +153,11 @@ class OutputSpec:
 
 
 def split_kept(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(kept rows, rejected rows) by ``reject_reason``."""
+    """(kept rows, rejected rows) by ``reject_reason``; the table itself, not a copy, for a side that holds every row."""
     rejected = pc.is_valid(table.column("reject_reason"))
+    count = pc.sum(rejected).as_py() or 0
+    if count in (0, table.num_rows):
+        return (table, table.slice(0, 0)) if count == 0 else (table.slice(0, 0), table)
     return table.filter(pc.invert(rejected)), table.filter(rejected)
 
 
@@ -197,9 +200,10 @@ _TEMPLATE = np.frombuffer(
 _OCTAL = np.array([8**i for i in range(10, -1, -1)], np.int64)
 
 
-def tar_bytes(table: pa.Table) -> bytes:
+def tar_bytes(table: pa.Table) -> memoryview:
     """A WebDataset tar: per sample ``KEY.<image_format>`` (when there is an image), ``KEY.txt`` and
-    ``KEY.json`` (every column but key, image and caption), in row order.
+    ``KEY.json`` (every column but key, image and caption), in row order; a view of the blocks it
+    was built in (a shard's images are not copied once more).
 
     The bytes are those Python's tarfile writes (USTAR, mode 0644, mtime 0), so the same rows give
     the same tar; names longer than USTAR's 100 bytes are refused, as tarfile refuses them.
@@ -227,7 +231,7 @@ def tar_bytes(table: pa.Table) -> bytes:
     blocks[first[present]] = _headers(names, sizes[present])
     for kind, (_, data) in enumerate(kinds):
         _place(blocks.reshape(-1), data, (first[:, kind] + 1) * _BLOCK, present[:, kind])
-    return blocks.tobytes()
+    return blocks.reshape(-1).data
 
 
 def _flat(values: pa.Array | pa.ChunkedArray, kind: pa.DataType) -> pa.Array:

@@ -16,7 +16,7 @@ from mmcurate.engines.core import apply_decisions, apply_stage, shard_stats, sta
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded, build_config
 from mmcurate.pipelines.registry import STAGES, stage_class
-from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, conform
+from mmcurate.schemas import BY_NAME, FIELDS, METADATA_KEY, SCHEMA_VERSION, binary_array, conform
 from mmcurate.stages.base import Stage, decisions, reject
 from mmcurate.tests.support.foundation import DropWord
 
@@ -34,6 +34,13 @@ def test_conform_orders_casts_fills_and_drops_internal_columns() -> None:
     assert out.schema.field("width").type == pa.int32() and out.schema.field("url").type == pa.string()
     assert out.column("url").null_count == 2 and out.column("extra").to_pylist() == [1, 2]
     assert out.schema.metadata[METADATA_KEY] == SCHEMA_VERSION.encode()
+
+
+@pytest.mark.parametrize("values", [[], [None, None], [b"a", None, b"", b"xyz"], [b"\xff\xd8" * 300] * 5])
+def test_binary_array_equals_arrows_own(values: list[bytes | None]) -> None:
+    array = binary_array(values)
+    array.validate(full=True)
+    assert array.equals(pa.array(values, pa.binary()))
 
 
 def test_every_registered_stage_loads_and_declares_its_columns() -> None:

@@ -16,7 +16,7 @@ import pytest
 from mmcurate.errors import UsageError
 from mmcurate.schemas import IMAGE_EXTENSIONS, NOT_IN_JSON
 from mmcurate.shards.layout import OutputDir
-from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, ShardWriter, WebDatasetWriter, tar_bytes
+from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, ShardWriter, WebDatasetWriter, split_kept, tar_bytes
 from mmcurate.tests.support.foundation import LAION, kept_table, toy_stage
 
 
@@ -92,6 +92,17 @@ def test_tar_reads_back_with_tarfile() -> None:
 def test_names_longer_than_ustar_allows_are_refused() -> None:
     with pytest.raises(ValueError, match="longer than 100 bytes"):
         tar_bytes(pa.table({"key": ["k" * 97], "caption": ["c"]}))
+
+
+def test_split_kept_keeps_row_order_and_shares_a_side_with_every_row() -> None:
+    table = pa.table({"key": ["a", "b", "c"], "reject_reason": pa.array([None, "x", None], pa.string())})
+    kept, rejected = split_kept(table)
+    assert kept.column("key").to_pylist() == ["a", "c"] and rejected.column("key").to_pylist() == ["b"]
+    none = table.set_column(1, "reject_reason", pa.nulls(3, pa.string()))
+    assert split_kept(none)[0] is none and split_kept(none)[1].num_rows == 0
+    every = table.set_column(1, "reject_reason", pa.array(["x"] * 3))
+    assert split_kept(every)[0].num_rows == 0 and split_kept(every)[1] is every
+    assert split_kept(table.slice(0, 0))[0].num_rows == 0
 
 
 def test_writers_are_chosen_by_name() -> None:
