@@ -7,7 +7,9 @@ its decision to ``OUT/_work/globalN.parquet``. The last segment writes the final
 marker last. Every file is atomic and every step skips what a previous run finished, so a run
 killed at any point and started again gives the same output as one that was never interrupted.
 
-With a process pool, a segment's model stages (:class:`stages.model.ModelStage`) cut it into
+The CPU pool is forked before the run is planned, so its workers start with the engine imported
+(:class:`ForkedPool`); where this process runs other threads, or cannot fork, it is spawned. With a
+process pool, a segment's model stages (:class:`stages.model.ModelStage`) cut it into
 steps: CPU stages run in the pool of ``workers`` processes, each model stage in a pool of its own
 beside it, one worker per GPU, or on CPU one worker whose torch uses ``workers`` threads, so the
 machine holds one copy of each model. A shard's table goes from step to step through the driver.
@@ -170,36 +172,35 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
     """Run ``pipeline`` with a pool of ``pipeline.workers`` processes (and one pool per model
     stage), or with fewer shards than workers, in this process with the rows of a download spread
     over a pool of ``workers - 1``; return the run summary."""
-    ctx = start_run(pipeline, "local")
-    if ctx.finished:
-        return finish_run(ctx)
+    forked = ForkedPool(pipeline.workers) if ForkedPool.possible(pipeline.workers) else None
     pools: dict[int | None, Executor] = {}
-    here: Process | None = process_here  # how shards run in this process; None: in the pools
-    in_flight = pipeline.workers  # shards in the pools at once, one per CPU worker and two per model worker: bounds memory
-    devices = {position: stage.device for position, stage in enumerate(ctx.stages) if isinstance(stage, ModelStage)}
-    worker = (ctx.pipeline, ctx.reader, dict(STAGES), devices)  # devices resolved here, on the driver
-    pending = len(ctx.pending())
-    spawn = multiprocessing.get_context("spawn")
-    if pipeline.workers > 1 and pending < pipeline.workers and any(stage.split_rows for stage in ctx.stages):
-        pools[None] = ProcessPoolExecutor(pipeline.workers - 1, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))
-        here = split_rows(pools[None], pipeline.workers)
-        for _ in range(pipeline.workers - 1):  # start the workers now: they set up while this process does and reads
-            pools[None].submit(int)
-    elif pipeline.workers > 1 and pending > 1:
-        here = None
-        pools[None] = ProcessPoolExecutor(pipeline.workers, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))
-        for position, stage in enumerate(ctx.stages):
-            if isinstance(stage, ModelStage):
-                gpus = spawn.Queue()
-                size = _gpu_workers(stage)
-                for gpu in range(size):
-                    gpus.put(gpu)
-                initargs = ((*worker, os.getpid()), position, gpus, pipeline.workers)
-                pools[position] = ProcessPoolExecutor(size, mp_context=spawn, initializer=_init_model_worker, initargs=initargs)
-                in_flight += 2 * size
-    if here is not None:
-        _init_worker(*worker)
     try:
+        ctx = start_run(pipeline, "local")
+        if ctx.finished:
+            return finish_run(ctx)
+        here: Process | None = process_here  # how shards run in this process; None: in the pools
+        in_flight = pipeline.workers  # shards in the pools at once, one per CPU worker and two per model worker: bounds memory
+        devices = {position: stage.device for position, stage in enumerate(ctx.stages) if isinstance(stage, ModelStage)}
+        worker = (ctx.pipeline, ctx.reader, dict(STAGES), devices)  # devices resolved here, on the driver
+        pending = len(ctx.pending())
+        spawn = multiprocessing.get_context("spawn")
+        if pipeline.workers > 1 and pending < pipeline.workers and any(stage.split_rows for stage in ctx.stages):
+            pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers - 1, worker)
+            here = split_rows(pools[None], pipeline.workers)
+        elif pipeline.workers > 1 and pending > 1:
+            here = None
+            pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers, worker)
+            for position, stage in enumerate(ctx.stages):
+                if isinstance(stage, ModelStage):
+                    gpus = spawn.Queue()
+                    size = _gpu_workers(stage)
+                    for gpu in range(size):
+                        gpus.put(gpu)
+                    initargs = ((*worker, os.getpid()), position, gpus, pipeline.workers)
+                    pools[position] = ProcessPoolExecutor(size, mp_context=spawn, initializer=_init_model_worker, initargs=initargs)
+                    in_flight += 2 * size
+        if here is not None:
+            _init_worker(*worker)
         for index, segment in enumerate(ctx.segments):
             todo = ctx.pending(index)
             label = f"segment {index + 1}/{len(ctx.segments)}" if len(ctx.segments) > 1 else "shards"
@@ -211,9 +212,62 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
                     rejected.append(decision.num_rows)
                 ctx.write_decision(index, decision)
     finally:
+        if forked is not None:
+            forked.close()
         for pool in pools.values():
             pool.shutdown(cancel_futures=True)
     return finish_run(ctx)
+
+
+def _spawned_pool(size: int, worker: tuple) -> ProcessPoolExecutor:
+    """A CPU pool of ``size`` new interpreters, started now: they set up while this process goes on."""
+    spawn = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(size, mp_context=spawn, initializer=_init_worker, initargs=(*worker, os.getpid()))
+    for _ in range(size):
+        pool.submit(int)
+    return pool
+
+
+class ForkedPool:
+    """The CPU pool forked first thing, before the run is planned: a forked worker has this process's
+    imports (a spawned one starts an interpreter and imports everything again, about half a second
+    each). Its workers wait for the run's context (:meth:`start`)."""
+
+    def __init__(self, workers: int) -> None:
+        # pyarrow imports pandas, where installed, at its first array: here, once, not in each worker.
+        pa.array(np.zeros(1))
+        fork = multiprocessing.get_context("fork")
+        self.workers, self.contexts, self.started = workers, fork.SimpleQueue(), False
+        self.pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_init_forked, initargs=(self.contexts, os.getpid()))
+        self.pool.submit(int)  # a fork pool starts all its workers at its first task
+
+    @staticmethod
+    def possible(workers: int) -> bool:
+        """Whether to fork a pool of ``workers``: more than one, on a platform that forks, from a process
+        running no other thread (a fork copies the locks other threads may hold, never released)."""
+        return workers > 1 and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+
+    def start(self, worker: tuple) -> ProcessPoolExecutor:
+        """The pool, its workers set up with the run's ``worker`` arguments (of :func:`_init_worker`)."""
+        for _ in range(self.workers):
+            self.contexts.put(worker)
+        self.started = True
+        return self.pool
+
+    def close(self) -> None:
+        """Shut the pool down, started or not."""
+        if not self.started:
+            for _ in range(self.workers):
+                self.contexts.put(None)
+        self.pool.shutdown(cancel_futures=True)
+
+
+def _init_forked(contexts: Any, parent: int) -> None:
+    """A forked worker: it exits with its parent and waits for the run's context (None: the pool goes unused)."""
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="mmcurate-parent-watch").start()
+    worker = contexts.get()
+    if worker is not None:
+        _init_worker(*worker)
 
 
 def _decide(ctx: RunContext, index: int, pool: Executor | None) -> pa.Table:

@@ -29,7 +29,6 @@ from mmcurate.tests.support.foundation import (
     assert_usage_error,
     check_accounting,
     laion_csv_with_repeats,
-    mmcurate_exe,
     register,
     sorted_files,
     toy_cli_command,
@@ -320,15 +319,15 @@ def test_pool_workers_exit_when_the_main_process_is_killed(tmp_path: Path, urls:
             "input": {"path": str(urls), "url_col": "URL", "caption_col": "TEXT"},
             "output": {"path": "out", "rows_per_shard": 10},
             "workers": 2,
-            "stages": [{"caption_quality": {}}],
+            "stages": [{"slow": {"seconds": 1}}],
         },
     )
-    proc = subprocess.Popen([mmcurate_exe(), "run", str(config), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(toy_cli_command("run", str(config), "--no-progress"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: set[int] = set()
     deadline = time.monotonic() + 60
-    while len(workers) < 2:
+    while len(workers) < 2:  # the pool's workers, forked or spawned: every child but multiprocessing's resource tracker
         assert proc.poll() is None and time.monotonic() < deadline, "the pool did not start"
-        workers = {c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()}
+        workers = {c for c in _children(proc.pid) if "resource_tracker" not in Path(f"/proc/{c}/cmdline").read_text()}
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
