@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.dedup.graph import (
-    argsort64,
     components,
     first_copies,
     member_pairs,
@@ -223,14 +222,11 @@ def _smallest_key(shard_keys: Callable[[int], pa.Table], distinct: np.ndarray, m
 
 
 def _grouping(part: np.ndarray, parts: int, within: np.ndarray | None = None) -> tuple[np.ndarray, list[slice]]:
-    """The order that groups rows by ``part`` (then by ``within``), and each of the ``parts``
-    pieces as a slice of that order."""
-    if within is None:
-        order, ordered = argsort64(part)
-    else:
-        order = np.lexsort((within, part))
-        ordered = part[order]
-    bounds = np.searchsorted(ordered, np.arange(parts + 1))
+    """The order that groups rows by ``part`` (ints below ``parts``; then by ``within``), and each of
+    the ``parts`` pieces as a slice of that order."""
+    key = part.astype(np.min_scalar_type(max(parts - 1, 0)))
+    order = np.argsort(key, kind="stable") if within is None else np.lexsort((within, key))  # a radix sort of 8 or 16 bits
+    bounds = np.r_[0, np.cumsum(np.bincount(key, minlength=parts))]
     return order, [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
 
@@ -238,7 +234,7 @@ def _split(columns: Sequence[np.ndarray], part: np.ndarray, parts: int) -> list[
     """Rows of the aligned ``columns`` grouped by ``part`` into ``parts`` pieces."""
     if parts == 1:
         return [tuple(columns)]
-    order, pieces = _grouping(part.astype(np.int64), parts)
+    order, pieces = _grouping(part, parts)
     ordered = [c[order] for c in columns]
     return [tuple(c[piece] for c in ordered) for piece in pieces]
 
