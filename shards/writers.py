@@ -16,6 +16,7 @@ from typing import BinaryIO, ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from fsspec.spec import AbstractFileSystem
 
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
@@ -45,6 +46,10 @@ class ShardWriter:
         """The shard's kept rows as written, images included, in one table."""
         return pa.concat_tables(self.batches(out, shard_id))
 
+    def schema(self, out: OutputDir, shard_id: int) -> pa.Schema:
+        """The schema of the shard's :meth:`batches`, read from the file metadata."""
+        raise NotImplementedError
+
 
 class WebDatasetWriter(ShardWriter):
     """``shards/ID.tar`` (per sample ``KEY.<image_format>``, ``KEY.txt``, ``KEY.json``) and
@@ -65,7 +70,7 @@ class WebDatasetWriter(ShardWriter):
             members = _tar_images(f, tar)
             held: list[tuple[str, tuple[str, bytes] | None]] = []
             start = 0
-            for batch in _parquet_batches(out, meta, rows):
+            for batch in parquet_batches(out.fs, meta, rows):
                 end = start + batch.num_rows
                 images: dict[str, tuple[str, bytes]] = {}
                 pending, held = itertools.chain(held, members), []
@@ -78,6 +83,10 @@ class WebDatasetWriter(ShardWriter):
                         images[key] = image
                 yield attach_images(batch, images, [True] * batch.num_rows)[0]
                 start = end
+
+    def schema(self, out: OutputDir, shard_id: int) -> pa.Schema:
+        with open_parquet(out.fs, out.meta_path(shard_id)) as pf:
+            return attach_images(pf.schema_arrow.empty_table(), {}, [])[0].schema
 
 
 class ParquetWriter(ShardWriter):
@@ -93,12 +102,16 @@ class ParquetWriter(ShardWriter):
         out.write_parquet(out.parquet_path(shard_id), kept, row_group_rows=rows)
 
     def batches(self, out: OutputDir, shard_id: int, rows: int = READ_ROWS) -> Iterator[pa.Table]:
-        return _parquet_batches(out, out.parquet_path(shard_id), rows)
+        return parquet_batches(out.fs, out.parquet_path(shard_id), rows)
+
+    def schema(self, out: OutputDir, shard_id: int) -> pa.Schema:
+        with open_parquet(out.fs, out.parquet_path(shard_id)) as pf:
+            return pf.schema_arrow
 
 
-def _parquet_batches(out: OutputDir, path: str, rows: int) -> Iterator[pa.Table]:
+def parquet_batches(fs: AbstractFileSystem, path: str, rows: int) -> Iterator[pa.Table]:
     """A Parquet file ``rows`` at a time, streamed (one empty table for a file without rows)."""
-    with open_parquet(out.fs, path, stream=True) as pf:
+    with open_parquet(fs, path, stream=True) as pf:
         if pf.metadata.num_rows == 0:
             yield pf.schema_arrow.empty_table()
         for batch in pf.iter_batches(batch_size=rows):
