@@ -56,7 +56,12 @@ FIELDS: tuple[Field, ...] = (
     Field("url", pa.string(), "reader", "Source URL of the image."),
     Field("caption", pa.string(), "reader", "Source caption (alt-text)."),
     Field("image", pa.binary(), "download / img2dataset reader", "Encoded image bytes as stored."),
-    Field("image_format", pa.string(), "download / img2dataset reader", "Format of `image`: jpg, png or webp."),
+    Field(
+        "image_format",
+        pa.string(),
+        "download / img2dataset reader",
+        "Format of `image`: jpg, png or webp (read from the bytes of ingested images).",
+    ),
     Field("width", pa.int32(), "download", "Width of the stored image in pixels."),
     Field("height", pa.int32(), "download", "Height of the stored image in pixels."),
     Field("original_width", pa.int32(), "download", "Width of the source image; size filters read this."),

@@ -2,7 +2,8 @@
 
 Reasons: ``not_an_image`` (no image signature Pillow knows), ``decode_error`` (an image that does
 not decode: truncated, corrupt), ``decompression_bomb`` (more than ``max_pixels``, read from the
-header before any decoding).
+header before any decoding), and for :func:`check_image` ``unsupported_format`` (an image of a
+format outputs do not store, such as GIF, BMP or TIFF).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TypeVar
 from PIL import Image
 
 MAX_PIXELS = 89_478_485  # Pillow's own default limit
+# The formats outputs store (``schemas.IMAGE_EXTENSIONS``) by Pillow's name, as their extensions.
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Our own pixel limit (checked from the header) replaces Pillow's global warning.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
@@ -62,15 +65,23 @@ def decode_with(data: bytes, max_pixels: int, work: Callable[[Image.Image], T]) 
         im.close()
 
 
-def _load(im: Image.Image) -> None:
+def _load(im: Image.Image) -> tuple[str | None]:
+    """Decode the image; return its format (Pillow's name)."""
     if im.format == "JPEG":
         im.draft("RGB", (1, 1))
     im.load()
+    return (im.format,)
 
 
-def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
-    """None when ``data`` decodes to an image of at most ``max_pixels``, else the reason it does not.
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, None] | tuple[None, str]:
+    """``(extension, None)`` when ``data`` decodes to an image of at most ``max_pixels`` in a format
+    outputs store (the extension names the format of the bytes, whatever they were called), else
+    ``(None, reason)``.
 
     JPEGs decode in draft mode (1/8 scale), which still reads every byte, so a truncated file fails.
     """
-    return decode_with(data, max_pixels, _load)
+    found = decode_with(data, max_pixels, _load)
+    if isinstance(found, str):
+        return None, found
+    ext = STORED_FORMATS.get(found[0] or "")
+    return (ext, None) if ext else (None, "unsupported_format")

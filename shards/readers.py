@@ -127,8 +127,9 @@ class Reader:
 
     def _with_images(self, table: pa.Table, src: SourceFile, prefix: str = "") -> pa.Table:
         """Attach and check the images of the kept rows that should hold one: from the tar beside
-        the Parquet (looked up by key less ``prefix``), or already in an ``image`` column. A row
-        whose image is missing or fails a check is rejected at read, its ``status`` set to the reason."""
+        the Parquet (looked up by key less ``prefix``), or already in an ``image`` column. Each
+        image's ``image_format`` is read from its bytes. A row whose image is missing or fails a
+        check is rejected at read, its ``status`` set to the reason."""
         kept = [r is None for r in table.column("reject_reason").to_pylist()]
         if src.tar is not None:
             # An mmcurate run stores an image only where image_format says so (a run on a URL list stores none).
@@ -136,31 +137,37 @@ class Reader:
             wanted = [k and (s is not None or src.format == "img2dataset") for k, s in zip(kept, stored, strict=True)]
             keys = [k[len(prefix) :] for k in table.column("key").to_pylist()]
             images, missing = self._tar_images(src.tar, [k for k, w in zip(keys, wanted, strict=True) if w])
-            good = {k: v for k, v in images.items() if not isinstance(v, str)}
-            table = attach_images(table, good, wanted, keys)[0]
-            reasons = [_image_reason(images.get(k, missing)) if w else None for k, w in zip(keys, wanted, strict=True)]
         elif "image" in table.column_names:
-            images = table.column("image").to_pylist()
-            reasons = [self._check(data) if data is not None and k else None for data, k in zip(images, kept, strict=True)]
+            data = table.column("image").to_pylist()
+            wanted = [k and d is not None for k, d in zip(kept, data, strict=True)]
+            keys = [str(row) for row in range(table.num_rows)]  # by row: keys repeat until the shard rejects repeats
+            images, missing = {key: self._checked(d) for key, d, w in zip(keys, data, wanted, strict=True) if w}, "image_missing"
         else:
             return table
+        good = {k: v for k, v in images.items() if not isinstance(v, str)}
+        table = attach_images(table, good, wanted, keys)[0]
+        reasons = [_image_reason(images.get(k, missing)) if w else None for k, w in zip(keys, wanted, strict=True)]
         return _reject_at_read(table, reasons, set_status=True)
 
     def _tar_images(self, tar: str, keys: list[str]) -> tuple[dict[str, tuple[str, bytes] | str], str]:
-        """``{key: (extension, bytes)}`` of the checked images of ``keys`` in ``tar``, a rejection
+        """``{key: (image_format, bytes)}`` of the checked images of ``keys`` in ``tar``, a rejection
         reason in place of one that fails a check, and the reason for a key not found."""
         index, error = self._tar_index(tar)
         found: dict[str, tuple[str, bytes] | str] = {}
         try:
             with self.fs.open(tar, "rb") as f:
                 for key, member in read_members(f, index, keys, self.spec.max_image_bytes):
-                    found[key] = member if isinstance(member, str) else self._check(member[1]) or member
+                    found[key] = member if isinstance(member, str) else self._checked(member[1])
         except TAR_ERRORS as e:
             error = error or f"{tar}: not a readable tar ({e})"
         return found, "tar_unreadable" if error else "image_missing"
 
-    def _check(self, data: bytes) -> str | None:
-        return "too_large" if len(data) > self.spec.max_image_bytes else check_image(data, self.spec.max_image_pixels)
+    def _checked(self, data: bytes) -> tuple[str, bytes] | str:
+        """``(image_format, data)``, the format read from the bytes, or the reason the image is rejected."""
+        if len(data) > self.spec.max_image_bytes:
+            return "too_large"
+        ext, reason = check_image(data, self.spec.max_image_pixels)
+        return (ext, data) if ext else reason
 
     def _tar_index(self, tar: str) -> tuple[dict[str, TarMember], str | None]:
         if tar not in self._tar_indexes:

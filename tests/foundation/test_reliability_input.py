@@ -4,6 +4,7 @@ changed input, and source columns with reserved names are carried, never obeyed.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from mmcurate.cli import main
 from mmcurate.shards.layout import OutputDir
@@ -133,6 +135,47 @@ def test_each_shard_reads_only_its_own_tar_members(tmp_path: Path, monkeypatch, 
     assert sum(r["image"] is not None for r in rows) == 10
     tars = sum(p.stat().st_size for p in img2dataset_output.glob("*.tar"))
     assert read_bytes["n"] < 1.2 * tars, (read_bytes["n"], tars)  # not every tar once per shard (12 shards)
+
+
+def encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_ingested_images_are_named_by_the_format_of_their_bytes(tmp_path: Path, cli, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    """A PNG stored as ``.jpg`` is ingested as png; an image of a format outputs do not store (GIF) is
+    rejected as ``unsupported_format``: from an img2dataset tar, and from a Parquet shard whose
+    ``image_format`` says otherwise. Every image comes back out as what it is."""
+    i2d = write_img2dataset(
+        tmp_path / "i2d", jpeg_photos, photo_dir, shards=1, content={"000000000.jpg": encoded("PNG"), "000000001.jpg": encoded("GIF")}
+    )
+    stages = [{"drop_word": {"word": "no such word"}}]
+    first = run_pipeline(cli, tmp_path, i2d, stages, "first", format="parquet")
+    rejects = {r["key"]: r for r in read_folder(first / "rejects").to_pylist()}
+    assert (rejects["000000001"]["reject_reason"], rejects["000000001"]["status"]) == ("unsupported_format", "unsupported_format")
+    kept = kept_table(first)
+    formats = dict(zip(kept.column("key").to_pylist(), kept.column("image_format").to_pylist(), strict=True))
+    assert formats == {"000000000": "png", "000000002": "jpg", "000000003": "jpg", "000000004": "jpg"}
+
+    shard = first / "shards" / "00000.parquet"  # as a user might write one: a JPEG called gif, a GIF
+    table = pq.read_table(shard)
+    rows = table.column("key").to_pylist()
+    named = pa.array(
+        ["gif" if k in ("000000002", "000000003") else f for k, f in zip(rows, table.column("image_format").to_pylist(), strict=True)]
+    )
+    images = pa.array([encoded("GIF") if k == "000000003" else d for k, d in zip(rows, table.column("image").to_pylist(), strict=True)])
+    table = table.set_column(table.column_names.index("image_format"), "image_format", named)
+    pq.write_table(table.set_column(table.column_names.index("image"), "image", images), shard)
+    second = run_pipeline(cli, tmp_path, first, stages, "second", format="webdataset")
+    assert read_folder(second / "rejects").column("reject_reason").to_pylist() == ["unsupported_format"]
+    assert sorted(n for n in tar_names(second) if not n.endswith((".txt", ".json"))) == ["000000000.png", "000000002.jpg", "000000004.jpg"]
+    meta = kept_table(second)
+    assert dict(zip(meta.column("key").to_pylist(), meta.column("image_format").to_pylist(), strict=True)) == {
+        "000000000": "png",
+        "000000002": "jpg",
+        "000000004": "jpg",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
