@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
 import math
 import tempfile
 import zlib
@@ -205,7 +206,7 @@ class Found:
         """``n`` differences of ``kind``; ``examples``: ``(key, text)`` of some of them."""
         if n:
             self.counts[kind] += n
-            self.examples[kind] = heapq.nsmallest(EXAMPLES, [*self.examples.get(kind, []), *examples])
+            self.examples[kind] = heapq.nsmallest(EXAMPLES, itertools.chain(self.examples.get(kind, []), examples))
 
     def report(self, report: Report, unit: Unit) -> None:
         """Add the unit's differences to ``report`` in the summary's order: columns and values, rows, rejects."""
