@@ -17,11 +17,13 @@ A dedup global step (:mod:`dedup.cluster`) runs its phases as tasks of the CPU p
 partitions each, their pieces passing between workers as files (:mod:`engines.pieces`), only their
 names through the driver.
 
-With fewer shards to run than workers, a stage that splits rows (:attr:`Stage.split_rows`:
-download) would leave cores idle (a 4,000-row URL list is one shard): the driver then runs the
+When whole shards would leave cores idle, a stage that splits rows (:attr:`Stage.split_rows`:
+download) is spread over the workers instead (:func:`splits_shards`: a 4,000-row URL list is one
+shard; 3 shards on 2 workers would end with one running alone): the driver then runs the
 shards one after another, as with one worker, and cuts each shard's kept rows for that stage into
-one piece per worker, one processed in the driver and the others in a pool of ``workers - 1``
-processes at the same time. The pieces are joined in row order, so the files are those of one worker.
+one piece per worker, one processed in the driver and the others in the pool at the same time,
+their results passed back as files (:mod:`engines.pieces`). The pieces are joined in row order, so
+the files are those of one worker.
 """
 
 from __future__ import annotations
@@ -98,14 +100,25 @@ def _run_step(plan: ShardPlan, segment_index: int, lo: int, hi: int, carried: pa
     return run_step(_CONTEXT, plan, segment_index, lo, hi, carried)
 
 
-def _process_rows(position: int, rows: pa.Table) -> tuple[pa.Table, dict[str, int]]:
+def _process_rows(position: int, rows: pa.Table, folder: str) -> tuple[StoredPiece, dict[str, int]]:
+    """A piece of rows through a stage in a pool worker; the result stored in ``folder``."""
     _STEP_ROWS.clear()  # rows run again: the global step is over
-    return process_here(_CONTEXT.ready(position), position, rows)
+    table, events = process_here(_CONTEXT.ready(position), position, rows)
+    return store(table, folder), events
 
 
-def split_rows(pool: Executor, pieces: int) -> Process:
+def _loaded(result: tuple[StoredPiece, dict[str, int]]) -> tuple[pa.Table, dict[str, int]]:
+    """A pool worker's piece mapped from its file, which is removed (the mapping keeps its bytes)."""
+    stored, events = result
+    table = load(stored)
+    os.unlink(stored.path)
+    return table, events
+
+
+def split_rows(pool: Executor, pieces: int, folder: str) -> Process:
     """Process a shard's kept rows in ``pieces`` pieces of consecutive rows at once, for the stages
-    that :attr:`~Stage.split_rows`: the last piece in this process, the others in ``pool``; the
+    that :attr:`~Stage.split_rows`: the last piece in this process, the others in ``pool``, whose
+    results come back as files in ``folder`` (:mod:`engines.pieces`: mapped, not piped); the
     results joined in row order. Other stages, and fewer rows than pieces, as :func:`process_here`."""
 
     def process(stage: Stage, position: int, kept: pa.Table) -> tuple[pa.Table, dict[str, int]]:
@@ -114,9 +127,9 @@ def split_rows(pool: Executor, pieces: int) -> Process:
         size = -(-kept.num_rows // pieces)
         # Pieces taken, not sliced: a pickled slice carries all of its table's buffers.
         cut = [kept.take(np.arange(lo, min(lo + size, kept.num_rows))) for lo in range(0, kept.num_rows, size)]
-        futures = [pool.submit(_process_rows, position, piece) for piece in cut[:-1]]
+        futures = [pool.submit(_process_rows, position, piece, folder) for piece in cut[:-1]]
         last = process_here(stage, position, cut[-1])
-        results = [future.result() for future in futures] + [last]
+        results = [_loaded(future.result()) for future in futures] + [last]
         events: Counter[str] = Counter()
         for _, counts in results:
             events.update(counts)
@@ -168,12 +181,20 @@ def steps(segment: Segment) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts)) or [(0, 0)]
 
 
+def splits_shards(pending: int, workers: int, stages: list[Stage]) -> bool:
+    """Whether to run the shards one after another, each one's rows spread over the workers: when a
+    stage splits rows and a pool of whole shards would leave a worker idle at the end (fewer than
+    ``2 * workers`` shards, not a multiple of ``workers``: 3 shards on 2 workers run 2, then 1 alone)."""
+    return workers > 1 and pending < 2 * workers and pending % workers != 0 and any(stage.split_rows for stage in stages)
+
+
 def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
     """Run ``pipeline`` with a pool of ``pipeline.workers`` processes (and one pool per model
-    stage), or with fewer shards than workers, in this process with the rows of a download spread
-    over a pool of ``workers - 1``; return the run summary."""
+    stage), or when :func:`splits_shards`, in this process with the rows of a download spread
+    over the pool; return the run summary."""
     forked = ForkedPool(pipeline.workers) if ForkedPool.possible(pipeline.workers) else None
     pools: dict[int | None, Executor] = {}
+    folder = None
     try:
         ctx = start_run(pipeline, "local")
         if ctx.finished:
@@ -184,9 +205,10 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
         worker = (ctx.pipeline, ctx.reader, dict(STAGES), devices)  # devices resolved here, on the driver
         pending = len(ctx.pending())
         spawn = multiprocessing.get_context("spawn")
-        if pipeline.workers > 1 and pending < pipeline.workers and any(stage.split_rows for stage in ctx.stages):
+        if splits_shards(pending, pipeline.workers, ctx.stages):
             pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers - 1, worker)
-            here = split_rows(pools[None], pipeline.workers)
+            folder = tempfile.TemporaryDirectory(prefix="mmcurate-pieces-")  # where the pool leaves its pieces
+            here = split_rows(pools[None], pipeline.workers, folder.name)
         elif pipeline.workers > 1 and pending > 1:
             here = None
             pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers, worker)
@@ -216,6 +238,8 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
             forked.close()
         for pool in pools.values():
             pool.shutdown(cancel_futures=True)
+        if folder is not None:
+            folder.cleanup()
     return finish_run(ctx)
 
 

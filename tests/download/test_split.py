@@ -61,33 +61,40 @@ class Inline(Executor):
         return future
 
 
-def test_split_rows_cuts_consecutive_pieces_and_joins_them_in_order(monkeypatch) -> None:
+def test_split_rows_cuts_consecutive_pieces_and_joins_them_in_order(monkeypatch, tmp_path: Path) -> None:
     pool, stage = Inline(), Count()
     monkeypatch.setattr(local, "_CONTEXT", SimpleNamespace(ready=lambda position: stage))
     kept = pa.table({"key": [f"k{i}" for i in range(10)]})
-    processed, events = local.split_rows(pool, 3)(stage, 4, kept)
-    assert [(position, piece.column("key").to_pylist()) for position, piece in pool.submitted] == [
+    processed, events = local.split_rows(pool, 3, str(tmp_path))(stage, 4, kept)
+    assert [(position, piece.column("key").to_pylist()) for position, piece, _ in pool.submitted] == [
         (4, ["k0", "k1", "k2", "k3"]),
         (4, ["k4", "k5", "k6", "k7"]),
     ]
     assert processed.column("key").equals(kept.column("key"))
     assert processed.column("n").to_pylist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
-    assert events == {"calls": 3}
+    assert events == {"calls": 3} and not list(tmp_path.iterdir())  # the pool's pieces came back as files, removed once mapped
     # a stage that does not split rows, or fewer rows than pieces: in this process, in one piece
     for other, rows in ((Whole(), kept), (Count(), kept.slice(0, 2))):
-        processed, events = local.split_rows(pool, 3)(other, 4, rows)
+        processed, events = local.split_rows(pool, 3, str(tmp_path))(other, 4, rows)
         assert processed.column("n").to_pylist() == list(range(rows.num_rows)) and events == {"calls": 1}
     assert len(pool.submitted) == 2
 
 
-def _run(tmp_path: Path, server, name: str, workers: int, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def test_shards_are_split_when_whole_shards_would_leave_a_worker_idle() -> None:
+    stages = [Whole(), Count()]
+    assert [n for n in range(1, 9) if local.splits_shards(n, 2, stages)] == [1, 3]
+    assert [n for n in range(1, 9) if local.splits_shards(n, 3, stages)] == [1, 2, 4, 5]
+    assert not local.splits_shards(1, 1, stages) and not local.splits_shards(1, 2, [Whole()])
+
+
+def _run(tmp_path: Path, server, name: str, workers: int, kill_at: str | None = None, shard: int = 20) -> subprocess.CompletedProcess:
     urls = tmp_path / "urls.parquet"
     if not urls.exists():
         rows = [server.url(p) for p in PATHS * 2] + ["ftp://127.0.0.1/x.jpg"]
         pq.write_table(pa.table({"url": rows, "caption": [f"caption {i}" for i in range(len(rows))]}), urls)
     pipeline = tmp_path / f"{name}.yaml"
     pipeline.write_text(
-        f"input: {{path: urls.parquet}}\noutput: {{path: {name}, format: webdataset, rows_per_shard: 20}}\nworkers: {workers}\n"
+        f"input: {{path: urls.parquet}}\noutput: {{path: {name}, format: webdataset, rows_per_shard: {shard}}}\nworkers: {workers}\n"
         "stages:\n  - download: {image_size: 64, retries: 0, allow_private_networks: true}\n"
     )
     env = {**os.environ, killpoints.ENV: kill_at} if kill_at else None
@@ -110,3 +117,8 @@ def test_a_download_spread_over_workers_writes_the_files_of_one_worker_and_resum
         resumed = _run(tmp_path, server, name, 3)
         assert resumed.returncode == 0, resumed.stderr
         assert_same_output(tmp_path / name, tmp_path / "one")
+    # 3 shards on 2 workers: split too, the files still those of 1 worker
+    assert _run(tmp_path, server, "one-3", 1, shard=11).returncode == 0
+    assert _run(tmp_path, server, "two-3", 2, shard=11).returncode == 0
+    assert len(list((tmp_path / "one-3" / "shards").glob("*.tar"))) == 3
+    assert_same_output(tmp_path / "two-3", tmp_path / "one-3")
