@@ -25,6 +25,7 @@ from mmcurate.shards.layout import SHARDS, OutputDir, open_parquet
 from mmcurate.shards.readers import TAR_ERRORS, attach_images, image_extension, tar_members
 
 READ_ROWS = 64  # rows per batch when a shard is read back
+TAR_ROWS = 256  # rows whose tar members are built at a time when a shard is written
 
 
 class ShardWriter:
@@ -60,7 +61,8 @@ class WebDatasetWriter(ShardWriter):
     shard_ext = ".tar"
 
     def write(self, out: OutputDir, shard_id: int, kept: pa.Table) -> None:
-        out.write_bytes(out.tar_path(shard_id), tar_bytes(kept))
+        with out.open_atomic(out.tar_path(shard_id)) as f:
+            write_tar(f, kept)
         out.write_parquet(out.meta_path(shard_id), _drop(kept, "image"))
 
     def batches(self, out: OutputDir, shard_id: int, rows: int = READ_ROWS) -> Iterator[pa.Table]:
@@ -221,6 +223,25 @@ def tar_bytes(table: pa.Table) -> memoryview:
     The bytes are those Python's tarfile writes (USTAR, mode 0644, mtime 0), so the same rows give
     the same tar; names longer than USTAR's 100 bytes are refused, as tarfile refuses them.
     """
+    return _blocks(table, 0).data
+
+
+def write_tar(f: BinaryIO, table: pa.Table, rows: int = TAR_ROWS) -> None:
+    """Write :func:`tar_bytes` of ``table`` to ``f``, its members built ``rows`` rows at a time: the
+    blocks of a few MB that come and go are reused, where one buffer the size of the shard is new
+    memory each time (a 160 MB shard: 0.1-0.4 s of page faults)."""
+    starts = list(range(0, table.num_rows, rows)) or [0]
+    written = 0
+    for start in starts[:-1]:
+        part = _blocks(table.slice(start, rows), None)
+        f.write(part.data)
+        written += len(part) // _BLOCK
+    f.write(_blocks(table.slice(starts[-1]), written).data)
+
+
+def _blocks(table: pa.Table, end: int | None) -> np.ndarray:
+    """The tar blocks of the rows' members, in row order; with the archive's end (two zero blocks,
+    padded to a whole record after ``end`` blocks written before), or without (``end`` None)."""
     n = table.num_rows
     keys = table.column("key")
     kinds = []  # per member kind: (names, payloads), one row per sample; a null name: no member
@@ -236,15 +257,17 @@ def tar_bytes(table: pa.Table) -> memoryview:
     sizes = np.stack([pc.fill_null(pc.binary_length(data), 0).to_numpy() for _, data in kinds], axis=1).astype(np.int64) * present
     member_blocks = present * (1 + (sizes + _BLOCK - 1) // _BLOCK)  # a header, then the data padded to whole blocks
     first = (np.cumsum(member_blocks) - member_blocks.ravel()).reshape(member_blocks.shape)  # each member's header block
-    used = int(member_blocks.sum()) + 2  # two zero blocks end the archive
-    blocks = np.zeros((used + (-used * _BLOCK) % _RECORD // _BLOCK, _BLOCK), np.uint8)
+    used = int(member_blocks.sum())
+    if end is not None:
+        used += 2 + (-(end + used + 2) * _BLOCK) % _RECORD // _BLOCK  # two zero blocks end the archive, then padding
+    blocks = np.zeros((used, _BLOCK), np.uint8)
     # Headers in sample order (kinds interleaved), absent members dropped; then each kind's data in place.
     order = pa.array(np.arange(n * len(kinds)).reshape(len(kinds), n).T.ravel())
     names = pa.concat_arrays([_flat(names, pa.large_binary()) for names, _ in kinds]).take(order).filter(pa.array(present.ravel()))
     blocks[first[present]] = _headers(names, sizes[present])
     for kind, (_, data) in enumerate(kinds):
         _place(blocks.reshape(-1), data, (first[:, kind] + 1) * _BLOCK, present[:, kind])
-    return blocks.reshape(-1).data
+    return blocks.reshape(-1)
 
 
 def _flat(values: pa.Array | pa.ChunkedArray, kind: pa.DataType) -> pa.Array:

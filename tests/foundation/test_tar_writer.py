@@ -16,7 +16,7 @@ import pytest
 from mmcurate.errors import UsageError
 from mmcurate.schemas import IMAGE_EXTENSIONS, NOT_IN_JSON
 from mmcurate.shards.layout import OutputDir
-from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, ShardWriter, WebDatasetWriter, split_kept, tar_bytes
+from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, ShardWriter, WebDatasetWriter, split_kept, tar_bytes, write_tar
 from mmcurate.tests.support.foundation import LAION, kept_table, toy_stage
 
 
@@ -77,6 +77,15 @@ def test_tar_of_a_shard_joined_from_pieces() -> None:
     large = joined.set_column(joined.column_names.index("image"), "image", joined.column("image").cast(pa.large_binary()))
     for table in (joined, large, ROWS.slice(1, 3)):
         assert tar_bytes(table) == tarfile_bytes(table)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 256])
+def test_a_tar_written_rows_at_a_time_is_the_same(rows: int) -> None:
+    """write_tar builds the members a few rows at a time; the archive's end and padding come once, after all of them."""
+    for table in (ROWS, ROWS.slice(0, 0), pa.concat_tables([ROWS] * 9)):
+        f = io.BytesIO()
+        write_tar(f, table, rows)
+        assert f.getvalue() == tarfile_bytes(table)
 
 
 def test_tar_reads_back_with_tarfile() -> None:
