@@ -170,7 +170,7 @@ def run_step(
     if segment_index == len(ctx.segments) - 1:
         write_shard(out, ctx.pipeline.output, plan.shard_id, table, ctx.columns, stats)
     else:
-        out.write_parquet(ctx.work_path(segment_index, plan.shard_id, ".parquet"), table, scratch=True)
+        out.write_scratch(ctx.intermediate_path(segment_index, plan.shard_id), table)
     return ShardDone.of(plan.rows, stats, segment, segment_index == 0)
 
 

@@ -340,7 +340,7 @@ def _read(batch: pa.Table, ctx: RunContext, segment: int, applies: int | None) -
         if segment == 0:
             table = start_ledger(ctx.reader.read(ctx.reader.shards[shard_id]))
         else:
-            table = ctx.out.read_parquet(ctx.work_path(segment - 1, shard_id, ".parquet"))
+            table = ctx.out.read_scratch(ctx.intermediate_path(segment - 1, shard_id))
             table = apply_decisions(ctx.segments[segment].applies, applies, table, ctx.decisions(segment - 1))
         tables.append(set_column(table, SHARD, np.full(table.num_rows, shard_id), pa.int64()))
     return pa.concat_tables(tables, promote_options="permissive")
@@ -361,7 +361,7 @@ def _write(batch: pa.Table, ctx: RunContext, segment: int) -> pa.Table:
         if last:
             write_shard(ctx.out, ctx.pipeline.output, shard_id, table, ctx.columns, stats)
         else:
-            ctx.out.write_parquet(ctx.work_path(segment, shard_id, ".parquet"), table, scratch=True)
+            ctx.out.write_scratch(ctx.intermediate_path(segment, shard_id), table)
         done.append(ShardDone.of(table.num_rows, stats, ctx.segments[segment], segment == 0).encode())
     return _written(ids, done)
 

@@ -82,8 +82,9 @@ class RunContext:
         """The global stage that ends ``segment``, set up."""
         return self.ready(self.segments[segment].positions[-1])
 
-    def work_path(self, segment: int, shard_id: int, ext: str) -> str:
-        return self.out.work_path(f"seg{segment}", shard_name(shard_id) + ext)
+    def intermediate_path(self, segment: int, shard_id: int) -> str:
+        """A shard's rows as ``segment`` left them, for its global step and the next segment (:meth:`OutputDir.write_scratch`)."""
+        return self.out.work_path(f"seg{segment}", shard_name(shard_id) + ".arrow")
 
     def global_path(self, segment: int) -> str:
         return self.out.work_path(f"global{segment}.parquet")
@@ -92,7 +93,7 @@ class RunContext:
         """Shards without a done marker (and, for an inner segment, without its intermediate)."""
         todo = [p for p in self.reader.shards if not self.out.is_done(p.shard_id)]
         if segment is not None and segment < len(self.segments) - 1:
-            todo = [p for p in todo if not self.out.exists(self.work_path(segment, p.shard_id, ".parquet"))]
+            todo = [p for p in todo if not self.out.exists(self.intermediate_path(segment, p.shard_id))]
         return todo
 
     def needs_global(self, segment: int) -> bool:

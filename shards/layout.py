@@ -214,17 +214,35 @@ class OutputDir:
         with self.fs.open(path, "rb") as f:
             return json.load(f)
 
-    def write_parquet(self, path: str, table: pa.Table, scratch: bool = False, row_group_rows: int | None = None) -> None:
+    def write_parquet(self, path: str, table: pa.Table, row_group_rows: int | None = None) -> None:
         """Write ``table`` atomically with the schema version in the file metadata, in row groups of
-        ``row_group_rows`` (default: pyarrow's); a ``scratch`` file (an intermediate this run reads
-        back) is written for speed (LZ4, no dictionaries), not size."""
+        ``row_group_rows`` (default: pyarrow's)."""
         metadata = dict(table.schema.metadata or {})
         metadata[METADATA_KEY] = SCHEMA_VERSION.encode()
         table = table.replace_schema_metadata(metadata)
         sink = pa.BufferOutputStream()
-        options = {"compression": "lz4", "use_dictionary": False} if scratch else {"compression": "zstd"}
-        pq.write_table(table, sink, row_group_size=row_group_rows, **options)
-        self.write_bytes(path, sink.getvalue().to_pybytes())
+        pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+        self.write_bytes(path, memoryview(sink.getvalue()))
+
+    def write_scratch(self, path: str, table: pa.Table) -> None:
+        """Write an intermediate this run reads back, atomically, as an Arrow IPC file: no encoding, so
+        writing it is a copy and a local reader maps it into memory (:meth:`read_scratch`)."""
+        with self.open_atomic(path) as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table)
+
+    def read_scratch(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """The ``columns`` (default: all) of a file :meth:`write_scratch` wrote; a local one mapped, not read."""
+        if isinstance(self.fs, LocalFileSystem):
+            table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        else:
+            with self.fs.open(path, "rb") as f:
+                table = pa.ipc.open_file(f).read_all()
+        return table if columns is None else table.select(columns)
+
+    def scratch_schema(self, path: str) -> pa.Schema:
+        """The schema of a file :meth:`write_scratch` wrote."""
+        with self.fs.open(path, "rb") as f:
+            return pa.ipc.open_file(f).schema
 
     def write_parquet_stream(self, path: str, tables: Iterable[pa.Table]) -> None:
         """Write a stream of same-schema tables (at least one) as one Parquet file, atomically."""

@@ -403,6 +403,6 @@ def test_engine_run_killed_at_its_global_step_resumes(engine: str, tmp_path: Pat
     run_local(parse_pipeline(kill_pipeline(kill_input, whole)), progress=False)
     out = tmp_path / "killed"
     run_killed(write_yaml(tmp_path / "killed.yaml", kill_pipeline(kill_input, out, engine)), "global:1")
-    assert len(list((out / "_work" / "seg0").glob("*.parquet"))) == 4 and not (out / "_done").exists()
+    assert len(list((out / "_work" / "seg0").glob("*.arrow"))) == 4 and not (out / "_done").exists()
     run_local(parse_pipeline(kill_pipeline(kill_input, out)), progress=False)
     assert_same_output(out, whole)
