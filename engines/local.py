@@ -28,6 +28,7 @@ the files are those of one worker.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import multiprocessing
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -52,6 +54,7 @@ from mmcurate.engines.progress import SegmentProgress, ShardDone, global_step
 from mmcurate.engines.run import RunContext, finish_run, start_run
 from mmcurate.pipelines.config import Pipeline
 from mmcurate.pipelines.registry import STAGES
+from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import Reader, ShardPlan
 from mmcurate.shards.writers import write_shard
 from mmcurate.stages.base import Stage
@@ -301,10 +304,26 @@ def _decide(ctx: RunContext, index: int, pool: Executor | None) -> pa.Table:
     ids = [p.shard_id for p in ctx.reader.shards]
     if isinstance(stage, ClusterStage) and pool is not None and len(ids) > 1:
         step = ClusterStep(stage, functools.partial(kept_rows, ctx, index, stage), columns_schema(ctx, index, stage), ctx.pipeline.workers)
-        with tempfile.TemporaryDirectory(prefix="mmcurate-pieces-") as folder:
+        with _pieces_folder(ctx.out, index) as folder:
             return cluster.run_step(step, ids, PoolExchange(pool, index, folder), maps=ctx.pipeline.workers)
     parts = [kept_rows(ctx, index, stage, i) for i in ids]
     return stage.decide(pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())}))
+
+
+@contextlib.contextmanager
+def _pieces_folder(out: OutputDir, segment: int) -> Iterator[str]:
+    """The folder of the pieces of the global step that ends ``segment``, removed after it: ``_work/piecesN/``
+    of a local output (where a run killed in the step leaves them, for its resume to empty or its finish to
+    remove with the work folder), else a temporary folder."""
+    folder = out.local_work_folder(f"pieces{segment}")
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="mmcurate-pieces-") as temporary:
+            yield temporary
+        return
+    try:
+        yield folder
+    finally:
+        out.fs.rm(folder, recursive=True)
 
 
 class PoolExchange(InMemory):

@@ -126,6 +126,17 @@ class OutputDir:
         """A file of the run's work folder (parsed input, intermediates)."""
         return self.path(WORK, *parts)
 
+    def local_work_folder(self, name: str) -> str | None:
+        """The work folder's ``NAME/``, created empty, for files that the run's processes on this machine
+        map into memory; None when the output is not on this machine's file system."""
+        if not isinstance(self.fs, LocalFileSystem):
+            return None
+        path = self.work_path(name)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.makedirs(path, exist_ok=True)
+        return path
+
     def kept_files(self) -> list[str]:
         """The Parquet files of the kept rows, in shard order (``meta/``, else the Parquet shards)."""
         return self._files(META, "*.parquet") or self._files(SHARDS, "*.parquet")

@@ -392,6 +392,33 @@ def test_resume_after_a_kill_anywhere_equals_the_uninterrupted_run(tmp_path: Pat
         assert_same_output(out, whole)
 
 
+def test_a_run_killed_in_its_global_step_keeps_the_pieces_in_its_work_folder(tmp_path: Path, kill_input: Path, monkeypatch) -> None:
+    """The pieces that pool workers pass in a global step are files in the output's ``_work/`` (not the
+    system's temporary folder, where a kill -9 would leave them for good): the resume empties them and
+    its finish removes them with the work folder."""
+    register(monkeypatch)
+    hold = tmp_path / "hold"
+    hold.touch()
+    out = tmp_path / "killed"
+    pipeline = {**kill_pipeline(kill_input, out), "workers": 2, "stages": [{"caption_dedup": {"hold": str(hold)}}]}
+    proc = subprocess.Popen(toy_cli_command("run", str(write_yaml(tmp_path / "p.yaml", pipeline)), "--no-progress"))
+    pieces = out / "_work" / "pieces0"
+    deadline = time.monotonic() + 60
+    try:
+        while not (pieces.is_dir() and any(pieces.iterdir())):  # verify holds: the pieces of the phases before it are there
+            assert proc.poll() is None and time.monotonic() < deadline, "no pieces in the work folder"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    hold.unlink()
+    whole = tmp_path / "whole"
+    run_local(parse_pipeline({**pipeline, "output": {**pipeline["output"], "path": str(whole)}}), progress=False)
+    run_local(parse_pipeline(pipeline), progress=False)
+    assert_same_output(out, whole)
+    assert not (out / "_work").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ray", "spark"])
 def test_engine_run_killed_at_its_global_step_resumes(engine: str, tmp_path: Path, kill_input: Path, monkeypatch) -> None:

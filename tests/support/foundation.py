@@ -102,10 +102,16 @@ class Boom(Stage):
         return table
 
 
+@dataclass
+class CaptionDedupConfig:
+    hold: str = ""  # a file: verify waits while it exists, so a test can kill a run in its global step
+
+
 class CaptionDedup(ClusterStage):
     """Exact caption dedup through the ClusterStage machinery, with an internal signature column."""
 
     name = "caption_dedup"
+    Config = CaptionDedupConfig
     needs = ("caption",)
     global_columns = ("_caption_hash",)
     reason = "duplicate_caption"
@@ -118,6 +124,11 @@ class CaptionDedup(ClusterStage):
     def group_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         rows = np.flatnonzero(np.asarray(pc.is_valid(table.column("_caption_hash"))))
         return rows, table.column("_caption_hash").take(rows).to_numpy()
+
+    def verify(self, left: pa.Table, right: pa.Table) -> pa.Array:
+        while self.config.hold and os.path.exists(self.config.hold):
+            time.sleep(0.05)
+        return super().verify(left, right)
 
 
 def register(monkeypatch) -> None:
