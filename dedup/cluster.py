@@ -150,15 +150,15 @@ class ClusterStep:
     columns: pa.Schema
     parts: int
 
-    def bands(self, shard_ids: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(group, id)`` of some shards' kept rows, split by group."""
-        found = [self.stage.group_rows(self.rows(shard_id)) for shard_id in shard_ids]
-        group = np.concatenate([np.asarray(f[1], np.int64) for f in found])
-        id_ = np.concatenate([(shard_id << ROW_BITS) | np.asarray(f[0], np.int64) for shard_id, f in zip(shard_ids, found, strict=True)])
-        copies = [np.concatenate([np.asarray(f[2], np.int64) for f in found])] if found and len(found[0]) > 2 else []
-        if self.parts == 1:
-            return [(group, id_, *copies)]
-        return _split((group, id_, *copies), mix64(group) % np.uint64(self.parts), self.parts)
+    def bands(self, shard_ids: list[int]) -> list[tuple[np.ndarray, ...]]:
+        """``(group, id[, copy])`` of some shards' kept rows, split by group: each shard's split while
+        its arrays are small, then joined piece by piece."""
+        split = [self._shard_bands(shard_id) for shard_id in shard_ids]
+        return [tuple(np.concatenate(column) for column in zip(*(pieces[p] for pieces in split), strict=True)) for p in range(self.parts)]
+
+    def _shard_bands(self, shard_id: int) -> list[tuple[np.ndarray, ...]]:
+        row, group, *copies = (np.asarray(a, np.int64) for a in self.stage.group_rows(self.rows(shard_id)))
+        return _split((group, (shard_id << ROW_BITS) | row, *copies), mix64(group) % np.uint64(self.parts), self.parts)
 
     def pairs(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Candidate pairs ``(a id, b id)`` of one partition's groups, split by the left row's shard."""
