@@ -2,8 +2,9 @@
 
 Permutation i maps a shingle hash ``x`` to ``(a_i * x + b_i) mod 2**64`` (odd random ``a_i``);
 the signature keeps, per permutation, the top 32 bits of the minimum over the caption's shingles.
-Signatures are computed a whole batch at a time: captions are grouped by shingle count and each
-shingle position is folded in with one ``np.minimum`` over every caption of the group.
+Signatures are computed a whole batch at a time: captions sorted by shingle count, most first, a
+block of them at a time, each shingle position folded in with one ``np.minimum`` over the block's
+captions that have it (a prefix of the block).
 """
 
 from __future__ import annotations
@@ -38,24 +39,20 @@ def signatures(hashes: np.ndarray, counts: np.ndarray, config: MinhashConfig) ->
     a, b = permutations(config.num_perm, config.seed)
     out = np.zeros((len(counts), config.num_perm), np.uint32)
     starts = np.cumsum(counts) - counts
-    order = np.argsort(counts, kind="stable")
-    cuts = np.flatnonzero(np.diff(counts[order])) + 1
+    order = np.argsort(-counts, kind="stable")[: np.count_nonzero(counts)]  # most shingles first
     with np.errstate(over="ignore"):
-        for group in np.split(order, cuts):
-            size = counts[group[0]] if len(group) else 0
-            if size == 0:
-                continue
-            for step in range(0, len(group), _ROWS_PER_STEP):
-                rows = group[step : step + _ROWS_PER_STEP]
-                first = starts[rows]
-                acc = np.multiply.outer(hashes[first], a)
-                acc += b
-                tmp = np.empty_like(acc)
-                for j in range(1, size):
-                    np.multiply.outer(hashes[first + j], a, out=tmp)
-                    tmp += b
-                    np.minimum(acc, tmp, out=acc)
-                out[rows] = acc >> np.uint64(32)
+        for step in range(0, len(order), _ROWS_PER_STEP):
+            rows = order[step : step + _ROWS_PER_STEP]
+            first, size = starts[rows], counts[rows]
+            acc = np.multiply.outer(hashes[first], a)
+            acc += b
+            tmp = np.empty_like(acc)
+            # Shingle j of the block's captions with more than j: a prefix of the block.
+            for j, k in enumerate(np.searchsorted(-size, -np.arange(1, size[0]), side="left"), start=1):
+                np.multiply.outer(hashes[first[:k] + j], a, out=tmp[:k])
+                tmp[:k] += b
+                np.minimum(acc[:k], tmp[:k], out=acc[:k])
+            out[rows] = acc >> np.uint64(32)
     return out
 
 
