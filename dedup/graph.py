@@ -28,17 +28,24 @@ def argsort64(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(values)
     bits = max(1, (n - 1).bit_length())
     index = np.arange(n, dtype=np.int64)
+    mask = np.int64((1 << bits) - 1)
     if n and values.min() >= 0 and int(values.max()) < 1 << (63 - bits):
-        packed = np.sort((values << np.int64(bits)) | index)
-        return packed & np.int64((1 << bits) - 1), packed >> np.int64(bits)
+        packed = values << np.int64(bits)
+        packed |= index
+        packed.sort()  # in place, like the operations after it: no new array each (fresh pages cost more than the sort)
+        np.bitwise_and(packed, mask, out=index)
+        packed >>= np.int64(bits)
+        return index, packed
     if bits > 40:
         order = np.argsort(values, kind="stable")
         return order, values[order]
-    mask = np.int64((1 << bits) - 1)
-    packed = np.sort((values & ~mask) | index)
-    order = packed & mask
+    packed = values & ~mask
+    packed |= index
+    packed.sort()
+    order = np.bitwise_and(packed, mask, out=index)
     ordered = values[order]
-    high = packed >> np.int64(bits)
+    high = packed
+    high >>= np.int64(bits)
     mixed = (high[1:] == high[:-1]) & (ordered[1:] != ordered[:-1])
     if mixed.any():
         runs = np.unique(high[1:][mixed])
