@@ -197,7 +197,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
     over the pool; return the run summary."""
     forked = ForkedPool(pipeline.workers) if ForkedPool.possible(pipeline.workers) else None
     pools: dict[int | None, Executor] = {}
-    folder = None
+    folders = contextlib.ExitStack()  # where the pool leaves the pieces of split shards, removed at the end
     try:
         ctx = start_run(pipeline, "local")
         if ctx.finished:
@@ -210,8 +210,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
         spawn = multiprocessing.get_context("spawn")
         if splits_shards(pending, pipeline.workers, ctx.stages):
             pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers - 1, worker)
-            folder = tempfile.TemporaryDirectory(prefix="mmcurate-pieces-")  # where the pool leaves its pieces
-            here = split_rows(pools[None], pipeline.workers, folder.name)
+            here = split_rows(pools[None], pipeline.workers, folders.enter_context(_pieces_folder(ctx.out, "split")))
         elif pipeline.workers > 1 and pending > 1:
             here = None
             pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers, worker)
@@ -241,8 +240,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
             forked.close()
         for pool in pools.values():
             pool.shutdown(cancel_futures=True)
-        if folder is not None:
-            folder.cleanup()
+        folders.close()
     return finish_run(ctx)
 
 
@@ -304,18 +302,18 @@ def _decide(ctx: RunContext, index: int, pool: Executor | None) -> pa.Table:
     ids = [p.shard_id for p in ctx.reader.shards]
     if isinstance(stage, ClusterStage) and pool is not None and len(ids) > 1:
         step = ClusterStep(stage, functools.partial(kept_rows, ctx, index, stage), columns_schema(ctx, index, stage), ctx.pipeline.workers)
-        with _pieces_folder(ctx.out, index) as folder:
+        with _pieces_folder(ctx.out, f"pieces{index}") as folder:
             return cluster.run_step(step, ids, PoolExchange(pool, index, folder), maps=ctx.pipeline.workers)
     parts = [kept_rows(ctx, index, stage, i) for i in ids]
     return stage.decide(pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())}))
 
 
 @contextlib.contextmanager
-def _pieces_folder(out: OutputDir, segment: int) -> Iterator[str]:
-    """The folder of the pieces of the global step that ends ``segment``, removed after it: ``_work/piecesN/``
-    of a local output (where a run killed in the step leaves them, for its resume to empty or its finish to
-    remove with the work folder), else a temporary folder."""
-    folder = out.local_work_folder(f"pieces{segment}")
+def _pieces_folder(out: OutputDir, name: str) -> Iterator[str]:
+    """A folder for pieces passed between local processes (a global step's, ``piecesN``; split shards',
+    ``split``), removed after use: ``_work/NAME/`` of a local output (where a killed run leaves them, for
+    its resume to empty or its finish to remove with the work folder), else a temporary folder."""
+    folder = out.local_work_folder(name)
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="mmcurate-pieces-") as temporary:
             yield temporary
