@@ -33,6 +33,7 @@ import functools
 import itertools
 import multiprocessing
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -268,9 +269,11 @@ class ForkedPool:
 
     @staticmethod
     def possible(workers: int) -> bool:
-        """Whether to fork a pool of ``workers``: more than one, on a platform that forks, from a process
-        running no other thread (a fork copies the locks other threads may hold, never released)."""
-        return workers > 1 and threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods()
+        """Whether to fork a pool of ``workers``: more than one, on a platform that forks safely (not macOS,
+        whose system libraries may crash in a forked child), from a process running no other thread (a
+        fork copies the locks other threads may hold, never released)."""
+        forks = sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
+        return workers > 1 and forks and threading.active_count() == 1
 
     def start(self, worker: tuple) -> ProcessPoolExecutor:
         """The pool, its workers set up with the run's ``worker`` arguments (of :func:`_init_worker`)."""

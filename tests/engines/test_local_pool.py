@@ -1,0 +1,47 @@
+"""The local engine's CPU pool: forked before planning where that is safe, spawned otherwise, with
+the same files either way."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+
+import pytest
+
+from mmcurate.engines import local
+from mmcurate.engines.local import ForkedPool
+
+STAGES = [{"caption_quality": {"min_words": 3}}, {"minhash_dedup": {"threshold": 0.7}}]
+
+
+def test_fork_only_from_a_lone_thread_on_a_platform_that_forks_safely(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
+    assert ForkedPool.possible(2)
+    assert not ForkedPool.possible(1)  # one worker: no pool at all
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not ForkedPool.possible(2)
+    monkeypatch.undo()
+    monkeypatch.setattr(threading, "active_count", lambda: 2)
+    assert not ForkedPool.possible(2)
+
+
+def test_forked_and_spawned_pools_write_the_same_files(caption_input, make_pipeline, run_and_read, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same two-worker run (a filter, then a global step whose phases run in the pool) from a forked and a spawned pool."""
+    runs = {}
+    for fork in (True, False):
+        made: list[int] = []
+
+        class Recorded(ForkedPool):
+            possible = staticmethod(lambda workers, fork=fork: fork)
+
+            def __init__(self, workers: int, made: list[int] = made) -> None:
+                made.append(workers)
+                super().__init__(workers)
+
+        monkeypatch.setattr(local, "ForkedPool", Recorded)
+        pipeline = make_pipeline(caption_input, STAGES, f"fork-{fork}", rows_per_shard=200)
+        summary, runs[fork] = run_and_read(dataclasses.replace(pipeline, workers=2))
+        assert made == ([2] if fork else [])
+        assert summary["stages"]["minhash_dedup"]["rejected"] > 50
+    assert len(runs[True]) == 5 and runs[True] == runs[False]
