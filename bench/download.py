@@ -20,7 +20,8 @@ decode+resize+encode ceiling. A run that passes ``--limit`` seconds is killed an
 
 Last figures (``--scenarios clean,a,b --repeat 2``, 2 shared cores, best of 2 in one run): clean
 475 vs img2dataset 299 images/s, 1.59x (3.7 vs 6.1 CPU ms/image; 1.68x in another run); (a) 335 vs
-15.1, 22.1x; (b) 334 vs 15.1, 22.1x. Where mmcurate's CPU goes: README, Figures.
+15.1, 22.1x; (b) 334 vs 15.1, 22.1x; ``--scenarios c,d``: (c) 307 vs 279, 1.10x; (d) 167 vs 77, 2.17x.
+Where mmcurate's CPU goes: README, Figures.
 
     python bench/download.py [--images 4000] [--scenarios clean,a,b,c,d] [--repeat 1] [--limit 300]
                              [--autogroup-nice -10] [--set KEY=VALUE]
