@@ -18,9 +18,15 @@ SKIP = {"tests", "build", "dist", "__pycache__"}
 def test_wheel_contains_every_package(tmp_path: Path) -> None:
     if importlib.util.find_spec("pip") is None:
         pytest.skip("pip is not installed")
-    # Build from a copy, so the build leaves nothing in the checkout.
+    # Build from a copy of the files a clone holds (tracked, or new and not ignored: no venvs or bench
+    # output), so the build leaves nothing in the checkout.
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=lambda folder, names: [n for n in names if n in SKIP or n.startswith(".") or n.endswith(".egg-info")])
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in listed.decode().split("\0"):
+        parts = Path(name).parts
+        if name and not any(p in SKIP or p.startswith(".") or p.endswith(".egg-info") for p in parts) and (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     packages = sorted(p.parent.relative_to(src) for p in src.rglob("__init__.py"))
     command = [
         sys.executable,
