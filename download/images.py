@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from PIL import Image
 
 from mmcurate.download.config import DownloadConfig
-from mmcurate.shards.image_check import decode_with
+from mmcurate.shards.image_check import STORED_FORMATS, decode_with
 
-ENCODE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+ENCODE_FORMATS = {ext: name for name, ext in STORED_FORMATS.items()}  # Pillow's format name by extension
 
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,

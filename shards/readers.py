@@ -157,7 +157,7 @@ class Reader:
         try:
             with self.fs.open(tar, "rb") as f:
                 for key, member in read_members(f, index, keys, self.spec.max_image_bytes):
-                    found[key] = member if isinstance(member, str) else self._checked(member[1])
+                    found[key] = member if isinstance(member, str) else self._checked(member)
         except TAR_ERRORS as e:
             error = error or f"{tar}: not a readable tar ({e})"
         return found, "tar_unreadable" if error else "image_missing"
@@ -587,7 +587,6 @@ def tar_members(fileobj, read: Callable[[str], bool]) -> Iterator[tuple[str, str
 class TarMember:
     """Where the bytes of an image member lie in its tar."""
 
-    ext: str
     offset: int
     size: int
 
@@ -601,18 +600,15 @@ def index_tar(fileobj, name: str) -> tuple[dict[str, TarMember], str | None]:
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             for member in tar:
                 found = _member_name(member)
-                ext = image_extension(found[1]) if found else None
-                if ext is not None:
-                    index[found[0]] = TarMember(ext, member.offset_data, member.size)
+                if found and image_extension(found[1]) is not None:
+                    index[found[0]] = TarMember(member.offset_data, member.size)
     except TAR_ERRORS as e:
         return index, f"{name}: not a readable tar ({e})"
     return index, None
 
 
-def read_members(
-    fileobj, index: dict[str, TarMember], keys: Iterable[str], max_bytes: int
-) -> Iterator[tuple[str, tuple[str, bytes] | str]]:
-    """``(key, (extension, bytes))`` of the members of ``keys`` that ``index`` lists, in tar order,
+def read_members(fileobj, index: dict[str, TarMember], keys: Iterable[str], max_bytes: int) -> Iterator[tuple[str, bytes | str]]:
+    """``(key, bytes)`` of the members of ``keys`` that ``index`` lists, in tar order,
     or ``(key, "too_large")`` for one over ``max_bytes``, which is not read. A member cut short by
     the end of the file is left out."""
     for key in sorted({k for k in keys if k in index}, key=lambda k: index[k].offset):
@@ -623,7 +619,7 @@ def read_members(
         fileobj.seek(member.offset)
         data = fileobj.read(member.size)
         if len(data) == member.size:
-            yield key, (member.ext, data)
+            yield key, data
 
 
 def attach_images(

@@ -263,15 +263,16 @@ def _blocks(table: pa.Table, end: int | None) -> np.ndarray:
     blocks = np.zeros((used, _BLOCK), np.uint8)
     # Headers in sample order (kinds interleaved), absent members dropped; then each kind's data in place.
     order = pa.array(np.arange(n * len(kinds)).reshape(len(kinds), n).T.ravel())
-    names = pa.concat_arrays([_flat(names, pa.large_binary()) for names, _ in kinds]).take(order).filter(pa.array(present.ravel()))
+    names = pa.concat_arrays([_flat(names) for names, _ in kinds]).take(order).filter(pa.array(present.ravel()))
     blocks[first[present]] = _headers(names, sizes[present])
     for kind, (_, data) in enumerate(kinds):
         _place(blocks.reshape(-1), data, (first[:, kind] + 1) * _BLOCK, present[:, kind])
     return blocks.reshape(-1)
 
 
-def _flat(values: pa.Array | pa.ChunkedArray, kind: pa.DataType) -> pa.Array:
-    values = pc.cast(values, kind)
+def _flat(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``values`` as one large_binary array (member names of any string or binary type, concatenated)."""
+    values = pc.cast(values, pa.large_binary())
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 

@@ -183,7 +183,7 @@ def _tar_images(out: OutputDir, parquet_file: str, keys: set[str]) -> dict[str, 
     tar = out.tar_path(int(stem))
     with out.fs.open(tar, "rb") as f:
         index, _ = index_tar(f, tar)
-        return {key: found[1] for key, found in read_members(f, index, keys, MAX_IMAGE_BYTES) if not isinstance(found, str)}
+        return {key: data for key, data in read_members(f, index, keys, MAX_IMAGE_BYTES) if not isinstance(data, str)}
 
 
 def _thumbnail(data: bytes | None) -> bytes | None:
