@@ -158,7 +158,8 @@ class ClusterStep:
 
     def _shard_bands(self, shard_id: int) -> list[tuple[np.ndarray, ...]]:
         row, group, *copies = (np.asarray(a, np.int64) for a in self.stage.group_rows(self.rows(shard_id)))
-        return _split((group, (shard_id << ROW_BITS) | row, *copies), mix64(group) % np.uint64(self.parts), self.parts)
+        part = mix64(group) % np.uint64(self.parts) if self.parts > 1 else None  # one part: no hash to compute
+        return _split((group, (shard_id << ROW_BITS) | row, *copies), part, self.parts)
 
     def pairs(self, *pieces: tuple[np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Candidate pairs ``(a id, b id)`` of one partition's groups, split by the left row's shard."""
@@ -230,8 +231,8 @@ def _grouping(part: np.ndarray, parts: int, within: np.ndarray | None = None) ->
     return order, [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
 
 
-def _split(columns: Sequence[np.ndarray], part: np.ndarray, parts: int) -> list[tuple[np.ndarray, ...]]:
-    """Rows of the aligned ``columns`` grouped by ``part`` into ``parts`` pieces."""
+def _split(columns: Sequence[np.ndarray], part: np.ndarray | None, parts: int) -> list[tuple[np.ndarray, ...]]:
+    """Rows of the aligned ``columns`` grouped by ``part`` into ``parts`` pieces (``part`` unused for one piece)."""
     if parts == 1:
         return [tuple(columns)]
     order, pieces = _grouping(part, parts)

@@ -358,11 +358,13 @@ def _hashes(keys: pa.ChunkedArray) -> np.ndarray:
 def _chunks(batches: Iterator[pa.Table], nbytes: int) -> Iterator[pa.Table]:
     """The batches gathered into tables of about ``nbytes``."""
     held: list[pa.Table] = []
+    size = 0
     for batch in batches:
         held.append(batch)
-        if sum(t.nbytes for t in held) >= nbytes:
+        size += batch.nbytes
+        if size >= nbytes:
             yield pa.concat_tables(held)
-            held = []
+            held, size = [], 0
     if held:
         yield pa.concat_tables(held)
 
