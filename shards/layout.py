@@ -247,7 +247,11 @@ class OutputDir:
             table = pa.ipc.open_file(pa.memory_map(path)).read_all()
         else:
             with self.fs.open(path, "rb") as f:
-                table = pa.ipc.open_file(f).read_all()
+                reader = pa.ipc.open_file(f)
+                if columns is not None:  # read those columns' buffers alone, not the whole file
+                    fields = [reader.schema.get_field_index(name) for name in columns]
+                    reader = pa.ipc.open_file(f, options=pa.ipc.IpcReadOptions(included_fields=fields))
+                table = reader.read_all()
         return table if columns is None else table.select(columns)
 
     def scratch_schema(self, path: str) -> pa.Schema:
