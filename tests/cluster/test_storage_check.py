@@ -76,18 +76,17 @@ def two_nodes() -> Iterator[tuple[str, Path, pwd.struct_passwd]]:
     ray_bin = str(Path(sys.executable).parent / "ray")
     common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--object-store-memory={80 * 2**20}", "--disable-usage-stats"]
     (gcs,) = free_ports(1)
-    procs = []
+    procs: list[subprocess.Popen] = []
     try:
         head_temp = shared / "head"
         head_temp.mkdir()
         cmd = [ray_bin, "start", "--head", f"--port={gcs}", "--include-dashboard=false", f"--temp-dir={head_temp}", *common]
-        cmd += [f"--ray-client-server-port={free_ports(1)[0]}", *_node_ports()]
-        procs.append(_start(cmd, env, head_temp / "node.log"))
+        cmd += [f"--ray-client-server-port={free_ports(1)[0]}"]
+        _start_node(cmd, env, head_temp / "node.log", f"127.0.0.1:{gcs}", procs)
         node_temp = shared / "second"
         node_temp.mkdir()
         cmd = [*UNPRIVILEGED, ray_bin, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={node_temp}", f'--resources={{"{MARK}": 1}}']
-        procs.append(_start([*cmd, *common, *_node_ports()], env, node_temp / "node.log"))
-        _wait_for_nodes(f"127.0.0.1:{gcs}", 2, procs, node_temp / "node.log")
+        _start_node([*cmd, *common], env, node_temp / "node.log", f"127.0.0.1:{gcs}", procs)
         yield f"127.0.0.1:{gcs}", shared, user
     finally:
         for proc in reversed(procs):
@@ -95,23 +94,33 @@ def two_nodes() -> Iterator[tuple[str, Path, pwd.struct_passwd]]:
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path, **options) -> subprocess.Popen:
-    with open(log, "wb") as f:
-        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, **options)
+def _start_node(cmd: list[str], env: dict[str, str], log: Path, address: str, procs: list[subprocess.Popen]) -> None:
+    """Start one more node and wait until the cluster counts it, one node at a time so that two startups do not
+    compete for this machine's cores. Ray gives a raylet a fixed 30 s to register: on a loaded 2-core machine it
+    may miss that, and ``ray start`` exits, so a node that exited is started again (fresh ports), up to three times."""
+    for _ in range(3):
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([*cmd, *_node_ports()], env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        if _wait_for_nodes(address, len(procs), proc, log):
+            return
+        procs.pop()
+        stop_group(proc, grace=5)
+    raise RuntimeError(f"ray start exited three times: {log.read_text()[-2000:]}")
 
 
-def _wait_for_nodes(address: str, n: int, procs: list[subprocess.Popen], log: Path) -> None:
-    """Until ``n`` nodes are alive (asked in a subprocess, so this one's Ray stays as it is)."""
+def _wait_for_nodes(address: str, n: int, proc: subprocess.Popen, log: Path) -> bool:
+    """Until ``n`` nodes are alive (asked in a subprocess, so this one's Ray stays as it is); False if ``proc`` exited."""
     ask = f"import ray; ray.init(address={address!r}, log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError(f"ray start exited: {log.read_text()[-2000:]}")
+        if proc.poll() is not None:
+            return False
         done = subprocess.run(
             [sys.executable, "-c", ask], capture_output=True, text=True, check=False, env={**os.environ, "RAY_AUTH_MODE": "disabled"}
         )
         if done.stdout.strip() == str(n):
-            return
+            return True
         time.sleep(2)
     raise RuntimeError(f"{n} Ray nodes did not come up: {log.read_text()[-2000:]}")
 
