@@ -14,7 +14,9 @@ scoring at least ``threshold`` are kept and ``caption`` becomes the one ``captio
 - ``filter_model``: BLIP ITM (``BlipForImageTextRetrieval``, score = softmax(itm)[:, 1], default
   threshold 0.5, BLIP's rule), or CLIP cosine similarity through open_clip when it starts with
   ``local-dir:``, ``hf-hub:`` or ``open_clip:NAME:TAG`` (default threshold 0.28). Synthetic
-  captions are never deduplicated. An image is decoded once for both models.
+  captions are never deduplicated. An image is decoded once for both models. A model of another
+  kind (an ITM folder as ``captioner``, a captioner as ``filter_model``, an OWLv2) or without
+  weights (``open_clip:NAME`` without a tag; ``TAG`` ``random`` asks for random ones) is a usage error.
 - ``captions`` holds one entry per candidate (``text``, ``source`` web|synthetic, ``score``) on
   every row that reaches the stage, kept or rejected. ``caption_choice``: ``best`` (highest score),
   ``web_first`` or ``synthetic_first`` among the kept ones. A row where nothing passes is rejected
@@ -97,8 +99,16 @@ class Capfilt(ModelStage):
         self._torch = require("torch", self.name)
         c = self.config
         dtype = {"dtype": self.dtype}
-        self._processor = hf_load(transformers.AutoProcessor, c.captioner, c.captioner_revision, self.name)
-        self._captioner = hf_load(transformers.AutoModelForImageTextToText, c.captioner, c.captioner_revision, self.name, **dtype)
+        self._captioner = hf_load(
+            transformers.AutoModelForImageTextToText,
+            c.captioner,
+            c.captioner_revision,
+            self.name,
+            option="captioner",
+            kind="a captioning (image-to-text) model",
+            **dtype,
+        )
+        self._processor = hf_load(transformers.AutoProcessor, c.captioner, c.captioner_revision, self.name, option="captioner")
         self._captioner.to(self.device).eval()
         if c.clip_filter:
             name, _, tag = (
@@ -108,8 +118,16 @@ class Capfilt(ModelStage):
             )
             self._clip, self._clip_preprocess, self._clip_tokenizer = open_clip_load(name, tag or None, self.device, self.name)
         else:
-            self._itm_processor = hf_load(transformers.AutoProcessor, c.filter_model, c.filter_revision, self.name)
-            self._itm = hf_load(transformers.BlipForImageTextRetrieval, c.filter_model, c.filter_revision, self.name, **dtype)
+            self._itm = hf_load(
+                transformers.BlipForImageTextRetrieval,
+                c.filter_model,
+                c.filter_revision,
+                self.name,
+                option="filter_model",
+                kind="a BLIP image-text matching model",
+                **dtype,
+            )
+            self._itm_processor = hf_load(transformers.AutoProcessor, c.filter_model, c.filter_revision, self.name, option="filter_model")
             self._itm.to(self.device).eval()
             same = self._itm_processor.image_processor.to_dict() == self._processor.image_processor.to_dict()
             self._shared_pixels = same

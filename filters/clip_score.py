@@ -3,7 +3,8 @@
 ``model`` is an open_clip name with a ``pretrained`` tag or checkpoint file (``ViT-B-32`` +
 ``openai``, the model LAION filtered with at 0.28), an ``hf-hub:ORG/REPO`` or a
 ``local-dir:/path`` holding ``open_clip_config.json`` and weights (``pretrained`` is then
-ignored). Every row gets ``clip_score``; with ``min_score`` set, rows below it are rejected
+ignored). A model without weights is refused; ``pretrained: random`` asks for random ones.
+Every row gets ``clip_score``; with ``min_score`` set, rows below it are rejected
 (``low_clip_score``). For DataComp's "top 30 %" use ``mode: score`` here and
 ``select: {top_fraction: {clip_score: 0.3}}`` after it.
 
@@ -30,7 +31,7 @@ from mmcurate.stages.model import ModelConfig, ModelStage, Skip, open_clip_load,
 @dataclass
 class ClipScoreConfig(ModelConfig):
     model: str = "ViT-B-32"  # open_clip name, hf-hub:ORG/REPO or local-dir:/path
-    pretrained: str | None = "openai"  # open_clip pretrained tag or checkpoint file (built-in names only)
+    pretrained: str | None = "openai"  # open_clip pretrained tag or checkpoint file (built-in names only); random: no weights
     min_score: float | None = 0.28  # reject below this; None: score only (LAION-2B-en: 0.28 with ViT-B/32)
     mode: Mode = "filter"
     batch_size: int = 64  # images per forward pass

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 import sys
@@ -303,7 +304,10 @@ def hub_status(repo_id: str, filename: str, revision: str | None = None) -> Lite
     it; a :class:`UsageError` at once when neither (offline, or the hub does not answer in 3 s)."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+    try:
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except ValueError:  # huggingface_hub's HFValidationError: not ORG/NAME
+        raise UsageError(f"model {repo_id!r} is neither a folder nor a Hugging Face model id") from None
     if isinstance(cached, str):
         return "cached"
     if _offline():
@@ -317,48 +321,98 @@ def hub_status(repo_id: str, filename: str, revision: str | None = None) -> Lite
     return "online"
 
 
-def hf_load(cls: Any, name: str, revision: str | None = None, stage: str = "", **kwargs: Any) -> Any:
-    """``cls.from_pretrained`` (a transformers model or processor class) on a local folder or a hub id.
+def hf_load(
+    cls: Any, name: str, revision: str | None = None, stage: str = "", *, option: str = "model", kind: str = "", **kwargs: Any
+) -> Any:
+    """``cls.from_pretrained`` (a transformers model, processor or config class) on a local folder or a hub id.
 
     A hub id is checked first (:func:`hub_status`), so a missing model is one clear line within
-    seconds; one in the local cache loads from it without a round trip to the hub.
+    seconds; one in the local cache loads from it without a round trip to the hub. A model class
+    gets only a checkpoint it can use, or a :class:`UsageError` naming ``option`` and ``kind`` (what
+    the stage wants, "a captioning model"): one whose ``model_type`` the class cannot load is
+    refused before loading, one lacking weights the class needs (transformers' ``missing_keys``,
+    which it would initialise at random) after.
     """
     where = f"{stage}: " if stage else ""
     local = Path(name).expanduser()
     if local.is_dir():
-        source, options = str(local), kwargs
+        source, options = str(local), {}
     else:
         if local.is_absolute() or name.startswith("."):
-            raise UsageError(f"{where}model folder {name} does not exist")
+            raise UsageError(f"{where}{option} folder {name} does not exist")
         try:
             status = hub_status(name, "config.json", revision)
         except UsageError as e:
             raise UsageError(f"{where}{e}") from None
-        source, options = name, {**kwargs, "revision": revision, "local_files_only": status == "cached"}  # no hub round trip when cached
+        source, options = name, {"revision": revision, "local_files_only": status == "cached"}  # no hub round trip when cached
     bars = sys.modules["transformers"].utils.logging
     shown = bars.is_progress_bar_enabled()
     bars.disable_progress_bar()  # transformers' weight-loading bar would cut through the run's progress lines
     try:
-        return cls.from_pretrained(source, **options)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{where}cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+        if not _is_model_class(cls):
+            return cls.from_pretrained(source, **options, **kwargs)
+        wanted = kind or f"one {cls.__name__} loads"
+        config = sys.modules["transformers"].AutoConfig.from_pretrained(source, **options)
+        if not _loads(cls, config):
+            raise UsageError(f"{where}{option} {name!r} is a model of type {config.model_type}, not {wanted}")
+        report = logging.getLogger("transformers.modeling_utils")  # its load report lists the keys refused below
+        report.addFilter(_quiet)
+        try:
+            model, info = cls.from_pretrained(source, config=config, output_loading_info=True, **options, **kwargs)
+        finally:
+            report.removeFilter(_quiet)
+        random = {*info["missing_keys"], *(m[0] for m in info["mismatched_keys"])}
+        missing = sorted({key.split(".")[0] for key in random})
+        if missing:
+            raise UsageError(f"{where}{option} {name!r} has no weights for {', '.join(missing)} (they would be random): is it {wanted}?")
+        return model
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{where}cannot load {option} {name!r}: {str(e).splitlines()[0]}") from None
     finally:
         if shown:
             bars.enable_progress_bar()
 
 
+def _quiet(record: logging.LogRecord) -> bool:
+    """A logging filter that drops every record (not its level: transformers reads that level for other warnings)."""
+    return False
+
+
+def _is_model_class(cls: Any) -> bool:
+    """Whether ``cls`` is a transformers model class (an ``AutoModel...`` or a concrete one), not a processor or config."""
+    return isinstance(cls, type) and (hasattr(cls, "_model_mapping") or issubclass(cls, sys.modules["transformers"].PreTrainedModel))
+
+
+def _loads(cls: Any, config: Any) -> bool:
+    """Whether model class ``cls`` takes a checkpoint of ``config``: an ``AutoModel...`` class by its
+    mapping, a concrete class by its config's ``model_type``."""
+    mapping = getattr(cls, "_model_mapping", None)
+    return type(config) in mapping if mapping is not None else config.model_type == cls.config_class.model_type
+
+
+RANDOM = "random"  # the pretrained tag that asks open_clip for a randomly initialised model
+
+
 def open_clip_load(model: str, pretrained: str | None, device: str, stage: str = "") -> tuple[Any, Any, Any]:
     """``(model, preprocess, tokenizer)`` from open_clip: a built-in name + pretrained tag (or
     checkpoint file), ``hf-hub:ORG/REPO`` or ``local-dir:/path``. Weights that are neither cached
-    nor reachable are one clear line before anything is built."""
+    nor reachable are one clear line before anything is built; so is a built-in name without a tag
+    (random weights), unless the tag is ``random``, which asks for them."""
     open_clip = require("open_clip", stage)
     where = f"{stage}: " if stage else ""
+    schema = model.startswith(("hf-hub:", "local-dir:"))
     try:
-        if model.startswith("hf-hub:"):
-            hub_status(model.removeprefix("hf-hub:"), "open_clip_config.json")
-        elif pretrained and not model.startswith("local-dir:") and not Path(pretrained).is_file():
-            _check_open_clip_weights(open_clip, model, pretrained)
-        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
+        if pretrained == RANDOM and not schema:
+            net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=None, device=device)
+        else:
+            if model.startswith("hf-hub:"):
+                hub_status(model.removeprefix("hf-hub:"), "open_clip_config.json")
+            elif not schema and not pretrained and model in open_clip.list_models():
+                tags = [*open_clip.list_pretrained_tags_by_model(model), RANDOM]
+                raise UsageError(f"no pretrained tag, so its weights would be random: give one of {', '.join(tags)}")
+            elif pretrained and not schema and not Path(pretrained).is_file():
+                _check_open_clip_weights(open_clip, model, pretrained)
+            net, preprocess = open_clip.create_model_from_pretrained(model, pretrained=pretrained, device=device)  # no weights: an error
         tokenizer = open_clip.get_tokenizer(model)
     except UsageError as e:
         raise UsageError(f"{where}cannot load open_clip model {model!r} (pretrained {pretrained!r}): {e}") from None

@@ -125,6 +125,47 @@ def test_missing_models_are_one_line(tmp_path: Path) -> None:
         Capfilt.from_params({"sampling": "beam", "num_beams": 2, "num_captions": 3})
 
 
+def test_a_model_of_another_kind_is_one_line(tmp_path: Path, tiny_blip: dict, img2dataset_output: Path, capsys) -> None:
+    """Swapped BLIP models (each lacks the other's weights), another architecture, an open_clip name
+    without a tag: a usage error naming the option, never a run on random weights."""
+    from transformers import Owlv2Config
+
+    from mmcurate.tests.support.filters import write_tiny_clip
+
+    owl = tmp_path / "owlv2"
+    Owlv2Config().save_pretrained(owl)  # a config alone: it is refused before any weights are read
+    write_tiny_clip(tmp_path)  # registers the open_clip name mmcurate-tiny-clip
+    models = {"captioner": tiny_blip["captioner"], "filter_model": tiny_blip["itm"]}
+    for params, message in (
+        ({"captioner": tiny_blip["itm"]}, f"captioner '{tiny_blip['itm']}' has no weights for text_decoder .*: is it a captioning"),
+        (
+            {"filter_model": tiny_blip["captioner"]},
+            "filter_model .* has no weights for itm_head, text_encoder, text_proj, vision_proj .*: is it a BLIP image-text matching",
+        ),
+        ({"captioner": str(owl)}, f"captioner '{owl}' is a model of type owlv2, not a captioning"),
+        ({"filter_model": str(owl)}, f"filter_model '{owl}' is a model of type owlv2, not a BLIP image-text matching model"),
+        ({"filter_model": "open_clip:mmcurate-tiny-clip"}, "no pretrained tag, so its weights would be random: give one of random"),
+        ({"captioner": "models/nothing/here"}, "'models/nothing/here' is neither a folder nor a Hugging Face model id"),
+    ):
+        with pytest.raises(UsageError, match=message) as error:
+            Capfilt.from_params({**models, **params, "device": "cpu"}).setup()
+        assert "\n" not in str(error.value)
+    settings = ["--set", f"captioner={tiny_blip['itm']}", "--set", f"filter_model={tiny_blip['itm']}", "--no-progress"]
+    capsys.readouterr()
+    assert main(["stage", "capfilt", "--input", str(img2dataset_output), "--output", str(tmp_path / "out"), *settings]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no weights for text_decoder" in err  # the one line, no transformers load report
+
+
+def test_an_open_clip_filter_with_random_weights_is_asked_for(tmp_path: Path, tiny_blip: dict) -> None:
+    from mmcurate.tests.support.filters import write_tiny_clip
+
+    write_tiny_clip(tmp_path)
+    stage = Capfilt.from_params({"captioner": tiny_blip["captioner"], "filter_model": "open_clip:mmcurate-tiny-clip:random"})
+    stage.setup()
+    assert stage._clip.visual.image_size == (64, 64)
+
+
 def test_inspect_and_validate_cover_captions(tmp_path: Path, img2dataset_output: Path, tiny_blip: dict) -> None:
     from mmcurate.tooling.inspect import inspect_dataset
     from mmcurate.tooling.validate import check_table

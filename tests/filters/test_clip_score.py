@@ -101,6 +101,23 @@ def test_model_errors_are_usage_errors(tmp_path: Path) -> None:
         ClipScore.from_params({"min_score": 2})
 
 
+def test_random_weights_only_when_asked_for(tmp_path: Path, tiny_clip: str) -> None:
+    """A built-in name without a tag, or a folder without weights, would be a randomly initialised
+    CLIP: refused; ``pretrained: random`` asks for one."""
+    (tmp_path / "no_weights").mkdir()
+    config = Path(tiny_clip.removeprefix("local-dir:")) / "open_clip_config.json"
+    (tmp_path / "no_weights" / "open_clip_config.json").write_text(config.read_text())
+    for params, message in (
+        ({"model": "ViT-B-32", "pretrained": None}, "no pretrained tag, so its weights would be random: give one of openai, .*, random"),
+        ({"model": f"local-dir:{tmp_path / 'no_weights'}"}, "weights .* could not be loaded"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            ClipScore.from_params(params).setup()
+    stage = ClipScore.from_params({"model": "mmcurate-tiny-clip", "pretrained": "random"})  # the name tiny_clip registered
+    stage.setup()
+    assert stage._model.visual.image_size == (64, 64)
+
+
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table, tiny_clip: str) -> None:
     out = tmp_path / "out"
     assert run_command("stage", "clip_score", photo_dataset, out, f"model={tiny_clip}", "min_score=0.0", "batch_size=16") == 0
