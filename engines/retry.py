@@ -85,11 +85,16 @@ def _open_finished_run(pipeline: Pipeline) -> RunContext:
         raise UsageError(
             f"{pipeline.output.path} holds the output of a different pipeline (only download options may change for --retry-failed)"
         )
-    ctx = RunContext.create(pipeline)
-    if len(ctx.segments) > 1:
-        raise UsageError("--retry-failed does not support pipelines with global stages (dedup, select): re-run them into a new output")
-    if ctx.pending():
-        raise UsageError(f"{len(ctx.pending())} shards are unfinished: run the pipeline without --retry-failed first")
+    out.claim()  # the input plan parses URL lists into the work folder
+    try:
+        ctx = RunContext.create(pipeline)
+        if len(ctx.segments) > 1:
+            raise UsageError("--retry-failed does not support pipelines with global stages (dedup, select): re-run them into a new output")
+        if ctx.pending():
+            raise UsageError(f"{len(ctx.pending())} shards are unfinished: run the pipeline without --retry-failed first")
+    except BaseException:
+        out.remove_work()
+        raise
     return ctx
 
 

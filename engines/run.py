@@ -157,23 +157,29 @@ def _typed(stage: Stage) -> tuple[str, dict]:
 
 
 def previous_run(out: OutputDir) -> dict | None:
-    """The record of the run ``out`` holds, or None for an empty (or new) folder.
+    """The record of the run ``out`` holds, or None for an empty (or new) folder or one holding only
+    mmcurate's leftovers of an interrupted start (its marked work folder, temporary files); changes nothing.
 
-    A folder holding anything but mmcurate's own leftovers of an interrupted start (its marked work
-    folder, temporary files), and a corrupt ``run.json``, are refused: nothing in them is changed.
+    A folder holding anything else, a ``_work`` mmcurate did not create and a corrupt ``run.json`` are
+    refused (UsageError).
     """
     names = out.entries()
     if RUN_JSON in names:
-        return out.run_record()
+        record = out.run_record()
+        out.check_work()
+        return record
     foreign = {n for n in names if not is_partial_write(n)} - {LEASE} - ({WORK} if out.owns_work() else set())
     if foreign & set(SHARD_FOLDERS):
         raise UsageError(f"{out.root} holds shards but no run.json; use a new output folder")
     if foreign:
         raise UsageError(f"{out.root} is not empty and holds no mmcurate run ({min(foreign)}, ...); use an empty or new output folder")
-    if names:  # an interrupted start: its parsed input may be stale
-        out.remove_work()
-        out.remove_partial_writes()
     return None
+
+
+def _same_pipeline(record: dict, config: dict, stages: list[Stage]) -> bool:
+    """Whether a recorded run's pipeline is ``config`` with ``stages`` (compared on typed options)."""
+    before = record["pipeline"]
+    return _comparable(before) == _comparable(config) and _typed_stages(before["stages"]) == list(map(_typed, stages))
 
 
 def resolved(pipeline: Pipeline) -> Pipeline:
@@ -200,7 +206,7 @@ def start_run(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None]
     sees the storage, unless the output holds this run finished)."""
     pipeline = resolved(pipeline)
     out = OutputDir.open(pipeline.output.path)
-    out.entries()  # UsageError if the output is a file
+    previous_run(out)  # a file or a folder that is not mmcurate's is refused before the lease is written into it
     existed = out.exists(out.root)
     lease = acquire(out.fs, out.root)
     try:
@@ -219,15 +225,23 @@ def _start(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | 
 
     An output folder is written into only when it is empty or holds a run of the same pipeline
     (compared on typed options); a finished run is left as it is (``ctx.finished``, without ``check``).
+    The record of another pipeline's run that wrote no results (one stopped by a usage error at its
+    start) is replaced, so that the corrected command runs.
     """
     pipeline = resolved(pipeline)
     out = OutputDir.open(pipeline.output.path)
     previous = previous_run(out)
     stages = pipeline.build_stages()
     config = pipeline.as_dict()
-    before = previous["pipeline"] if previous is not None else None
-    if before is not None and (_comparable(before) != _comparable(config) or _typed_stages(before["stages"]) != list(map(_typed, stages))):
-        raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
+    if previous is not None and not _same_pipeline(previous, config, stages):
+        if previous.get("finished") is not None or out.wrote_results():
+            raise UsageError(f"{pipeline.output.path} holds the output of a different pipeline; use a new output folder")
+        logger.warning("%s holds the record of another pipeline's run that wrote no results: starting this one in its place", out.root)
+        out.fs.rm(out.run_json)
+        previous = None
+    if previous is None:  # a new run: leftovers of an interrupted start (its parsed input may be stale) go
+        out.remove_work()
+        out.remove_partial_writes()
     out.claim()
     try:
         if previous is not None:

@@ -10,7 +10,7 @@ OUT/rejects/{id:05d}.parquet rejected rows with reject_stage, reject_reason, dup
 OUT/_stats/{id:05d}.json     rows in / kept / rejected by stage and reason, timings
 OUT/_done/{id:05d}           written last: the run id and the sizes of the shard's files; a re-run skips
                              shards whose marker names its run and files that are unchanged
-OUT/_work/                   parsed input and intermediate state, marked as mmcurate's by _work/.mmcurate-work
+OUT/_work/                   parsed input (_work/input/) and intermediate state, marked as mmcurate's by _work/.mmcurate-work
 ```
 """
 
@@ -37,6 +37,7 @@ from mmcurate.shards.storage import url_to_fs
 RUN_JSON = "run.json"
 SHARDS, META, REJECTS, STATS, DONE, WORK = "shards", "meta", "rejects", "_stats", "_done", "_work"
 WORK_MARK = ".mmcurate-work"  # marks a work folder mmcurate created (it removes only such a folder)
+WORK_INPUT = "input"  # the work folder's parsed URL lists
 SHARD_FOLDERS = (SHARDS, META, REJECTS, STATS, DONE)
 _SHARD_FILES = ((SHARDS, ".tar"), (SHARDS, ".parquet"), (META, ".parquet"), (REJECTS, ".parquet"), (STATS, ".json"))
 _TMP = re.compile(r"\.tmp-[0-9a-f]+-")
@@ -76,7 +77,7 @@ class OutputDir:
     @classmethod
     def open(cls, url: str) -> OutputDir:
         fs, root = url_to_fs(url)
-        out = cls(fs, root.rstrip("/"))
+        out = cls(fs, root.rstrip("/") or "/")  # "/" (a filesystem's root) is a folder, not "" (the current one)
         try:
             record = out.read_json(out.run_json)
         except (OSError, ValueError):
@@ -84,7 +85,7 @@ class OutputDir:
         return cls(out.fs, out.root, record.get("run_id") if isinstance(record, dict) else None)
 
     def path(self, *parts: str) -> str:
-        return "/".join((self.root, *parts))
+        return "/".join((self.root.rstrip("/"), *parts)) if parts else self.root
 
     def shard_path(self, folder: str, shard_id: int, ext: str) -> str:
         return self.path(folder, f"{shard_name(shard_id)}{ext}")
@@ -203,8 +204,18 @@ class OutputDir:
         """Whether ``_work/`` is a work folder mmcurate created (or an empty one, left by a start killed before its marker)."""
         return self.exists(self.path(WORK, WORK_MARK)) or (self.fs.isdir(self.path(WORK)) and not self.fs.ls(self.path(WORK), detail=False))
 
+    def check_work(self) -> None:
+        """UsageError if the output holds a ``_work`` that mmcurate did not create (which it never writes into or removes)."""
+        if self.exists(self.path(WORK)) and not self.owns_work():
+            raise UsageError(
+                f"{self.path(WORK)} holds files mmcurate did not write (no {WORK_MARK}); move it out of the output folder,"
+                f" whose {WORK} is mmcurate's work folder"
+            )
+
     def claim(self) -> None:
-        """Create the folder and mark its work folder as mmcurate's; UsageError if it cannot be written."""
+        """Create the folder and mark its work folder as mmcurate's; UsageError if it cannot be written or
+        holds a ``_work`` that is not mmcurate's (:meth:`check_work`)."""
+        self.check_work()
         try:
             if not self.owns_work():  # written in place: even a half-written marker marks the folder
                 self.fs.makedirs(self.path(WORK), exist_ok=True)
@@ -212,6 +223,17 @@ class OutputDir:
                     f.write(b"mmcurate's work folder: removed when the run finishes\n")
         except OSError as e:
             raise UsageError(f"cannot write to the output folder {self.root}: {e.strerror or e}") from None
+
+    def wrote_results(self) -> bool:
+        """Whether a run wrote more than its record and parsed input here: a file in a shard folder or an
+        intermediate in the work folder (temporaries of unfinished writes aside)."""
+        folders = {folder: () for folder in SHARD_FOLDERS} | {WORK: (WORK_MARK, WORK_INPUT)}
+        return any(
+            name not in ignored and not is_partial_write(name)
+            for folder, ignored in folders.items()
+            if self.fs.isdir(self.path(folder))
+            for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(folder), detail=False))
+        )
 
     def remove_work(self) -> None:
         """Delete mmcurate's work folder (never a ``_work/`` that mmcurate did not create)."""

@@ -81,7 +81,7 @@ class Lease:
 
 def acquire(fs: AbstractFileSystem, root: str) -> Lease:
     """Take the lease on the output folder ``root``; UsageError naming the holder of a live one."""
-    lease = Lease(fs, f"{root}/{LEASE}")
+    lease = Lease(fs, f"{root.rstrip('/')}/{LEASE}")
     for attempt in range(TAKE_ATTEMPTS):
         try:
             _create(fs, lease.path, lease.record())

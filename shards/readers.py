@@ -36,7 +36,7 @@ from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import BY_NAME, IMAGE_EXTENSIONS, binary_array
 from mmcurate.shards.image_check import MAX_PIXELS, check_image
-from mmcurate.shards.layout import OutputDir, holds_run, open_parquet, tar_beside
+from mmcurate.shards.layout import WORK_INPUT, OutputDir, holds_run, open_parquet, tar_beside
 from mmcurate.shards.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: Output
         _check_columns(table.column_names, spec, path)
         return SourceFile(path, rel, _parquet_rows(fs, path), fmt)
     # Text URL list: parse once into Parquet with keys and read-time rejections.
-    target = out.work_path("input", f"{index:05d}.parquet")
+    target = out.work_path(WORK_INPUT, f"{index:05d}.parquet")
     if not (reuse and out.exists(target)):
         out.write_parquet_stream(target, _normalised_chunks(parse_text(fs, path, fmt, spec), rel, spec))
     return SourceFile(target, rel, _parquet_rows(out.fs, target), "normalised")

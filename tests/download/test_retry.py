@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -130,3 +131,23 @@ def test_retry_failed_finds_every_download_stage_and_holds_the_lease(server, tmp
     run = json.loads((out / "run.json").read_text())
     assert len(run["retries"][0]["download"]) == 2 and run["retries"][0]["recovered"] == 1
     assert not (out / "_lease.json").exists()
+
+
+def test_retry_failed_works_in_its_own_work_folder_only(server, tmp_path, capsys):
+    """A retry parses a URL list into the work folder it marks and removes; a ``_work`` that mmcurate did not
+    write refuses it, kept as it is."""
+    (tmp_path / "urls.csv").write_text(f"url,caption\n{server.url('/flaky/404/1/w1')},a\n{server.url('/img/jpeg')},b\n")
+    pipeline = _pipeline(tmp_path, "parquet")
+    Path(pipeline).write_text(Path(pipeline).read_text().replace("urls.parquet", "urls.csv"))
+    out = tmp_path / "out"
+    assert main(["run", pipeline, "--no-progress"]) == 0
+    (out / "_work").mkdir()
+    (out / "_work" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["run", pipeline, "--retry-failed", "--no-progress"]) == 2
+    assert "_work holds files mmcurate did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "_work").iterdir()) == ["notes.txt"] and _rejects(out).num_rows == 1
+    (out / "_work" / "notes.txt").unlink()
+    (out / "_work").rmdir()
+    assert main(["run", pipeline, "--retry-failed", "--no-progress"]) == 0
+    assert _rejects(out).num_rows == 0 and not (out / "_work").exists() and not (out / "_lease.json").exists()

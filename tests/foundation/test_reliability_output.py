@@ -125,6 +125,79 @@ def test_empty_output_path_is_refused(tmp_path: Path, urls: Path, cli) -> None:
     assert sorted_files(tmp_path) == ["_work/notes.txt"]
 
 
+def test_filesystem_root_is_judged_on_its_own_contents(tmp_path: Path, urls: Path, cli) -> None:
+    """The filesystem root "/" is not "" (the current folder): it is refused for what it holds, before any lease is written into it."""
+    assert OutputDir.open("/").root == "/" and OutputDir.open("/").path("run.json") == "/run.json"
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    first = min(os.listdir("/"))
+    for root in ("/", "file:///", "//"):
+        assert_usage_error(stage(cli, urls, root, *LAION, cwd=cwd), "/ is not empty", f"({first}, ...)")
+    assert sorted_files(cwd) == [] and not os.path.exists("/_lease.json") and not os.path.exists("/run.json")
+
+
+def test_work_folder_mmcurate_did_not_write_is_never_touched(tmp_path: Path, urls: Path, cli) -> None:
+    out = tmp_path / "out"
+    assert stage(cli, urls, out, *SMALL).returncode == 0
+    (out / "_work").mkdir()
+    (out / "_work" / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    assert_usage_error(stage(cli, urls, out, *SMALL), f"{out / '_work'} holds files mmcurate did not write")
+    assert snapshot(out) == before
+    crash_state(out)  # a resume refuses it too, as does a new run's start
+    (out / "_done" / "00001").unlink()
+    before = snapshot(out)
+    assert_usage_error(stage(cli, urls, out, *SMALL), "_work holds files mmcurate did not write")
+    assert snapshot(out) == before
+    fresh = tmp_path / "fresh"
+    (fresh / "_work").mkdir(parents=True)
+    (fresh / "_work" / "notes.txt").write_text("mine")
+    assert_usage_error(stage(cli, urls, fresh, *SMALL), "not empty", "(_work, ...)")
+    assert sorted_files(fresh) == ["_work/notes.txt"]
+    (out / "_work" / "notes.txt").rename(tmp_path / "notes.txt")  # moved away: the resume goes on
+    assert stage(cli, urls, out, *SMALL).returncode == 0
+    assert check_accounting(out)["rows_in"] == 120 and not (out / "_work").exists()
+
+
+def test_corrected_command_replaces_a_run_stopped_at_its_start(tmp_path: Path, urls: Path, cli, monkeypatch, caplog) -> None:
+    """A usage error a worker meets after run.json is written (a stage's setup) leaves a record of a run that
+    wrote no results: the corrected command, another pipeline, starts in its place; one that wrote results is refused."""
+    from mmcurate.errors import UsageError
+    from mmcurate.tests.support.foundation import DropWord
+
+    def broken(self) -> None:
+        raise UsageError(f"drop_word: no list for {self.config.word!r}")
+
+    monkeypatch.setattr(DropWord, "setup", broken)
+    out = tmp_path / "out"
+    assert_usage_error(stage(cli, urls, out, *SMALL, "--set", "word=dog"), "no list for 'dog'")
+    assert (out / "run.json").exists() and not OutputDir.open(str(out)).wrote_results()
+    monkeypatch.undo()
+    register(monkeypatch)
+    fixed = stage(cli, urls, out, *SMALL, "--set", "word=cat")
+    assert fixed.returncode == 0, fixed.stderr
+    assert "another pipeline's run that wrote no results" in caplog.text
+    record = json.loads((out / "run.json").read_text())
+    assert record["pipeline"]["stages"] == [{"drop_word": {"word": "cat"}}] and record["finished"]
+    assert check_accounting(out)["rows_in"] == 120
+    crash_state(out)
+    (out / "_done" / "00002").unlink()  # a run that wrote shards is another pipeline's output, kept
+    before = snapshot(out)
+    assert_usage_error(stage(cli, urls, out, *SMALL, "--set", "word=dog"), "different pipeline")
+    assert snapshot(out) == before
+
+
+def test_intermediates_count_as_results(tmp_path: Path) -> None:
+    out = OutputDir.open(str(tmp_path))
+    out.claim()
+    out.write_bytes(out.work_path("input", "00000.parquet"), b"parsed")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / ".tmp-0a1b-00000.tar").write_bytes(b"half")
+    assert not out.wrote_results()
+    out.write_bytes(out.work_path("seg0", "00000.arrow"), b"rows")
+    assert out.wrote_results()
+
+
 def test_deleted_run_json_with_other_options_is_refused(tmp_path: Path, urls: Path, cli) -> None:
     out = tmp_path / "out"
     assert stage(cli, urls, out, *LAION).returncode == 0
