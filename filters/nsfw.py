@@ -1,8 +1,8 @@
 """NSFW score from the NudeNet detector (``pip install mmcurate[nsfw]``).
 
 ``nsfw_score`` is the highest confidence among the detector's exposed-body-part classes in
-``classes`` (0 when none is found; NudeNet reports detections from 0.2 up), so it is
-high only when the detector finds exposed genitalia, breasts, buttocks or anus. With ``max_score``
+``classes`` (NudeNet's class names, in any case; 0 when none is found; NudeNet reports detections
+from 0.2 up), so it is high only when the detector finds exposed genitalia, breasts, buttocks or anus. With ``max_score``
 set, rows above it are rejected as ``nsfw``; ``mode: score`` only tags (as LAION did).
 Rows without an image or with an undecodable one get a null score (``image_missing``,
 ``decode_error``).
@@ -19,6 +19,7 @@ extra and distributes or serves a product built on it must check the AGPL-3.0 ob
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,23 @@ class NsfwConfig:
             raise ValueError(f"max_score is a confidence between 0 and 1, not {self.max_score}")
         if not self.classes:
             raise ValueError("classes must name at least one detector class")
+        self.classes = tuple(name.upper() for name in self.classes)  # NudeNet's names are upper case; any case is accepted
+        labels = detector_labels()
+        unknown = [name for name in self.classes if labels is not None and name not in labels]
+        if unknown:
+            raise ValueError(f"classes: NudeNet has no class {unknown[0]!r} (its classes: {', '.join(sorted(labels))})")
         if self.batch_size < 1 or self.workers < 1:
             raise ValueError("batch_size and workers must be at least 1")
+
+
+def detector_labels() -> tuple[str, ...] | None:
+    """The classes NudeNet's detector reports, from the installed package's own list; None without it."""
+    try:
+        module = importlib.import_module("nudenet.nudenet")
+    except ImportError:
+        return None  # the stage's load() names the extra to install
+    labels = vars(module).get("__labels")
+    return tuple(labels) if labels else None
 
 
 class Nsfw(ModelStage):

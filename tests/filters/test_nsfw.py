@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from mmcurate.errors import UsageError
-from mmcurate.filters.nsfw import Nsfw
+from mmcurate.filters.nsfw import EXPOSED, Nsfw, detector_labels
 from mmcurate.tests.support.filters import kept, rejects, run_command
 
 pytest.importorskip("nudenet")
@@ -57,6 +57,15 @@ def test_bad_rows_and_threshold(nsfw: Nsfw, photo_dir: Path) -> None:
     assert strict.process(t).column("reject_reason").to_pylist()[0] == "nsfw"
     with pytest.raises(UsageError):
         Nsfw.from_params({"max_score": 3})
+
+
+def test_classes_are_nudenet_labels_in_any_case() -> None:
+    """A typo would count no class at all (every score 0): it is refused, with the detector's names."""
+    assert set(EXPOSED) < set(detector_labels()) and len(detector_labels()) == 18
+    assert Nsfw.from_params({"classes": "face_female,Anus_Exposed"}).config.classes == ("FACE_FEMALE", "ANUS_EXPOSED")
+    with pytest.raises(UsageError, match=r"has no class 'FEMALE_BREAST_EXPOSD' \(its classes: ANUS_COVERED, .*FACE_FEMALE") as error:
+        Nsfw.from_params({"classes": ["female_breast_exposd"]})
+    assert "\n" not in str(error.value)
 
 
 def test_cli(tmp_path: Path, photo_dataset: Path, photos: pa.Table) -> None:
