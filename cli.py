@@ -128,7 +128,7 @@ def _pipeline_from_args(args: argparse.Namespace):
     else:
         pipeline = parse_pipeline({"input": {"path": args.input}, "output": {"path": args.output}, "stages": []})
         pipeline.stages = [StageSpec(args.name)]
-    settings = list(args.settings)
+    settings = [_stage_setting(args.name, s) for s in args.settings] if args.command == "stage" else list(args.settings)
     for flag, key in (
         ("input", "input.path"),
         ("input_format", "input.format"),
@@ -143,11 +143,21 @@ def _pipeline_from_args(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             settings.insert(0, f"{key}={value}")
-    if args.command == "stage":
-        settings = [
-            s if "." in s.partition("=")[0] or s.partition("=")[0] in ("workers", "engine") else f"{args.name}.{s}" for s in settings
-        ]
     return apply_overrides(pipeline, settings)
+
+
+def _stage_setting(stage: str, item: str) -> str:
+    """A ``--set`` of ``mmcurate stage NAME``: a bare ``key=value`` sets the stage's option of that name, or
+    the pipeline's (``workers``, ``engine``, ...) where the stage has none."""
+    import dataclasses
+
+    from mmcurate.pipelines.config import PIPELINE_KEYS
+    from mmcurate.pipelines.registry import stage_class
+
+    key = item.partition("=")[0]
+    if "." in key or (key in PIPELINE_KEYS and key not in {f.name for f in dataclasses.fields(stage_class(stage).Config)}):
+        return item
+    return f"{stage}.{item}"
 
 
 def _print_summary(summary: dict, out: str) -> None:
@@ -168,6 +178,8 @@ def _export_options(args: argparse.Namespace):
             instructions = tuple(line.strip() for line in f if line.strip())
     except OSError as e:
         raise UsageError(f"cannot read --instructions {args.instructions}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--instructions {args.instructions}: not UTF-8 text (one instruction per line)") from None
     return ExportOptions(min_boxes=args.min_boxes, instructions=instructions, seed=args.seed)
 
 
@@ -274,8 +286,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "report":
         from mmcurate.tooling.report import Options, build_report, figures_path
 
-        if args.samples < 0:
-            raise UsageError(f"--samples must not be negative, not {args.samples}")
+        for flag in ("samples", "seed"):
+            if getattr(args, flag) < 0:
+                raise UsageError(f"--{flag} must not be negative, not {getattr(args, flag)}")
         figures = build_report(args.path, args.output, Options(samples=args.samples, seed=args.seed))
         shown = f"{figures['summary']['rows_in']} rows ({len(figures['samples'])} samples shown)"
         print(f"report of {shown} -> {args.output}, figures -> {figures_path(args.output)}")

@@ -10,6 +10,8 @@ whose score is below ``min_score`` are rejected (``unwanted_language``, ``langua
 
 from __future__ import annotations
 
+import difflib
+import locale
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -25,12 +27,32 @@ _LABEL = "__label__"
 # Deprecated ISO 639-1 codes some tools still emit, and the codes lid.176 uses instead.
 _RENAMED = {"iw": "he", "in": "id", "ji": "yi", "jw": "jv", "mo": "ro"}
 _SPACE = re.compile(r"\s+")
+# The 176 labels of lid.176 (fasttext.cc/docs/en/language-identification.html): what ``keep`` may list.
+_LID176 = (
+    "af als am an ar arz as ast av az azb ba bar bcl be bg bh bn bo bpy br bs bxr ca cbk ce ceb ckb co cs cv cy da de "
+    "diq dsb dty dv el eml en eo es et eu fa fi fr frr fy ga gd gl gn gom gu gv he hi hif hr hsb ht hu hy ia id ie ilo io "
+    "is it ja jbo jv ka kk km kn ko krc ku kv kw ky la lb lez li lmo lo lrc lt lv mai mg mhr min mk ml mn mr mrj ms mt "
+    "mwl my myv mzn nah nap nds ne new nl nn no oc or os pa pam pfl pl pms pnb ps pt qu rm ro ru rue sa sah sc scn sco "
+    "sd sh si sk sl so sq sr su sv sw ta te tg th tk tl tr tt tyv ug uk ur uz vec vep vi vls vo wa war wuu xal xmf yi "
+    "yo yue zh"
+)
+LID176 = frozenset(_LID176.split())
 
 
 def normalize_code(code: str) -> str:
     """The language part of a code, lower-cased, deprecated codes renamed: ``zh-CN`` -> ``zh``."""
     code = re.split(r"[-_]", code.strip().lower(), maxsplit=1)[0]
     return _RENAMED.get(code, code)
+
+
+def code_hint(given: str) -> str:
+    """A suggestion for a ``keep`` entry that is not a lid.176 code: the code of a language name
+    (``english`` -> ``en``, from the C library's locale names) or the nearest codes."""
+    name = given.strip().lower()
+    alias = locale.locale_alias.get(name, "")
+    code = normalize_code(alias.split(".")[0]) if alias else ""
+    found = [code] if code in LID176 else difflib.get_close_matches(name, sorted(LID176), n=3)
+    return f"did you mean {' or '.join(repr(c) for c in found)}?" if found else "lid.176 names languages by ISO 639 codes (en, de, zh, ...)"
 
 
 def bundled_model() -> str:
@@ -47,6 +69,9 @@ class LanguageConfig:
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
+        for given in self.keep:
+            if self.model_path is None and normalize_code(given) not in LID176:
+                raise UsageError(f"language: keep lists {given!r}, not a language lid.176 identifies; {code_hint(given)}")
         self.keep = tuple(normalize_code(c) for c in self.keep)
 
 

@@ -35,6 +35,7 @@ from mmcurate.stages.base import Stage
 
 ENGINES = ("local", "ray", "spark")
 ENGINE_KEYS = ("engine", "workers", "min_actors", "max_actors")  # how a pipeline runs, not what it outputs
+PIPELINE_KEYS = ("input", "output", "stages", *ENGINE_KEYS)  # the top-level keys of a pipeline
 PRESETS = Path(__file__).parent
 # Columns every reader provides, and those only image-bearing inputs provide.
 READER_COLUMNS = ("key", "url", "caption", "reject_stage", "reject_reason")
@@ -130,7 +131,7 @@ def parse_pipeline(data: Any, base: Path | None = None, paths: dict[str, str] | 
     """
     if not isinstance(data, dict):
         raise UsageError("a pipeline is a mapping with input, output and stages")
-    unknown = sorted(set(data) - {"input", "output", "stages", *ENGINE_KEYS, "description"})
+    unknown = sorted(set(data) - {*PIPELINE_KEYS, "description"})
     if unknown:
         raise UsageError(f"pipeline: unknown key {unknown[0]!r} (keys: input, output, stages, {', '.join(ENGINE_KEYS)})")
     sections = {}
@@ -164,9 +165,11 @@ def load_pipeline(path: str | Path, paths: dict[str, str] | None = None) -> Pipe
     if not path.exists() and (PRESETS / f"{path}.yaml").exists():
         path = PRESETS / f"{path}.yaml"
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise UsageError(f"cannot read pipeline {str(path)!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text, so not a pipeline YAML") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_pipeline(data, path.parent, paths)
@@ -198,6 +201,10 @@ def apply_overrides(pipeline: Pipeline, settings: list[str]) -> Pipeline:
         if not sep:
             raise UsageError(f"--set wants KEY=VALUE, not {item!r}")
         section, _, key = target.rpartition(".")
+        if section == "" and key in ("input", "output"):
+            raise UsageError(f"--set {item}: set the {key} path with --{key} PATH or --set {key}.path=PATH")
+        if section == "" and key == "stages":
+            raise UsageError(f"--set {item}: the stages are listed in the pipeline YAML; --set STAGE.KEY=VALUE sets a stage's option")
         if section in ("input", "output"):
             spec = getattr(pipeline, section)
             setattr(pipeline, section, build_config(type(spec), {**dataclasses.asdict(spec), key: value}, f"pipeline {section}"))

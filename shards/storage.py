@@ -29,6 +29,16 @@ def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
         extra = EXTRAS.get(protocol)
         hint = f'pip install "mmcurate[{extra}]"' if extra else str(e)
         raise UsageError(f"{url}: {protocol}:// paths need a driver that is not installed; {hint}") from None
+    except ValueError as e:
+        if not str(e).startswith("Protocol not known"):
+            raise
+        raise UsageError(
+            f"{url}: unknown URL scheme {protocol}:// (fsspec has no driver of that name; e.g. s3://, gs://, https:// or a local path)"
+        ) from None
+    except OSError as e:  # a driver that cannot start here (hdfs:// without Java) or a server it cannot reach
+        raise UsageError(
+            f"{url}: cannot open {protocol}:// paths here ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+        ) from None
     if protocol in EXTRAS and url not in _REACHED:
         _reach(fs, path, url, SETTINGS[EXTRAS[protocol]])
         _REACHED.add(url)

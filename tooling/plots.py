@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmcurate.errors import UsageError
 from mmcurate.shards.layout import OutputDir, open_parquet
 
 NUMERIC_COLUMNS = ("clip_score", "language_score", "nsfw_score", "num_boxes", "original_width", "original_height", "caption_words")
@@ -112,5 +113,9 @@ def plot_funnel(summary: dict, path: str, scores: pa.Table | None = None) -> Non
     for ax, (name, (counts, edges)) in zip(axes[0][1:], histograms.items(), strict=True):
         draw_histogram(ax, name, counts, edges)
     fig.tight_layout()
-    with open(path, "wb") as f:
-        f.write(png(fig))
+    data = png(fig)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise UsageError(f"cannot write --plot {path}: {e.strerror}") from None

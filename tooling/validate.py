@@ -92,14 +92,15 @@ def validate(path: str) -> list[str]:
     fs, root = url_to_fs(path)
     root = root.rstrip("/")
     layout = detect_layout(fs, root)
-    if fs.isdir(root) and not fs.ls(root, detail=False):
-        return [f"{root}: an empty folder, no dataset"]
     if layout == "mmcurate":
         return _validate_mmcurate(fs, path)
     if layout == "img2dataset":
         return _validate_img2dataset(fs, root)
+    paths = sorted(fs.glob(f"{root}/**/*.parquet")) if fs.isdir(root) else [root]
+    if not paths:
+        return [f"{root}: no dataset: not an mmcurate output (no run.json), nor an img2dataset output, and no Parquet file"]
     problems: list[str] = []
-    for p in sorted(fs.glob(f"{root}/**/*.parquet")) if fs.isdir(root) else [root]:
+    for p in paths:
         table = _read(fs, p, problems)
         if table is not None:
             problems += check_table(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from mmcurate.errors import UsageError
-from mmcurate.filters.language import Language, normalize_code
+from mmcurate.filters.language import LID176, Language, bundled_model, normalize_code
 from mmcurate.tests.support.filters import kept, rejects, run_cli, run_command
 
 
@@ -121,3 +122,22 @@ def test_two_language_stages_apply_their_own_settings(tmp_path: Path) -> None:
     ]
     stats = json.loads((tmp_path / "out" / "_stats" / "00000.json").read_text())["stages"]
     assert [(s["stage"], s["rows_in"], s["rejected"]) for s in stats] == [("read", 5, 0), ("language#1", 5, 1), ("language#2", 4, 2)]
+
+
+@pytest.mark.parametrize(
+    "given, hint",
+    [("english", "did you mean 'en'?"), ("German", "did you mean 'de'?"), ("eng", "'en'"), ("xx", "ISO 639 codes")],
+)
+def test_keep_lists_lid176_codes(given: str, hint: str) -> None:
+    """A ``keep`` entry lid.176 never predicts would reject every row: refused, with the code meant."""
+    with pytest.raises(UsageError, match=f"keep lists '{given}', not a language lid.176 identifies; .*{re.escape(hint)}"):
+        Language.from_params({"keep": ["en", given]})
+    assert Language.from_params({"keep": ["zh-CN", "iw", "yue"]}).config.keep == ("zh", "he", "yue")
+    assert Language.from_params({"keep": [given], "model_path": "another.bin"}).config.keep  # another model: its own labels
+
+
+def test_lid176_codes_are_the_bundled_models_labels() -> None:
+    import fasttext
+
+    labels, _ = fasttext.load_model(bundled_model()).predict("a", k=-1, threshold=-1.0)
+    assert {label.removeprefix("__label__") for label in labels} == LID176

@@ -132,6 +132,11 @@ def test_corrupt_img2dataset_tar(box: Sandbox, jpeg_photos: list[dict], photo_di
         (["--rows-per-shard", "0"], ("rows_per_shard", "must be at least 1")),
         (["--set", "output.rows_per_shard=["], ("rows_per_shard", "must be an integer, not '['")),
         (["--set", "input.max_caption_chars=-1"], ("max_caption_chars", "must not be negative")),
+        (["--set", "input=x"], ("--set input=x", "--input PATH", "input.path=PATH")),
+        (["--set", "output=x"], ("--set output=x", "--output PATH")),
+        (["--set", "stages=5"], ("--set stages=5", "pipeline YAML")),
+        (["--input", "bogus://x"], ("bogus://x", "unknown URL scheme bogus://")),
+        (["--output", "bogus://x/out"], ("bogus://x/out", "unknown URL scheme bogus://")),
     ],
 )
 def test_bad_options(box: Sandbox, args: list[str], fragments: tuple[str, ...]) -> None:
@@ -192,6 +197,36 @@ def test_bad_yaml(box: Sandbox, text: str, fragment: str) -> None:
 
 def test_missing_pipeline_file(box: Sandbox) -> None:
     box.usage(["run", str(box.inputs / "nope.yaml")], "cannot read pipeline")
+
+
+def test_pipeline_that_is_not_utf8(box: Sandbox) -> None:
+    (box.inputs / "latin1.yaml").write_bytes(b"input: {path: urls.parquet}\n# caf\xe9\noutput: {path: ../out}\n")
+    box.usage(["run", str(box.inputs / "latin1.yaml")], "latin1.yaml: not UTF-8 text", real=True)
+
+
+def test_stage_set_reaches_the_stage_option_of_that_name_first() -> None:
+    """``mmcurate stage NAME --set workers=3``: NAME's own ``workers`` option where it has one (nsfw's decoding
+    threads), else the pipeline's; ``--workers`` is always the pipeline's."""
+    from mmcurate.cli import _pipeline_from_args, build_parser
+
+    def parsed(*args: str):
+        return _pipeline_from_args(build_parser().parse_args(["stage", *args, "--input", "in.csv", "--output", "out"]))
+
+    nsfw = parsed("nsfw", "--set", "workers=3", "--workers", "2")
+    assert (nsfw.stages[0].params, nsfw.workers) == ({"workers": "3"}, 2)
+    assert parsed("nsfw", "--set", "nsfw.workers=4").stages[0].params == {"workers": "4"}
+    caption = parsed("caption_quality", "--set", "workers=3", "--set", "max_actors=5", "--set", "min_words=2")
+    assert (caption.workers, caption.max_actors, caption.stages[0].params) == (3, 5, {"min_words": "2"})
+
+
+def test_tool_arguments(box: Sandbox) -> None:
+    """Bad arguments of the tools over an output: one line, nothing written."""
+    out = box.run_ok(box.inputs / "urls.parquet", *LAION)
+    (box.inputs / "binary.txt").write_bytes(bytes(range(256)))
+    box.usage(["stats", str(out), "--plot", str(box.inputs)], f"cannot write --plot {box.inputs}")
+    box.usage(["stats", str(out), "--plot", "missing/x.png"], "cannot write --plot missing/x.png", "No such file")
+    box.usage(["report", str(out), "--seed", "-5"], "--seed must not be negative")
+    box.usage(["export", "llava", str(out), "dest", "--instructions", str(box.inputs / "binary.txt")], "binary.txt: not UTF-8 text")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -359,6 +359,9 @@ def test_validate_fails_incomplete_output(tmp_path: Path, urls: Path, cli) -> No
     empty.mkdir()
     result = cli("validate", empty)
     assert result.returncode == 1 and "no dataset" in result.stdout
+    (empty / "notes.txt").write_text("not a dataset\n")
+    result = cli("validate", empty)
+    assert result.returncode == 1 and "no dataset: not an mmcurate output (no run.json)" in result.stdout
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "run.json").write_text("{")
