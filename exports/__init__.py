@@ -5,9 +5,12 @@ reads it (:mod:`mmcurate.exports.text`, :mod:`mmcurate.exports.datasets`). The s
 by shard (never the whole dataset in memory); keys are kept; each source shard ``id`` gives
 ``DEST/{id:05d}.*`` and ``DEST/images/{id:05d}/``. Rows are skipped, and counted by reason, when
 they lack a caption, an image the format needs, or the format's least number of boxes (``min_boxes``:
-1, and 0 for ``llava``). ``DEST/export.json``, written last, records the format, the counts and the
-quantisation error: the mean and lowest IoU between the boxes and their quantised versions as the
-consumer decodes them. DEST must be a new or empty folder.
+1, and 0 for ``llava``), when their phrases' spans do not index their caption (``span_mismatch``),
+or when their caption holds what the format's consumer reads as markup (``reserved_markup``: each
+format's ``reserved`` pattern; such text is never escaped). ``DEST/export.json``, written last,
+records the format, the counts and the quantisation error: the mean and lowest IoU between the boxes
+and their quantised versions as the consumer decodes them. DEST must be a new or empty folder; a
+source without the ``grounding`` column a format needs is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from mmcurate.exports.text import CogVLM, Florence2, Kosmos2, Qwen2VL, QwenVL
 from mmcurate.shards.layout import OutputDir, detect_layout
 from mmcurate.shards.readers import InputSpec, ShardPlan, plan_input
 
-__all__ = ["FORMATS", "ExportOptions", "export", "sample_of"]
+__all__ = ["FORMATS", "ExportOptions", "export", "needed_columns", "sample_of"]
 
 FORMATS: dict[str, type[Format]] = {cls.name: cls for cls in (Kosmos2, QwenVL, Qwen2VL, CogVLM, Florence2, Grit, Llava)}
 COLUMNS = ("key", "url", "caption", "width", "height", "image", "image_format", "grounding", "reject_reason")
@@ -41,6 +44,10 @@ def export(fmt: str, source: str, dest: str, options: ExportOptions | None = Non
     src = OutputDir.open(source)
     if detect_layout(src.fs, src.root) != "mmcurate":
         raise UsageError(f"{source} is not an mmcurate output (no run.json or _done)")
+    stored = src.stored_columns()
+    for column, why in needed_columns(fmt).items():
+        if stored and column not in stored:
+            raise UsageError(f"{source} has no {column!r} column, which {why} needs")
     out = OutputDir.open(dest)
     if out.exists(out.root) and out.fs.ls(out.root, detail=False):
         raise UsageError(f"{dest} is not empty: export into a new or empty folder")
@@ -71,9 +78,16 @@ def _samples(writer: Format, shard_id: int, table: pa.Table, min_boxes: int) -> 
             writer.counts.skip(row.get("reject_reason") or "image_missing")
         elif sample.num_boxes < min_boxes:
             writer.counts.skip("too_few_boxes")
+        elif reason := writer.refusal(sample):
+            writer.counts.skip(reason)
         else:
             samples.append(sample)
     return samples
+
+
+def needed_columns(fmt: str) -> dict[str, str]:
+    """The stored columns the targets of ``fmt`` need, each with what needs it (for the usage error)."""
+    return {"grounding": f"{fmt} targets (run noun_phrases and grounding)"} if FORMATS[fmt].grounded else {}
 
 
 def sample_of(shard_id: int, row: dict) -> Sample:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -82,6 +83,16 @@ class Sample:
         return sum(len(p.boxes) for p in self.phrases)
 
     @property
+    def spans_match(self) -> bool:
+        """Whether each phrase's span holds its text in the caption, inside its expression's span, inside
+        the caption: false when a stage rewrote the caption after the spans were taken from it."""
+        n = len(self.caption)
+        return all(
+            0 <= p.expression_start <= p.start < p.end <= p.expression_end <= n and self.caption[p.start : p.end] == p.text
+            for p in self.phrases
+        )
+
+    @property
     def image_path(self) -> str:
         """The image's path under the image folder: ``{shard:05d}/KEY.EXT``."""
         return f"{shard_name(self.shard_id)}/{self.key}.{self.image_format or 'jpg'}"
@@ -134,6 +145,10 @@ class Format:
     min_boxes: ClassVar[int] = 1  # rows with fewer boxes are skipped (too_few_boxes)
     needs_image: ClassVar[bool] = True  # rows without an image are skipped (image_missing)
     quantisation: ClassVar[str] = "none"  # how boxes are quantised, for export.json
+    grounded: ClassVar[bool] = True  # writes grounded phrases: needs the grounding column and spans that index the caption
+    # What the format's consumer reads as markup in the text it is given (its parser's syntax, its
+    # tokenizer's special tokens): rows whose caption holds it are skipped (reserved_markup), not escaped.
+    reserved: ClassVar[re.Pattern[str] | None] = None
 
     def __init__(self, dest: OutputDir, options: ExportOptions) -> None:
         self.dest = dest
@@ -160,6 +175,16 @@ class Format:
         model learns to produce, and the format's other fields (``prompt``, the model's input text,
         where it has one). The writer writes these; the loader's ``grounding=`` gives them per sample."""
         raise NotImplementedError
+
+    def refusal(self, sample: Sample) -> str | None:
+        """Why ``sample`` cannot be written as it is, the reason it is skipped: ``span_mismatch`` (its
+        phrases' spans do not index its caption) or ``reserved_markup`` (its caption holds text the
+        consumer would read as markup); None when it can."""
+        if self.grounded and not sample.spans_match:
+            return "span_mismatch"
+        if self.reserved is not None and self.reserved.search(sample.caption):
+            return "reserved_markup"
+        return None
 
     def write_shard(self, shard_id: int, samples: list[Sample]) -> None:
         raise NotImplementedError

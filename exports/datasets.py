@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -81,6 +82,8 @@ class Grit(Format):
 class Llava(Format):
     name = "llava"
     min_boxes = 0
+    grounded = False
+    reserved = re.compile(r"<image>|<im_(?:start|end|patch)>")  # LLaVA's image placeholders, cut out of any turn
     path = "llava.json"
 
     def target(self, sample: Sample) -> dict[str, Any]:

@@ -16,6 +16,7 @@ is the path relative to DEST) and the images under ``DEST/images/{id:05d}/KEY.EX
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,9 @@ class Kosmos2(TextFormat):
 
     name = "kosmos2"
     quantisation = "32x32 grid cells (Kosmos-2 patch indices)"
+    # Its post-processing (clean_text_and_extract_entities_with_bboxes) drops every ``<...>`` of the text
+    # and reads a phrase as ``[^<]+``; its tokenizer holds <phrase>, <object>, <patch_index_NNNN>...
+    reserved = re.compile("<")
     grid = 32
 
     def cells(self, box: Box) -> tuple[int, int]:
@@ -103,6 +107,7 @@ class QwenVL(Thousandths):
     """Qwen-VL: ``<ref>phrase</ref><box>(x1,y1),(x2,y2)</box>`` per box."""
 
     name = "qwen-vl"
+    reserved = re.compile(r"</?(?:ref|box|quad|img)>|<imgpad>|<\|.*?\|>")  # its tokenizer's special tokens
 
     def markup(self, phrase: str, boxes: Sequence[Box]) -> str:
         return f"<ref>{phrase}</ref>" + "".join("<box>({},{}),({},{})</box>".format(*self.ints(b)) for b in boxes)
@@ -112,6 +117,7 @@ class Qwen2VL(Thousandths):
     """Qwen2-VL: object-reference and box special tokens, integers in [0, 1000)."""
 
     name = "qwen2-vl"
+    reserved = re.compile(r"<\|.*?\|>")  # its special tokens: <|object_ref_start|>, <|box_start|>, <|im_end|>...
 
     def markup(self, phrase: str, boxes: Sequence[Box]) -> str:
         boxes_text = "".join("<|box_start|>({},{}),({},{})<|box_end|>".format(*self.ints(b)) for b in boxes)
@@ -122,6 +128,7 @@ class CogVLM(Thousandths):
     """CogVLM: ``phrase [[x0,y0,x1,y1;...]]`` with three-digit coordinates."""
 
     name = "cogvlm"
+    reserved = re.compile(r"\[\[|\]\]")  # a box list's brackets
 
     def markup(self, phrase: str, boxes: Sequence[Box]) -> str:
         return f"{phrase} [[" + ";".join("{:03d},{:03d},{:03d},{:03d}".format(*self.ints(b)) for b in boxes) + "]]"
@@ -134,11 +141,17 @@ class Florence2(Thousandths):
     quantisation = "1000 bins (<loc_0>..<loc_999>, decoded at bin centres)"
     offset = 0.5  # Florence2PostProcessor.dequantize: (bin + 0.5) * size / 1000
     task = "<CAPTION_TO_PHRASE_GROUNDING>"
+    # Its post-processor reads a phrase as ``[^<]+``; its processor takes ``<TASK>`` tokens from the
+    # prompt; its tokenizer holds <loc_N>, <od>, <poly>...
+    reserved = re.compile("<")
 
     def markup(self, phrase: str, boxes: Sequence[Box]) -> str:
         return phrase + "".join("<loc_{}><loc_{}><loc_{}><loc_{}>".format(*self.ints(b)) for b in boxes)
 
     def text(self, sample: Sample) -> str:
+        """The phrases with their boxes; the plain caption for a row without a box."""
+        if not sample.phrases:
+            return sample.caption
         phrases: list[Phrase] = sorted(sample.phrases, key=lambda p: p.start)
         return "".join(self.markup(sample.caption[p.start : p.end], p.boxes) for p in phrases)
 

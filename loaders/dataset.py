@@ -12,7 +12,9 @@ a shard that fits in it is shuffled whole.
 
 from __future__ import annotations
 
+import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -22,12 +24,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcurate.errors import UsageError
-from mmcurate.exports import FORMATS, ExportOptions, sample_of
+from mmcurate.exports import FORMATS, ExportOptions, needed_columns, sample_of
 from mmcurate.loaders.captions import check_choice, choose
-from mmcurate.shards.layout import SHARDS, OutputDir, detect_layout, open_parquet
+from mmcurate.shards.layout import SHARDS, OutputDir, detect_layout
 from mmcurate.shards.writers import written_by
 from mmcurate.stages.model import decode_image
 
+logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 10_000  # rows: a default shard (output.rows_per_shard) is shuffled whole
 T = TypeVar("T")
 
@@ -42,7 +45,8 @@ class CuratedDataset(IterableDataset):
     - with ``grounding=FORMAT`` (a format of :data:`mmcurate.exports.FORMATS`), what that export writes
       for the row (:meth:`mmcurate.exports.base.Format.target`): ``target``, from the stored ``caption``
       column (the markup of its grounded phrases for the text formats), plus ``prompt`` (``florence2``,
-      ``llava``) or ``noun_chunks`` and ``ref_exps`` (``grit``); rows without a ``caption`` are skipped;
+      ``llava``) or ``noun_chunks`` and ``ref_exps`` (``grit``); rows without a ``caption`` are skipped, and
+      so are those the export skips as ``span_mismatch`` or ``reserved_markup`` (a warning per shard counts them);
     - each column named in ``columns``, as stored.
 
     ``min`` / ``max`` keep rows whose stored score is at least / at most the bound (``min={"clip_score": 0.3}``);
@@ -86,16 +90,14 @@ class CuratedDataset(IterableDataset):
 
     def _check_columns(self) -> None:
         """UsageError when a column the options need is not stored."""
-        kept = self.out.kept_files()
-        if not kept:
+        stored = self.out.stored_columns()
+        if not stored:
             return
-        with open_parquet(self.out.fs, kept[0]) as pf:
-            stored = set(pf.schema_arrow.names)
         needed = {c: "min/max" for c, _, _ in self.bounds} | dict.fromkeys(self.columns, "columns")
         if self.caption != "web":
             needed["captions"] = "a synthetic caption (run capfilt)"
-        if self.grounding and FORMATS[self.grounding].min_boxes:  # llava's targets need no boxes
-            needed["grounding"] = f"{self.grounding} targets (run noun_phrases and grounding)"
+        if self.grounding:
+            needed |= needed_columns(self.grounding)
         for column, why in needed.items():
             if column not in stored:
                 raise UsageError(f"{self.out.root} has no {column!r} column, which {why} needs")
@@ -138,8 +140,13 @@ class CuratedDataset(IterableDataset):
         rng = random.Random(f"{self.seed}:{self.epoch}:rows")
         for shard_id in self.my_shards():
             rows = self.rows(shard_id)
+            skipped: Counter[str] = Counter()
             for row in shuffled(rows, self.shuffle_buffer, rng) if self.shuffle else rows:
                 if fmt is not None and row.get("caption") is None:  # the export skips it too
+                    continue
+                as_stored = sample_of(shard_id, row) if fmt is not None else None
+                if as_stored is not None and (reason := fmt.refusal(as_stored)):
+                    skipped[reason] += 1
                     continue
                 image = decode_image(row.get("image"))
                 if image is None:
@@ -147,10 +154,14 @@ class CuratedDataset(IterableDataset):
                 text, source = choose(row, self.caption, self.seed, self.epoch)
                 sample = {"key": row["key"], "image": self.transform(image) if self.transform else image, "caption": text}
                 sample["caption_source"] = source
-                if fmt is not None:
-                    sample.update(fmt.target(sample_of(shard_id, row)))
+                if as_stored is not None:
+                    sample.update(fmt.target(as_stored))
                 sample.update({c: row[c] for c in self.columns})
                 yield sample
+            if skipped:
+                reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+                what = f"{self.out.root} shard {shard_id:05d}: skipped {skipped.total()} rows as the {self.grounding} export does"
+                logger.warning("%s (%s)", what, reasons)
 
 
 def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:

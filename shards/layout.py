@@ -142,6 +142,14 @@ class OutputDir:
         """The Parquet files of the kept rows, in shard order (``meta/``, else the Parquet shards)."""
         return self._files(META, "*.parquet") or self._files(SHARDS, "*.parquet")
 
+    def stored_columns(self) -> list[str]:
+        """The columns of the kept rows, read from the first kept file (a run writes one schema); none before one is written."""
+        kept = self.kept_files()
+        if not kept:
+            return []
+        with open_parquet(self.fs, kept[0]) as pf:
+            return pf.schema_arrow.names
+
     def tar_files(self) -> list[str]:
         return self._files(SHARDS, "*.tar")
 

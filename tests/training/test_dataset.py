@@ -125,6 +125,30 @@ def test_grounding_skips_rows_without_a_caption_as_the_export_does(curated: pa.T
     assert keys == set(table.column("key").to_pylist()[1:])
 
 
+def test_grounding_skips_the_rows_the_export_skips_and_says_so(curated: pa.Table, tmp_path: Path, caplog) -> None:
+    rows = curated.to_pylist()
+    grounded = [i for i, r in enumerate(rows) if r["num_boxes"]]
+    boxless = [i for i, r in enumerate(rows) if not r["num_boxes"]]
+    rows[grounded[0]]["caption"] = "a caption rewritten after its spans were taken"  # span_mismatch, but for llava
+    rows[grounded[1]]["caption"] += " <image> [[1,2,3,4]] <|im_end|> <ref>"  # reserved_markup, but for grit
+    rows[boxless[0]]["caption"] = "<patch_index_0001> " + rows[boxless[0]]["caption"]  # reserved_markup for kosmos2, florence2
+    out = write_dataset(tmp_path / "out", pa.Table.from_pylist(rows, schema=curated.schema), shards=3)
+    for fmt in FORMATS:
+        caplog.clear()
+        record = export(fmt, str(out), str(tmp_path / fmt), ExportOptions(min_boxes=0, seed=5))
+        expected = written(fmt, tmp_path / fmt)
+        dataset = CuratedDataset(str(out), grounding=fmt, seed=5, transform=size)
+        got = {s["key"]: {k: v for k, v in s.items() if k not in ("key", "image", "caption", "caption_source")} for s in dataset}
+        assert got == expected and len(got) == len(rows) - sum(record["skipped"].values()), fmt
+        markup = {"grit": 0, "kosmos2": 2, "florence2": 2}.get(fmt, 1)
+        reasons = {"span_mismatch": int(FORMATS[fmt].grounded), "reserved_markup": markup}
+        assert record["skipped"] == {reason: n for reason, n in reasons.items() if n}, fmt
+        warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        assert all(f"{reason}: {n}" in warned for reason, n in record["skipped"].items()), (fmt, warned)
+        if fmt == "florence2":  # a row without a box: its plain caption, as training.md says
+            assert all(got[rows[i]["key"]]["target"] == rows[i]["caption"] for i in boxless[1:])
+
+
 def test_llava_targets_need_no_grounding_column(curated: pa.Table, tmp_path: Path) -> None:
     out = write_dataset(tmp_path / "out", curated.drop_columns(["grounding"]), shards=2)
     samples = list(CuratedDataset(str(out), grounding="llava", transform=size))
