@@ -64,7 +64,7 @@ class RunContext:
         if reader is None:
             record = out.run_record()
             reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out, record.get("sources") if record else None)
-        check_columns(stages, reader.format, carried_columns(reader))
+        check_columns(stages, reader.format, input_holds(reader))
         return cls(pipeline, reader, stages, out)
 
     def __getstate__(self) -> dict:
@@ -119,6 +119,16 @@ def carried_columns(reader: Reader) -> tuple[str, ...]:
         return ()
     with open_parquet(reader.fs, reader.files[0].path) as pf:
         return tuple(name for name in pf.schema_arrow.names if name in BY_NAME)
+
+
+def input_holds(reader: Reader) -> tuple[str, ...]:
+    """Columns the input holds besides those a reader of its format always provides, for
+    :func:`check_columns`: an mmcurate input's declared ones and the first file's own (a Parquet input's
+    extra columns; not read from an input with tars, whose read would index a tar)."""
+    held = carried_columns(reader)
+    if reader.files and not any(f.tar for f in reader.files):
+        held += tuple(reader.read(ShardPlan(0, ((0, 0, 0),))).column_names)
+    return held
 
 
 def carries_images(reader: Reader, stages: list[Stage]) -> bool:
@@ -232,6 +242,8 @@ def _start(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | 
     out = OutputDir.open(pipeline.output.path)
     previous = previous_run(out)
     stages = pipeline.build_stages()
+    for stage in stages:
+        stage.check()
     config = pipeline.as_dict()
     if previous is not None and not _same_pipeline(previous, config, stages):
         if previous.get("finished") is not None or out.wrote_results():
@@ -247,7 +259,7 @@ def _start(pipeline: Pipeline, engine: str, check: Callable[[Pipeline], None] | 
         if previous is not None:
             out.remove_partial_writes()
         reader = plan_input(pipeline.input, pipeline.output.rows_per_shard, out, previous.get("sources") if previous else None)
-        check_columns(stages, reader.format, carried_columns(reader))
+        check_columns(stages, reader.format, input_holds(reader))
         run_id = previous.get("run_id") if previous is not None else None
         ctx = RunContext(pipeline, reader, stages, dataclasses.replace(out, run_id=run_id or uuid.uuid4().hex))
         if previous is not None and previous.get("finished"):

@@ -30,11 +30,12 @@ class BlocklistConfig:
             raise ValueError("give at least one list file in urls, domains or keys")
 
 
-def read_list(path: str) -> list[str]:
-    """The entries of one list file: stripped lines, without blanks and ``#`` comments."""
+def read_list(path: str, head: bool = False) -> list[str]:
+    """The entries of one list file: stripped lines, without blanks and ``#`` comments (with ``head``, of its
+    first bytes alone: a check that it can be read)."""
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            lines = f.read(1024 if head else -1).splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"blocklist: cannot read {path!r} ({e})") from None
     return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
@@ -63,6 +64,10 @@ class Blocklist(Stage):
     Config = BlocklistConfig
     resources = Resources(cpus=1)
     needs = ("key", "url")
+
+    def check(self) -> None:
+        for path in (*self.config.urls, *self.config.domains, *self.config.keys):
+            read_list(path, head=True)
 
     def setup(self) -> None:
         c = self.config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import locale
+import os
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -83,6 +84,11 @@ class Language(Stage):
     resources = Resources(cpus=1, memory_gb=0.2)
     needs = ("caption",)
     adds = ("language", "language_score")
+
+    def check(self) -> None:
+        path = self.config.model_path
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"language: cannot load fastText model {path!r} (no such file)")
 
     def setup(self) -> None:
         import fasttext

@@ -54,6 +54,10 @@ class Select(Stage):
     Config = SelectConfig
     resources = Resources(cpus=1)
 
+    def __init__(self, config: SelectConfig | None = None) -> None:
+        super().__init__(config)
+        self.needs = self.config.columns  # checked against the input's columns before the run writes anything
+
     @property
     def is_global(self) -> bool:
         """Global (a ranking over the whole dataset, after the thresholds) when given a ``top_fraction``."""

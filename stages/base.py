@@ -66,6 +66,10 @@ class Stage:
         """Whether a global step follows ``process``: ``decide`` over the kept rows of the whole dataset."""
         return False
 
+    def check(self) -> None:
+        """Raise UsageError for a mistake found without loading anything (a list or model file that does not
+        exist); the run calls it before it writes anything, a worker's ``setup`` being too late for that."""
+
     def setup(self) -> None:
         """Load models and other per-worker state. Called once per worker, before any batch."""
 

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -185,6 +186,27 @@ def test_corrected_command_replaces_a_run_stopped_at_its_start(tmp_path: Path, u
     before = snapshot(out)
     assert_usage_error(stage(cli, urls, out, *SMALL, "--set", "word=dog"), "different pipeline")
     assert snapshot(out) == before
+
+
+def test_stage_option_mistakes_stop_the_run_before_it_writes(tmp_path: Path, urls: Path, cli) -> None:
+    """Mistakes a stage finds without loading anything (Stage.check) or against the input's columns end the run
+    before run.json: no output folder is left, so the corrected command is no other pipeline's output."""
+    out = tmp_path / "out"
+    mistakes = {
+        ("blocklist", "domains=missing.txt"): "blocklist: cannot read 'missing.txt'",
+        ("blocklist", f"keys={tmp_path}"): f"blocklist: cannot read '{tmp_path}'",
+        ("language", "model_path=/nonexistent/lid.bin"): "cannot load fastText model '/nonexistent/lid.bin' (no such file)",
+        ("select", "min={aesthetic: 3}"): "stage select needs column 'aesthetic', which neither an earlier stage nor the parquet input",
+    }
+    for (name, setting), message in mistakes.items():
+        result = cli("stage", name, "--input", urls, "--output", out, *LAION, "--set", setting, cwd=tmp_path)
+        assert_usage_error(result, message)
+        assert not out.exists()
+    scored = tmp_path / "scored.parquet"
+    pq.write_table(pq.read_table(urls).append_column("aesthetic", pa.array([float(i % 7) for i in range(120)])), scored)
+    kept = cli("stage", "select", "--input", scored, "--output", out, *LAION, "--set", "min={aesthetic: 3}", "--workers", "1")
+    assert kept.returncode == 0, kept.stderr
+    assert check_accounting(out)["kept"] == sum(i % 7 >= 3 for i in range(120))
 
 
 def test_intermediates_count_as_results(tmp_path: Path) -> None:
