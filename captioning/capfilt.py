@@ -35,6 +35,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from mmcurate.errors import UsageError
+from mmcurate.options import bounded
 from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import reject, set_column
 from mmcurate.stages.model import ModelConfig, ModelStage, Skip, hf_load, open_clip_load, require, row_image
@@ -52,15 +54,15 @@ class CapfiltConfig(ModelConfig):
     captioner_revision: str | None = None  # pin the captioner (a commit, tag or branch)
     filter_model: str = "Salesforce/blip-itm-large-coco"  # BLIP ITM id or folder; CLIP: local-dir:, hf-hub:, open_clip:NAME:TAG
     filter_revision: str | None = None
-    threshold: float | None = None  # keep captions scoring at least this; None: 0.5 for BLIP ITM, 0.28 for CLIP
-    num_captions: int = 3  # synthetic captions per image
+    threshold: float | None = None  # keep captions scoring at least this (ITM: 0 to 1, CLIP: -1 to 1); None: 0.5 for ITM, 0.28 for CLIP
+    num_captions: int = bounded(3, ge=0)  # synthetic captions per image
     prompt: str = "a picture of "
     sampling: Literal["nucleus", "beam"] = "nucleus"
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    num_beams: int = 3  # sampling: beam
-    min_length: int = 5  # new tokens after the prompt
-    max_length: int = 30
+    top_p: float = bounded(0.9, gt=0, le=1)
+    repetition_penalty: float = bounded(1.1, gt=0)  # 1: none
+    num_beams: int = bounded(3, ge=1)  # sampling: beam
+    min_length: int = bounded(5, ge=1)  # new tokens after the prompt
+    max_length: int = bounded(30, ge=1)  # at most the captioner's positions less the prompt's (checked at load)
     seed: int = 0
     caption_choice: Literal["best", "web_first", "synthetic_first"] = "best"
     mode: Literal["filter", "score"] = "filter"
@@ -68,12 +70,11 @@ class CapfiltConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_captions < 0:
-            raise ValueError(f"num_captions must be at least 0, not {self.num_captions}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
-        if not 1 <= self.min_length <= self.max_length:
-            raise ValueError(f"need 1 <= min_length <= max_length, not {self.min_length} and {self.max_length}")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) must not be above max_length ({self.max_length})")
+        low, score = (-1.0, "a CLIP cosine") if self.clip_filter else (0.0, "a BLIP ITM probability")
+        if self.threshold is not None and not low <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is {score}: it must be between {low:g} and 1, not {self.threshold:g}")
         if self.sampling == "beam" and self.num_beams < self.num_captions:
             raise ValueError(f"beam search returns at most num_beams ({self.num_beams}) captions, not num_captions {self.num_captions}")
 
@@ -131,9 +132,27 @@ class Capfilt(ModelStage):
             self._itm.to(self.device).eval()
             same = self._itm_processor.image_processor.to_dict() == self._processor.image_processor.to_dict()
             self._shared_pixels = same
-        self._prompt_ids = self._processor(text=[c.prompt.strip()], return_tensors="pt")
+        self._prompt_ids = self._prompt()
         size = self._processor.image_processor.size
         self._draft = (size.get("width", size.get("shortest_edge", 384)), size.get("height", size.get("shortest_edge", 384)))
+
+    def _prompt(self) -> Any:
+        """The prompt's token ids, which generation continues: without the ``[SEP]`` a BERT tokenizer
+        ends a text with (BLIP, GIT) where the prompt feeds the decoder; a :class:`UsageError` when
+        ``max_length`` new tokens after it would run past the captioner's positions."""
+        c = self.config
+        ids = self._processor(text=[c.prompt.strip()], return_tensors="pt")["input_ids"]
+        config = self._captioner.config
+        if not config.is_encoder_decoder and ids.shape[1] and ids[0, -1].item() == getattr(self._processor.tokenizer, "sep_token_id", None):
+            ids = ids[:, :-1]
+        positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+        taken = 0 if config.is_encoder_decoder else ids.shape[1]
+        if positions and c.max_length > positions - taken:
+            raise UsageError(
+                f"{self.name}: option 'max_length' must be at most {positions - taken} for captioner {c.captioner!r} "
+                f"({positions} positions, {taken} taken by the prompt), not {c.max_length}"
+            )
+        return ids
 
     def provenance(self) -> dict[str, Any]:
         c = self.config
@@ -198,7 +217,7 @@ class Capfilt(ModelStage):
         c = self.config
         n = c.num_captions
         pixels = torch.stack([it["pixels"] for it in items]).to(self.device, self.dtype)
-        prompt = self._prompt_ids["input_ids"].to(self.device)
+        prompt = self._prompt_ids.to(self.device)
         options: dict[str, Any] = {
             "max_new_tokens": c.max_length,
             "min_new_tokens": c.min_length,
@@ -214,7 +233,7 @@ class Capfilt(ModelStage):
         model = self._captioner
         if hasattr(model, "vision_model") and hasattr(model, "text_decoder"):  # BLIP: encode each image once
             embeds = model.vision_model(pixel_values=pixels)[0].repeat_interleave(repeat, dim=0)
-            ids = prompt[:, :-1].repeat(embeds.shape[0], 1).clone()
+            ids = prompt.repeat(embeds.shape[0], 1).clone()
             ids[:, 0] = model.config.text_config.bos_token_id
             text = model.config.text_config
             out = model.text_decoder.generate(

@@ -166,6 +166,48 @@ def test_an_open_clip_filter_with_random_weights_is_asked_for(tmp_path: Path, ti
     assert stage._clip.visual.image_size == (64, 64)
 
 
+def test_option_bounds(tiny_blip: dict) -> None:
+    """Options a run would fail on (or reject every row with) are one line before any row."""
+    models = {"captioner": tiny_blip["captioner"], "filter_model": tiny_blip["itm"]}
+    for params, message in (
+        ({"repetition_penalty": -1}, "option 'repetition_penalty' must be positive"),
+        ({"top_p": 0}, "option 'top_p' must be more than 0 and at most 1"),
+        ({"num_beams": 0}, "option 'num_beams' must be at least 1"),
+        ({"min_length": 0}, "option 'min_length' must be at least 1"),
+        ({"min_length": 9, "max_length": 8}, r"min_length \(9\) must not be above max_length \(8\)"),
+        ({"threshold": 28}, "threshold is a BLIP ITM probability: it must be between 0 and 1, not 28"),
+        ({"threshold": -0.1}, "threshold is a BLIP ITM probability: it must be between 0 and 1"),
+        ({"threshold": 1.5, "filter_model": "open_clip:ViT-B-32:openai"}, "threshold is a CLIP cosine: it must be between -1 and 1"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            Capfilt.from_params({**models, **params})
+    assert Capfilt.from_params({**models, "threshold": -0.5, "filter_model": "open_clip:ViT-B-32:openai"}).config.min_score == -0.5
+
+
+def test_max_length_is_bounded_by_the_captioners_positions(tiny_blip: dict, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    """The tiny BLIP decoder has 64 positions, 4 of them the prompt's ([DEC] a picture of): 60 new tokens
+    fit (forced with min_length), 61 are refused at load, not an IndexError mid-run."""
+    models = {"captioner": tiny_blip["captioner"], "filter_model": tiny_blip["itm"], "num_captions": 1, "mode": "score"}
+    with pytest.raises(UsageError, match=r"at most 60 for captioner .* \(64 positions, 4 taken by the prompt\), not 61"):
+        Capfilt.from_params({**models, "max_length": 61}).setup()
+    stage = Capfilt.from_params({**models, "min_length": 60, "max_length": 60})
+    stage.setup()
+    [row] = stage.process(photo_table(jpeg_photos, photo_dir, 1)).column("captions").to_pylist()
+    assert len(stage._processor.tokenizer.tokenize(row[-1]["text"])) >= 57  # 60 tokens, a few of them special ones dropped
+
+
+def test_a_git_prompt_is_continued_not_ended(tmp_path: Path, tiny_blip: dict, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    """GIT gets [CLS] + the prompt's tokens, no [SEP] (as its docs pass it), and captions through the same seeded sampling."""
+    from mmcurate.tests.support.capfilt import write_tiny_git
+
+    git = write_tiny_git(tmp_path / "git", Path(tiny_blip["captioner"]).parent / "vocab.txt")
+    stage = Capfilt.from_params({"captioner": git, "filter_model": tiny_blip["itm"], "num_captions": 2, "mode": "score"})
+    stage.setup()
+    assert stage._processor.tokenizer.convert_ids_to_tokens(stage._prompt_ids[0]) == ["[CLS]", "a", "picture", "of"]
+    rows = stage.process(photo_table(jpeg_photos, photo_dir, 2)).column("captions").to_pylist()
+    assert all(sum(c["source"] == "synthetic" and bool(c["text"]) for c in row) == 2 for row in rows)
+
+
 def test_inspect_and_validate_cover_captions(tmp_path: Path, img2dataset_output: Path, tiny_blip: dict) -> None:
     from mmcurate.tooling.inspect import inspect_dataset
     from mmcurate.tooling.validate import check_table

@@ -95,6 +95,29 @@ def write_tiny_blip(folder: Path, seed: int = 0) -> dict[str, str]:
     return paths
 
 
+def write_tiny_git(folder: Path, vocab: Path) -> str:
+    """Save a tiny GIT captioner (a decoder-only one, 32 px) under ``folder`` with the BERT vocabulary ``vocab``; its path."""
+    import torch
+    from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    tokenizer = BertTokenizer(str(vocab))
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = GitConfig(
+        vision_config={**small, "image_size": 32, "patch_size": 16},
+        vocab_size=len(tokenizer),
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=0,
+        **small,
+    )
+    torch.manual_seed(0)
+    GitForCausalLM(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    GitProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
 def read_rows(out: Path) -> dict[str, dict]:
     """Every row of an output, kept (meta/) and rejected, by key."""
     rows = {}
