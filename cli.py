@@ -302,12 +302,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{args.a} and {args.b} differ" if differences else f"{args.a} and {args.b} agree")
         return 1 if differences else 0
     if args.command == "stats":
-        from mmcurate.shards.layout import STATS, OutputDir
+        from mmcurate.shards.layout import open_output
         from mmcurate.shards.summary import output_summary
 
-        out = OutputDir.open(args.path)
-        if not out.exists(out.path(STATS)):
-            raise UsageError(f"{args.path} has no {STATS} folder: not an mmcurate output")
+        out = open_output(args.path)
         summary = output_summary(out)
         if args.json:
             print(json.dumps(summary, indent=2))

@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from mmcurate.errors import UsageError
-from mmcurate.shards.layout import DONE, OutputDir, open_parquet
+from mmcurate.shards.layout import DONE, OutputDir, open_output
+from mmcurate.shards.summary import read_stats
 from mmcurate.shards.writers import READ_ROWS, parquet_batches, written_by
 
 # run.json entries that differ between runs of one pipeline (``sources``: input files' modification times
@@ -113,7 +114,7 @@ def diff_outputs(a: str, b: str, tolerance: float = 1e-6, bucket_bytes: int = BU
 
 
 def _open(path: str) -> OutputDir:
-    out = OutputDir.open(path)
+    out = open_output(path)
     if out.run_record() is None:
         raise UsageError(f"{path} is not an mmcurate output (no run.json)")
     return out
@@ -128,8 +129,8 @@ def _comparable(run: dict) -> dict:
 
 
 def _stats(out: OutputDir, shard_id: int) -> dict:
-    stats = out.read_json(out.stats_path(shard_id))
-    for entry in stats.get("stages", []):
+    stats = read_stats(out, shard_id)
+    for entry in stats["stages"]:
         entry.pop("seconds", None)
     return stats
 
@@ -161,8 +162,7 @@ class Unit:
             if kind == "kept":
                 found.append(written_by(out, i).schema(out, i))
             else:
-                with open_parquet(out.fs, out.rejects_path(i)) as pf:
-                    found.append(pf.schema_arrow)
+                found.append(out.parquet_schema(out.rejects_path(i)))
         return pa.unify_schemas(found, promote_options="permissive") if found else EMPTY[kind]
 
     def shared(self, kind: str) -> list[tuple[str, pa.DataType, pa.DataType]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -64,6 +65,31 @@ def open_parquet(fs: AbstractFileSystem, path: str, *, stream: bool = False) -> 
     else:
         with fs.open(path, "rb") as f, pq.ParquetFile(f, **options) as pf:
             yield pf
+
+
+# A file that is not what its name says: truncated, garbled, or JSON / Parquet of the wrong shape.
+_DAMAGE = (ValueError, TypeError, KeyError, EOFError, tarfile.TarError, pa.ArrowException)
+
+
+@contextmanager
+def reading(fs: AbstractFileSystem, path: str) -> Iterator[None]:
+    """Reads of ``path``, a file of a dataset: a missing, truncated or garbled file is a one-line UsageError
+    naming it, not a traceback (on an object store an OSError may be the network's, not the file's: it is
+    raised as it is)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing; the output is incomplete or damaged") from None
+    except _DAMAGE as e:
+        raise UsageError(f"{path}: damaged ({_first_line(e)})") from None
+    except OSError as e:
+        if not isinstance(fs, LocalFileSystem):
+            raise
+        raise UsageError(f"{path}: unreadable ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @dataclass(frozen=True)
@@ -302,8 +328,14 @@ class OutputDir:
                 writer.close()
 
     def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        with open_parquet(self.fs, path) as pf:
+        """The ``columns`` (default: all) of a Parquet file of the output; UsageError naming a missing or damaged one."""
+        with reading(self.fs, path), open_parquet(self.fs, path) as pf:
             return pf.read(columns=columns)
+
+    def parquet_schema(self, path: str) -> pa.Schema:
+        """The schema of a Parquet file of the output, read from its footer; UsageError naming a missing or damaged one."""
+        with reading(self.fs, path), open_parquet(self.fs, path) as pf:
+            return pf.schema_arrow
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
@@ -319,16 +351,28 @@ class OutputDir:
 
     def is_done(self, shard_id: int) -> bool:
         """Whether the shard's done marker names this run and files that are all there, unchanged in size."""
+        files = self.marked_files(shard_id)
+        try:
+            return bool(files) and all(self.fs.size(self.path(rel)) == size for rel, size in files.items())
+        except OSError:
+            return False
+
+    def marked_files(self, shard_id: int) -> dict[str, int]:
+        """The files (relative path: size) that the shard's done marker lists, when the marker is this run's; else none."""
         try:
             marker = self.read_json(self.done_path(shard_id))
         except (OSError, ValueError):
-            return False
+            return {}
         if not isinstance(marker, dict) or marker.get("run") != self.run_id or not isinstance(marker.get("files"), dict):
-            return False
-        try:
-            return all(self.fs.size(self.path(rel)) == size for rel, size in marker["files"].items()) and bool(marker["files"])
-        except OSError:
-            return False
+            return {}
+        return marker["files"]
+
+    def missing_files(self) -> list[str]:
+        """Files that a done marker of this run lists and the output lacks (a damaged or partly copied output),
+        found with one listing per folder."""
+        present = {f"{folder}/{p.rstrip('/').rsplit('/', 1)[-1]}" for folder in SHARD_FOLDERS if self.fs.exists(self.path(folder))
+                   for p in self.fs.ls(self.path(folder), detail=False)}  # fmt: skip
+        return [self.path(rel) for i in self.shard_ids(DONE) for rel in self.marked_files(i) if rel not in present]
 
     def mark_done(self, shard_id: int) -> None:
         """Write the done marker: this run's id and the shard's files with their sizes."""
@@ -344,6 +388,23 @@ class OutputDir:
             if stem.isdigit():
                 ids.add(int(stem))
         return sorted(ids)
+
+
+def open_output(url: str) -> OutputDir:
+    """An mmcurate output to read (inspect, stats, report, diff); UsageError, one line, when ``url`` is not
+    one, its run.json is not a run record, or a file that a done marker lists is missing."""
+    out = OutputDir.open(url)
+    if not out.fs.exists(out.root):
+        raise UsageError(f"{url} does not exist")
+    names = out.entries()
+    if not holds_run(names) and STATS not in names:
+        raise UsageError(f"{url} is not an mmcurate output (no {RUN_JSON})")
+    out.run_record()
+    missing = out.missing_files()
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UsageError(f"{missing[0]}{more}: missing, though its shard's done marker lists it; the output is damaged")
+    return out
 
 
 def temporary_path(path: str, tag: str | None = None) -> str:

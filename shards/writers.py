@@ -21,7 +21,7 @@ from fsspec.spec import AbstractFileSystem
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import CAPTION_EXTENSION, IMAGE_EXTENSIONS, JSON_EXTENSION, NOT_IN_JSON, conform
-from mmcurate.shards.layout import SHARDS, OutputDir, open_parquet
+from mmcurate.shards.layout import SHARDS, OutputDir, open_parquet, reading
 from mmcurate.shards.readers import TAR_ERRORS, attach_images, image_extension, tar_members
 
 READ_ROWS = 64  # rows per batch when a shard is read back
@@ -87,8 +87,7 @@ class WebDatasetWriter(ShardWriter):
                 start = end
 
     def schema(self, out: OutputDir, shard_id: int) -> pa.Schema:
-        with open_parquet(out.fs, out.meta_path(shard_id)) as pf:
-            return attach_images(pf.schema_arrow.empty_table(), {}, [])[0].schema
+        return attach_images(out.parquet_schema(out.meta_path(shard_id)).empty_table(), {}, [])[0].schema
 
 
 class ParquetWriter(ShardWriter):
@@ -107,13 +106,13 @@ class ParquetWriter(ShardWriter):
         return parquet_batches(out.fs, out.parquet_path(shard_id), rows)
 
     def schema(self, out: OutputDir, shard_id: int) -> pa.Schema:
-        with open_parquet(out.fs, out.parquet_path(shard_id)) as pf:
-            return pf.schema_arrow
+        return out.parquet_schema(out.parquet_path(shard_id))
 
 
 def parquet_batches(fs: AbstractFileSystem, path: str, rows: int) -> Iterator[pa.Table]:
-    """A Parquet file ``rows`` at a time, streamed (one empty table for a file without rows)."""
-    with open_parquet(fs, path, stream=True) as pf:
+    """A Parquet file ``rows`` at a time, streamed (one empty table for a file without rows); UsageError
+    naming a missing or damaged file."""
+    with reading(fs, path), open_parquet(fs, path, stream=True) as pf:
         if pf.metadata.num_rows == 0:
             yield pf.schema_arrow.empty_table()
         for batch in pf.iter_batches(batch_size=rows):

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY
-from mmcurate.shards.layout import DONE, OutputDir, detect_layout, open_parquet
+from mmcurate.shards.layout import DONE, detect_layout, open_output, open_parquet, reading
 from mmcurate.shards.readers import tar_members
 from mmcurate.shards.storage import url_to_fs
 
@@ -16,7 +16,7 @@ from mmcurate.shards.storage import url_to_fs
 def _tables(fs, paths: list[str], columns: list[str] | None = None) -> pa.Table:
     tables = []
     for path in paths:
-        with open_parquet(fs, path) as pf:
+        with reading(fs, path), open_parquet(fs, path) as pf:
             tables.append(pf.read(columns=columns))
     return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
@@ -58,7 +58,7 @@ def _tar_samples(fs, paths: list[str]) -> tuple[int, Counter]:
     keys: set[str] = set()
     exts: Counter = Counter()
     for path in paths:
-        with fs.open(path, "rb") as f:
+        with reading(fs, path), fs.open(path, "rb") as f:
             for key, ext, _ in tar_members(f, lambda ext: False):
                 keys.add(f"{path}:{key}")
                 exts[ext] += 1
@@ -72,7 +72,7 @@ def inspect_dataset(path: str, samples: int = 3) -> str:
     layout = detect_layout(fs, root)
     lines = [f"{path}: {layout} dataset"]
     if layout == "mmcurate":
-        out = OutputDir.open(path)
+        out = open_output(path)
         run = out.run_record()
         if run is not None:
             stages = ", ".join(next(iter(s)) for s in run["pipeline"]["stages"]) or "none"

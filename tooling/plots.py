@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
-from mmcurate.shards.layout import OutputDir, open_parquet
+from mmcurate.shards.layout import OutputDir
 
 NUMERIC_COLUMNS = ("clip_score", "language_score", "nsfw_score", "num_boxes", "original_width", "original_height", "caption_words")
 SCORE_COLUMNS = (*NUMERIC_COLUMNS, "caption", "captions")  # what the histograms read
@@ -26,8 +26,7 @@ def score_table(out: OutputDir, extra: tuple[str, ...] = (), with_file: bool = F
     ``with_file`` adds ``_file``, the Parquet file each row lies in."""
     tables = []
     for path in out.kept_files() + out.rejects_files():
-        with open_parquet(out.fs, path) as pf:
-            names = pf.schema_arrow.names
+        names = out.parquet_schema(path).names
         wanted = [c for c in (*SCORE_COLUMNS, *extra) if c in names]
         if wanted:
             table = out.read_parquet(path, wanted)

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from mmcurate.errors import UsageError
-from mmcurate.shards.layout import STATS, OutputDir
+from mmcurate.shards.layout import OutputDir, open_output
 from mmcurate.shards.readers import index_tar, read_members
 from mmcurate.shards.summary import output_summary
 from mmcurate.tooling.plots import draw_funnel, draw_histogram, histogram, plt, png, score_table, score_values
@@ -49,9 +49,7 @@ def figures_path(html_path: str) -> str:
 
 def build_report(path: str, html_path: str, options: Options = Options()) -> dict:
     """Write the page to ``html_path`` and its figures to :func:`figures_path` beside it; return the figures."""
-    out = OutputDir.open(path)
-    if not out.exists(out.path(STATS)):
-        raise UsageError(f"{path} has no {STATS} folder: not an mmcurate output")
+    out = open_output(path)
     html_dir = os.path.dirname(os.path.abspath(html_path))
     if os.path.commonpath([html_dir, os.path.abspath(path)]) == os.path.abspath(path):
         raise UsageError(f"{html_path}: the report goes outside the output folder {path}")

@@ -12,17 +12,19 @@ import pyarrow.compute as pc
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import BY_NAME, METADATA_KEY
-from mmcurate.shards.layout import OutputDir, detect_layout, open_parquet
-from mmcurate.shards.readers import TAR_ERRORS, index_tar, tar_members
+from mmcurate.shards.layout import OutputDir, detect_layout, open_parquet, reading
+from mmcurate.shards.readers import READ_STAGE, TAR_ERRORS, index_tar, tar_members
 from mmcurate.shards.storage import url_to_fs
+from mmcurate.shards.summary import read_stats
 
 
 def _read(fs, path: str, problems: list[str]) -> pa.Table | None:
+    """The Parquet file at ``path``; None, its problem added to ``problems``, when it cannot be read."""
     try:
-        with open_parquet(fs, path) as pf:
+        with reading(fs, path), open_parquet(fs, path) as pf:
             return pf.read()
-    except (OSError, pa.ArrowException) as e:
-        problems.append(f"{path}: unreadable Parquet ({e})")
+    except UsageError as e:
+        problems.append(str(e))
         return None
 
 
@@ -109,29 +111,33 @@ def validate(path: str) -> list[str]:
     return problems
 
 
-def _run_problems(out: OutputDir) -> tuple[list[str], int]:
-    """Problems of the run record (missing, unreadable, unfinished) and the run's number of shards."""
+def _run_problems(out: OutputDir) -> tuple[list[str], dict]:
+    """Problems of the run record (missing, unreadable, unfinished) and the record (empty when there is none)."""
     try:
         record = out.run_record()
     except UsageError as e:
-        return [str(e).split("; ")[0]], 0
+        return [str(e).split("; ")[0]], {}
     if record is None:
-        return [f"{out.run_json}: missing"], 0
+        return [f"{out.run_json}: missing"], {}
     problems = []
     if not record.get("finished"):
         done = sum(out.is_done(i) for i in range(record["shards"]))
         problems.append(f"{out.run_json}: the run is not finished ({done} of {record['shards']} shards done)")
-    return problems, record["shards"]
+    return problems, record
 
 
 def _validate_mmcurate(fs, path: str) -> list[str]:
     out = OutputDir.open(path)
-    problems, shards = _run_problems(out)
+    problems, record = _run_problems(out)
+    output = record.get("pipeline", {}).get("output")
+    fmt = output.get("format") if isinstance(output, dict) else None
     seen: dict[str, str] = {}
-    for sid in sorted({*out.found_shard_ids(), *range(shards)}):
-        tar, kept_path = out.tar_path(sid), out.kept_path(sid)
+    for sid in sorted({*out.found_shard_ids(), *range(record.get("shards", 0))}):
+        tar = out.tar_path(sid)
+        webdataset = fmt == "webdataset" if fmt else fs.exists(tar)  # the run's format, else the files'
+        kept_path = out.meta_path(sid) if webdataset else out.parquet_path(sid)
         files = {"kept": kept_path, "rejects": out.rejects_path(sid), "stats": out.stats_path(sid), "done": out.done_path(sid)}
-        missing = [p for p in files.values() if not fs.exists(p)]
+        missing = [p for p in ([tar] if webdataset else []) + list(files.values()) if not fs.exists(p)]
         problems += [f"{p}: missing" for p in missing]
         if missing:
             continue
@@ -142,20 +148,40 @@ def _validate_mmcurate(fs, path: str) -> list[str]:
         if kept is None or rejects is None:
             continue
         problems += check_table(kept, kept_path, kept=True) + check_table(rejects, files["rejects"], kept=False)
-        if fs.exists(tar):
+        if webdataset:
             problems += _check_tar(fs, tar, kept)
-        for name, table in ((kept_path, kept), (files["rejects"], rejects)):
-            for key in table.column("key").to_pylist():
-                if key in seen:
-                    problems.append(f"{name}: key {key} also in {seen[key]}")
-                seen[key] = name
-        with fs.open(files["stats"]) as f:
-            stats = json.load(f)
+        problems += _repeated_keys(kept, kept_path, rejects, files["rejects"], seen)
+        try:
+            stats = read_stats(out, sid)
+        except UsageError as e:
+            problems.append(str(e))
+            continue
         if stats["rows_in"] != stats["kept"] + stats["rejected"] or stats["kept"] != kept.num_rows or stats["rejected"] != rejects.num_rows:
             problems.append(
                 f"{files['stats']}: rows_in {stats['rows_in']}, kept {stats['kept']}, rejected {stats['rejected']} "
                 f"disagree with {kept.num_rows} kept and {rejects.num_rows} rejected rows on disk"
             )
+    return problems
+
+
+def _repeated_keys(kept: pa.Table, kept_path: str, rejects: pa.Table, rejects_path: str, seen: dict[str, str]) -> list[str]:
+    """Keys the output holds twice. The reader rejects a key that an earlier row of its shard holds as
+    ``read``/``duplicate_key`` (the first row goes on): such a row must repeat a key of another row of its
+    shard; every other row's key is unique over the output (``seen``: key -> file, filled in)."""
+    problems = []
+    if {"reject_stage", "reject_reason"} <= set(rejects.column_names):
+        at_read = pc.equal(rejects.column("reject_stage"), READ_STAGE)
+        repeat = pc.fill_null(pc.and_(at_read, pc.equal(rejects.column("reject_reason"), "duplicate_key")), False)
+    else:
+        repeat = pa.array([False] * rejects.num_rows)
+    for name, keys in ((kept_path, kept.column("key")), (rejects_path, rejects.filter(pc.invert(repeat)).column("key"))):
+        for key in keys.to_pylist():
+            if key in seen:
+                problems.append(f"{name}: key {key} also in {seen[key]}")
+            seen[key] = name
+    for key in rejects.filter(repeat).column("key").to_pylist():
+        if seen.get(key) not in (kept_path, rejects_path):
+            problems.append(f"{rejects_path}: key {key} rejected as duplicate_key, but no other row of its shard holds it")
     return problems
 
 
