@@ -303,7 +303,7 @@ class Capfilt(ModelStage):
 
 def _choose(candidates: list[dict[str, Any]], threshold: float, choice: str) -> str | None:
     """The training caption among the candidates scoring at least ``threshold``; None when none does."""
-    kept = [cand for cand in candidates if np.float32(cand["score"]) >= threshold]  # the stored float32, as a re-check would see it
+    kept = [cand for cand in candidates if passes(cand["score"], threshold)]
     if not kept:
         return None
     best = max(kept, key=lambda cand: cand["score"])  # first of equals: the web caption before synthetic ones
@@ -312,6 +312,11 @@ def _choose(candidates: list[dict[str, Any]], threshold: float, choice: str) -> 
     first = "web" if choice == "web_first" else "synthetic"
     preferred = [cand for cand in kept if cand["source"] == first]
     return max(preferred, key=lambda cand: cand["score"])["text"] if preferred else best["text"]
+
+
+def passes(score: float | None, threshold: float) -> bool:
+    """Whether a candidate's score passes the filter: the stored float32 at least ``threshold`` (as a re-check would see it)."""
+    return score is not None and bool(np.float32(score) >= threshold)
 
 
 def _row_seed(seed: int, key: str, sample: int) -> int:

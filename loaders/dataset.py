@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcurate.errors import UsageError
 from mmcurate.exports import FORMATS, ExportOptions, needed_columns, sample_of
-from mmcurate.loaders.captions import check_choice, choose
+from mmcurate.loaders.captions import WEB, capfilt_threshold, check_choice, choose
 from mmcurate.shards.layout import SHARDS, OutputDir, detect_layout
 from mmcurate.shards.writers import written_by
 from mmcurate.stages.model import decode_image
@@ -33,26 +33,29 @@ from mmcurate.stages.model import decode_image
 logger = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 10_000  # rows: a default shard (output.rows_per_shard) is shuffled whole
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class CuratedDataset(IterableDataset):
     """The kept samples of an mmcurate output, as dicts:
 
     - ``key``; ``image``: RGB ``PIL.Image``, or ``transform(image)`` (rows whose image does not decode are skipped);
-    - ``caption`` and ``caption_source`` (``web`` | ``synthetic``), by ``caption``: ``"web"``, ``"synthetic"``
-      (capfilt's highest-scoring synthetic caption) or p, the probability of the synthetic one, drawn per
-      key and epoch from ``seed``; a row without a synthetic caption gets its web caption;
+    - ``caption`` and ``caption_source`` (``web`` | ``synthetic``), by ``caption``: ``"web"`` (the source
+      caption only), ``"synthetic"`` (the highest-scoring synthetic caption that passed capfilt's filter,
+      else the web caption) or p, the probability of the synthetic one, drawn per key and epoch from
+      ``seed`` (a row with only one of the two gets that one); a row without the caption asked for is skipped;
     - with ``grounding=FORMAT`` (a format of :data:`mmcurate.exports.FORMATS`), what that export writes
       for the row (:meth:`mmcurate.exports.base.Format.target`): ``target``, from the stored ``caption``
       column (the markup of its grounded phrases for the text formats), plus ``prompt`` (``florence2``,
       ``llava``) or ``noun_chunks`` and ``ref_exps`` (``grit``); rows without a ``caption`` are skipped, and
-      so are those the export skips as ``span_mismatch`` or ``reserved_markup`` (a warning per shard counts them);
+      so are those the export skips as ``span_mismatch`` or ``reserved_markup``;
     - each column named in ``columns``, as stored.
 
     ``min`` / ``max`` keep rows whose stored score is at least / at most the bound (``min={"clip_score": 0.3}``);
     a row without that score is left out. ``rank`` / ``world_size`` default to ``torch.distributed``'s when it
     is initialised. ``shuffle`` shuffles the shard order and, through a buffer of ``shuffle_buffer`` rows,
     the rows of each shard. Call :meth:`set_epoch` before each epoch for a new shuffle and a new caption draw.
+    A warning per shard counts the rows skipped, by reason.
     """
 
     def __init__(
@@ -82,25 +85,36 @@ class CuratedDataset(IterableDataset):
         self.grounding, self.seed, self.transform = grounding, seed, transform
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.bounds = [(c, v, pc.greater_equal) for c, v in (min or {}).items()] + [(c, v, pc.less_equal) for c, v in (max or {}).items()]
+        for column, bound, _ in self.bounds:
+            if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+                raise UsageError(f"min/max bounds are numbers, not {bound!r} ({column!r})")
         self.columns = tuple(columns)
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.shards = [i for i in self.out.shard_ids(SHARDS) if self.out.is_done(i)]
         self._check_columns()
+        self.threshold = capfilt_threshold(self.out) if self.caption != WEB else None
 
     def _check_columns(self) -> None:
-        """UsageError when a column the options need is not stored."""
-        stored = self.out.stored_columns()
-        if not stored:
+        """UsageError when the stored rows carry no images, or a column the options need is not stored or
+        (``min``/``max``) not numeric."""
+        stored = self.out.stored_schema()
+        if stored is None:
             return
+        if "image" not in stored.names and "image_format" not in stored.names:  # a tar's images are where image_format says
+            raise UsageError(f"{self.out.root} holds no images (a run without download); CuratedDataset yields image-caption samples")
         needed = {c: "min/max" for c, _, _ in self.bounds} | dict.fromkeys(self.columns, "columns")
-        if self.caption != "web":
+        if self.caption != WEB:
             needed["captions"] = "a synthetic caption (run capfilt)"
         if self.grounding:
             needed |= needed_columns(self.grounding)
         for column, why in needed.items():
-            if column not in stored:
+            if column not in stored.names:
                 raise UsageError(f"{self.out.root} has no {column!r} column, which {why} needs")
+        for column, _, _ in self.bounds:
+            kind = stored.field(column).type
+            if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+                raise UsageError(f"min/max bound numeric columns; {column!r} holds {kind}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -143,6 +157,11 @@ class CuratedDataset(IterableDataset):
             skipped: Counter[str] = Counter()
             for row in shuffled(rows, self.shuffle_buffer, rng) if self.shuffle else rows:
                 if fmt is not None and row.get("caption") is None:  # the export skips it too
+                    skipped["caption_missing"] += 1
+                    continue
+                chosen = choose(row, self.caption, self.seed, self.epoch, self.threshold)
+                if chosen is None:
+                    skipped["no_web_caption" if self.caption == WEB else "no_web_or_synthetic_caption"] += 1
                     continue
                 as_stored = sample_of(shard_id, row) if fmt is not None else None
                 if as_stored is not None and (reason := fmt.refusal(as_stored)):
@@ -150,18 +169,17 @@ class CuratedDataset(IterableDataset):
                     continue
                 image = decode_image(row.get("image"))
                 if image is None:
+                    skipped["image_missing_or_undecodable"] += 1
                     continue
-                text, source = choose(row, self.caption, self.seed, self.epoch)
-                sample = {"key": row["key"], "image": self.transform(image) if self.transform else image, "caption": text}
-                sample["caption_source"] = source
+                sample = {"key": row["key"], "image": self.transform(image) if self.transform else image, "caption": chosen[0]}
+                sample["caption_source"] = chosen[1]
                 if as_stored is not None:
                     sample.update(fmt.target(as_stored))
                 sample.update({c: row[c] for c in self.columns})
                 yield sample
             if skipped:
                 reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
-                what = f"{self.out.root} shard {shard_id:05d}: skipped {skipped.total()} rows as the {self.grounding} export does"
-                logger.warning("%s (%s)", what, reasons)
+                logger.warning("%s shard %05d: skipped %d rows (%s)", self.out.root, shard_id, skipped.total(), reasons)
 
 
 def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:

@@ -168,13 +168,18 @@ class OutputDir:
         """The Parquet files of the kept rows, in shard order (``meta/``, else the Parquet shards)."""
         return self._files(META, "*.parquet") or self._files(SHARDS, "*.parquet")
 
-    def stored_columns(self) -> list[str]:
-        """The columns of the kept rows, read from the first kept file (a run writes one schema); none before one is written."""
+    def stored_schema(self) -> pa.Schema | None:
+        """The schema of the kept rows, read from the first kept file (a run writes one schema); None before one is written."""
         kept = self.kept_files()
         if not kept:
-            return []
+            return None
         with open_parquet(self.fs, kept[0]) as pf:
-            return pf.schema_arrow.names
+            return pf.schema_arrow
+
+    def stored_columns(self) -> list[str]:
+        """The names of :meth:`stored_schema` (none before a kept file is written)."""
+        schema = self.stored_schema()
+        return schema.names if schema is not None else []
 
     def tar_files(self) -> list[str]:
         return self._files(SHARDS, "*.tar")

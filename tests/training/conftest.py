@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,9 +11,9 @@ import pytest
 from mmcurate.engines.local import run_local
 from mmcurate.pipelines.config import parse_pipeline
 from mmcurate.schemas import BY_NAME
-from mmcurate.tests.support.capfilt import write_tiny_blip
+from mmcurate.tests.support.capfilt import photo_table, write_tiny_blip
 from mmcurate.tests.support.coco import coco_grounded_table
-from mmcurate.tests.support.filters import write_dataset
+from mmcurate.tests.support.filters import write_dataset, write_tiny_clip
 from mmcurate.tests.support.img2dataset_layout import write_img2dataset
 
 
@@ -35,10 +36,33 @@ def curated(photo_dir: Path) -> pa.Table:
     return table.append_column("clip_score", pa.array(scores, pa.float32()))
 
 
+CURATED_THRESHOLD = 0.6  # the capfilt threshold curated_output's run.json records: only 2/3 passes
+
+
 @pytest.fixture(scope="session")
 def curated_output(tmp_path_factory: pytest.TempPathFactory, curated: pa.Table) -> Path:
-    """``curated`` as a 6-shard WebDataset output."""
-    return write_dataset(tmp_path_factory.mktemp("curated") / "out", curated, shards=6, output_format="webdataset")
+    """``curated`` as a 6-shard WebDataset output whose run.json records capfilt's threshold, :data:`CURATED_THRESHOLD`."""
+    out = write_dataset(tmp_path_factory.mktemp("curated") / "out", curated, shards=6, output_format="webdataset")
+    record = {"pipeline": {"stages": [{"capfilt": {}}]}, "shards": 6, "models": [{"stage": "capfilt", "threshold": CURATED_THRESHOLD}]}
+    (out / "run.json").write_text(json.dumps(record))
+    return out
+
+
+@pytest.fixture(scope="session")
+def capfilt_output(tmp_path_factory: pytest.TempPathFactory, jpeg_photos: list[dict], photo_dir: Path, tiny_blip_models: dict) -> Path:
+    """A real capfilt run over 8 photos (tiny BLIP captioner, tiny CLIP filter, threshold 0, ``mode: score``: every
+    row is kept, some candidates pass and some do not), one photo without a web caption and one with a blank one."""
+    root = tmp_path_factory.mktemp("capfilt")
+    table = photo_table(jpeg_photos, photo_dir, 8)
+    captions = table.column("caption").to_pylist()
+    table = table.set_column(table.column_names.index("caption"), "caption", pa.array([captions[0], None, " ", *captions[3:]], pa.string()))
+    (root / "clip").mkdir()
+    capfilt = {"captioner": tiny_blip_models["captioner"], "filter_model": write_tiny_clip(root / "clip"), "num_captions": 3}
+    stages = [{"capfilt": {**capfilt, "threshold": 0.0, "mode": "score", "caption_choice": "synthetic_first"}}]
+    source = write_dataset(root / "src", table, shards=2)
+    config = {"input": {"path": str(source)}, "output": {"path": str(root / "out")}, "workers": 1, "stages": stages}
+    assert run_local(parse_pipeline(config), progress=False)["kept"] == 8
+    return root / "out"
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ targets as the exports write them, score bounds at load time, fsspec URLs, usage
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -14,9 +15,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mmcurate.engines.local import run_local
 from mmcurate.errors import UsageError
 from mmcurate.exports import FORMATS, ExportOptions, export
 from mmcurate.loaders import CuratedDataset
+from mmcurate.pipelines.config import parse_pipeline
 from mmcurate.tests.support.filters import write_dataset
 
 
@@ -60,29 +63,84 @@ def test_images_decode_and_transform_applies(curated_output: Path, curated: pa.T
     assert batch["image"].shape == (4, 2) and [tuple(s.tolist()) for s in batch["image"]] == [sizes[k] for k in batch["key"]]
 
 
+def stored_rows(out: Path) -> dict[str, dict]:
+    return {r["key"]: r for path in sorted((out / "meta").glob("*.parquet")) for r in pq.read_table(path).to_pylist()}
+
+
+def chosen(out: Path, caption: str | float) -> dict[str, tuple[str, str]]:
+    return {s["key"]: (s["caption"], s["caption_source"]) for s in CuratedDataset(str(out), caption=caption, transform=size)}
+
+
 def test_web_and_synthetic_captions(curated_output: Path, curated: pa.Table) -> None:
     web = {s["key"]: s for s in CuratedDataset(str(curated_output), transform=size)}
     assert len(web) == curated.num_rows
     assert all(s["caption"] == f"web alt-text of {k}" and s["caption_source"] == "web" for k, s in web.items())
-    synthetic = {s["key"]: s["caption"] for s in CuratedDataset(str(curated_output), caption="synthetic", transform=size)}
-    for i, key in enumerate(curated.column("key").to_pylist()):  # the higher-scoring one: 2/3 beats 0.5
-        assert synthetic[key] == (f"first synthetic caption of {key}" if i % 3 == 2 else f"second synthetic caption of {key}")
+    synthetic = chosen(curated_output, "synthetic")
+    for i, key in enumerate(curated.column("key").to_pylist()):  # only 2/3 passes the recorded 0.6; 0.5, 1/3 and 0 do not
+        expected = (f"first synthetic caption of {key}", "synthetic") if i % 3 == 2 else (f"web alt-text of {key}", "web")
+        assert synthetic[key] == expected
 
 
-def test_caption_mix_is_seeded_per_key_and_epoch(curated_output: Path) -> None:
+def test_caption_mix_is_seeded_per_key_and_epoch(curated_output: Path, curated: pa.Table) -> None:
     def sources(p: float, seed: int = 0, epoch: int = 0) -> dict[str, str]:
         dataset = CuratedDataset(str(curated_output), caption=p, seed=seed, transform=size)
         dataset.set_epoch(epoch)
         return {s["key"]: s["caption_source"] for s in dataset}
 
+    keys = curated.column("key").to_pylist()
+    kept = {k for i, k in enumerate(keys) if i % 3 == 2}  # the rows with a synthetic caption that passed capfilt
     mix = sources(0.5)
-    share = sum(v == "synthetic" for v in mix.values()) / len(mix)
+    assert all(mix[k] == "web" for k in keys if k not in kept)
+    share = sum(mix[k] == "synthetic" for k in kept) / len(kept)
     assert 0.2 < share < 0.8
     assert sources(0.5) == mix  # deterministic
     assert sources(0.5, epoch=1) != mix and sources(0.5, seed=1) != mix
-    assert set(sources(0.0).values()) == {"web"} and set(sources(1.0).values()) == {"synthetic"}
+    assert set(sources(0.0).values()) == {"web"} and {k for k, v in sources(1.0).items() if v == "synthetic"} == kept
     high = sources(0.8)
     assert all(high[k] == "synthetic" for k, v in mix.items() if v == "synthetic")  # one draw per key: a larger p only adds
+
+
+def test_captions_follow_the_decisions_of_a_real_capfilt_run(capfilt_output: Path, caplog: pytest.LogCaptureFixture) -> None:
+    [model] = json.loads((capfilt_output / "run.json").read_text())["models"]
+    rows = stored_rows(capfilt_output)
+    web = {k: next((c["text"] for c in r["captions"] if c["source"] == "web"), None) for k, r in rows.items()}
+    passed = {k: [c for c in r["captions"] if c["source"] == "synthetic" and c["score"] >= model["threshold"]] for k, r in rows.items()}
+    best = {k: max(cands, key=lambda c: c["score"])["text"] for k, cands in passed.items() if cands}
+    # The run holds every case: rows whose best synthetic caption failed the filter, rows without a web
+    # caption (null, blank) whose stored `caption` is capfilt's synthetic pick, one without any caption to give.
+    synthetic_scores = {k: max(c["score"] for c in r["captions"] if c["source"] == "synthetic") for k, r in rows.items()}
+    assert any(synthetic_scores[k] < model["threshold"] and web[k] for k in rows)
+    only_synthetic = [k for k in rows if web[k] is None and k in best]
+    assert only_synthetic and all(rows[k]["caption"] == best[k] for k in only_synthetic)
+    assert [k for k in rows if web[k] is None and k not in best]
+    assert 0 < len(best) < len(rows)
+
+    with caplog.at_level("WARNING", logger="mmcurate.loaders.dataset"):
+        assert chosen(capfilt_output, "web") == {k: (text, "web") for k, text in web.items() if text is not None}
+    assert sum(int(n) for n in re.findall(r"no_web_caption: (\d+)", caplog.text)) == 2  # a warning per shard counts them
+    synthetic = {k: (best[k], "synthetic") if k in best else (web[k], "web") for k in rows if k in best or web[k]}
+    assert chosen(capfilt_output, "synthetic") == synthetic == chosen(capfilt_output, 1.0)
+    only_web = {k: (web[k], "web") if web[k] else (best[k], "synthetic") for k in synthetic}  # a row with one of the two gets it
+    assert chosen(capfilt_output, 0.0) == only_web
+    mixed = chosen(capfilt_output, 0.5)
+    assert set(mixed) == set(synthetic) and all(mixed[k] in (synthetic[k], only_web[k]) for k in mixed)
+
+
+def test_the_threshold_comes_from_the_run_that_ran_capfilt(capfilt_output: Path, curated: pa.Table, tmp_path: Path) -> None:
+    config = {"input": {"path": str(capfilt_output)}, "output": {"path": str(tmp_path / "next")}, "workers": 1}
+    assert run_local(parse_pipeline({**config, "stages": [{"exact_dedup": {}}]}), progress=False)["kept"] == 8
+    assert json.loads((tmp_path / "next" / "run.json").read_text())["models"] == []
+    assert chosen(tmp_path / "next", "synthetic") == chosen(capfilt_output, "synthetic")
+    unrecorded = write_dataset(tmp_path / "unrecorded", curated, shards=1)  # a captions column, no run.json
+    with pytest.raises(UsageError, match="no run.json records the capfilt threshold"):
+        CuratedDataset(str(unrecorded), caption=0.5)
+    assert len(list(CuratedDataset(str(unrecorded), transform=size))) == curated.num_rows
+
+
+def test_an_output_without_images_is_refused(curated: pa.Table, tmp_path: Path) -> None:
+    out = write_dataset(tmp_path / "captions_only", curated.drop_columns(["image", "image_format"]), shards=1)
+    with pytest.raises(UsageError, match="holds no images"):
+        CuratedDataset(str(out))
 
 
 def test_web_only_output_without_capfilt(web_only_output: Path, curated: pa.Table) -> None:
@@ -184,6 +242,8 @@ def test_reads_an_fsspec_url(curated_output: Path, curated: pa.Table) -> None:
         ({"grounding": "coco"}, "grounding must be one of kosmos2, qwen-vl, qwen2-vl, cogvlm, florence2, grit, llava"),
         ({"shuffle_buffer": 0}, "shuffle_buffer must be at least 1"),
         ({"min": {"aesthetic": 5.0}}, "no 'aesthetic' column"),
+        ({"min": {"caption": 3}}, "min/max bound numeric columns; 'caption' holds string"),
+        ({"max": {"clip_score": "0.5"}}, "min/max bounds are numbers, not '0.5'"),
         ({"columns": ["nope"]}, "no 'nope' column"),
     ],
 )
