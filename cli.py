@@ -214,7 +214,24 @@ def _resumable(output: str | None) -> bool:
         return False
 
 
+def _check_destinations(args: argparse.Namespace) -> None:
+    """Every path a command writes to (export DEST, report -o and the figures beside it, stats --plot) checked
+    before any work: one that cannot be written is a usage error, and nothing is written."""
+    from mmcurate.shards.storage import check_destination
+
+    if args.command == "export":
+        check_destination(args.dest, "DEST", folder=True)
+    elif args.command == "report":
+        from mmcurate.tooling.report import figures_path
+
+        check_destination(args.output, "-o", folder=False)
+        check_destination(figures_path(args.output), "the figures file of -o", folder=False)
+    elif args.command == "stats" and args.plot:
+        check_destination(args.plot, "--plot", folder=False)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    _check_destinations(args)
     if args.command in ("run", "stage"):
         pipeline = _pipeline_from_args(args)
         args.output_path = pipeline.output.path

@@ -1,9 +1,12 @@
 """Filesystems of input and output paths (fsspec), with one clear line when a path's driver is missing or its
-object store cannot be reached."""
+object store cannot be reached, or a destination cannot be written (:func:`check_destination`)."""
 
 from __future__ import annotations
 
+import os
+
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
 from mmcurate.errors import UsageError
@@ -56,3 +59,26 @@ def _reach(fs: AbstractFileSystem, path: str, url: str, settings: str) -> None:
     except Exception as e:  # noqa: BLE001 -- botocore and gcsfs raise their own types for a dead endpoint or bad credentials
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UsageError(f"cannot reach {url}: {cause}; check the store's endpoint and credentials ({settings})") from None
+
+
+def check_destination(url: str, what: str, *, folder: bool) -> None:
+    """UsageError, one line, when ``url`` cannot be written: as a new file (``folder`` False) it is a folder,
+    as a folder it is a file, or (local paths) the nearest existing path above it is a file or a folder
+    this process cannot write into. Nothing is created; call it before the work that ends in the write."""
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if not url:
+        raise UsageError(f"{what} is empty: name a {kind}")
+    fs, path = url_to_fs(url)
+    local = isinstance(fs, LocalFileSystem)
+    if fs.exists(path):
+        if fs.isdir(path) != folder:
+            raise UsageError(f"cannot write {what} {url}: a {other}, not a {kind}")
+        above = path if folder else os.path.dirname(path)
+    else:
+        above = os.path.dirname(path)
+        while local and not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if local and not os.path.isdir(above):
+            raise UsageError(f"cannot write {what} {url}: {above} is a file, not a folder")
+    if local and not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {what} {url}: no write permission in {above}")

@@ -4,6 +4,7 @@ row, never a file written outside the output folder."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -227,6 +228,28 @@ def test_tool_arguments(box: Sandbox) -> None:
     box.usage(["stats", str(out), "--plot", "missing/x.png"], "cannot write --plot missing/x.png", "No such file")
     box.usage(["report", str(out), "--seed", "-5"], "--seed must not be negative")
     box.usage(["export", "llava", str(out), "dest", "--instructions", str(box.inputs / "binary.txt")], "binary.txt: not UTF-8 text")
+
+
+def test_destinations_that_cannot_be_written(box: Sandbox) -> None:
+    """export DEST, report -o (and the figures beside it), stats --plot: one line before any work, nothing written."""
+    out = box.run_ok(box.inputs / "urls.parquet", *LAION)
+    file = box.inputs / "f.txt"
+    file.write_text("mine")
+    (box.inputs / "page.json").mkdir()
+    box.usage(["export", "llava", str(out), str(file / "sub")], f"cannot write DEST {file}/sub: {file} is a file, not a folder")
+    box.usage(["export", "llava", str(out), str(file / "a" / "b")], f"{file} is a file, not a folder", real=True)
+    box.usage(["export", "llava", str(out), str(file)], f"cannot write DEST {file}: a file, not a folder")
+    box.usage(["report", str(out), "-o", str(file / "r.html")], f"cannot write -o {file}/r.html: {file} is a file")
+    box.usage(["report", str(out), "-o", str(box.inputs)], f"cannot write -o {box.inputs}: a folder, not a file")
+    box.usage(["report", str(out), "-o", str(box.inputs / "page.html")], "the figures file of -o", "page.json: a folder")
+    box.usage(["report", str(out), "-o", ""], "-o is empty: name a file")
+    box.usage(["stats", str(out), "--plot", str(file / "funnel.png")], f"cannot write --plot {file}/funnel.png: {file} is a file")
+    assert file.read_text() == "mine" and not list((box.inputs / "page.json").iterdir())
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = box.inputs / "locked"
+        locked.mkdir(mode=0o500)
+        box.usage(["export", "llava", str(out), str(locked / "dest")], f"no write permission in {locked}")
+        box.usage(["report", str(out), "-o", str(locked / "r.html")], f"no write permission in {locked}")
 
 
 # ---------------------------------------------------------------------------------------------
