@@ -33,6 +33,7 @@ from fsspec.spec import AbstractFileSystem
 from mmcurate import killpoints
 from mmcurate.errors import UsageError
 from mmcurate.schemas import METADATA_KEY, SCHEMA_VERSION
+from mmcurate.shards import jsontext
 from mmcurate.shards.storage import url_to_fs
 
 RUN_JSON = "run.json"
@@ -280,7 +281,7 @@ class OutputDir:
             self.fs.rm(self.path(WORK), recursive=True)
 
     def write_json(self, path: str, obj: Any) -> None:
-        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+        self.write_bytes(path, (jsontext.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
     def read_json(self, path: str) -> Any:
         with self.fs.open(path, "rb") as f:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, ClassVar
@@ -21,6 +22,7 @@ from fsspec.spec import AbstractFileSystem
 from mmcurate.errors import UsageError
 from mmcurate.options import bounded
 from mmcurate.schemas import CAPTION_EXTENSION, IMAGE_EXTENSIONS, JSON_EXTENSION, NOT_IN_JSON, conform
+from mmcurate.shards import jsontext
 from mmcurate.shards.layout import SHARDS, OutputDir, open_parquet, reading
 from mmcurate.shards.readers import TAR_ERRORS, attach_images, image_extension, tar_members
 
@@ -316,7 +318,8 @@ def _headers(names: pa.Array, sizes: np.ndarray) -> np.ndarray:
 
 def json_rows(table: pa.Table) -> pa.Array:
     """Per row the JSON member: ``{"key": ..., COLUMN: value, ...}`` over the columns not stored as
-    members of their own, as ``json.dumps(row, ensure_ascii=False)`` spells it (bytes as null)."""
+    members of their own, as ``jsontext.dumps(row, ensure_ascii=False)`` spells it (bytes, NaN and
+    infinities as null)."""
     names = ["key", *(c for c in table.column_names if c not in NOT_IN_JSON)]
     pieces: list = []
     for i, name in enumerate(names):
@@ -335,13 +338,12 @@ def _json_values(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
         return pc.fill_null(pc.cast(column, pa.string()), "null")
     if pa.types.is_floating(kind):  # Python's repr, as json.dumps writes floats (Arrow's shortest form differs)
-        return pa.array(["null" if v is None else _FLOATS.get(r := repr(v), r) for v in column.to_pylist()], pa.string())
+        return pa.array(["null" if v is None or not math.isfinite(v) else repr(v) for v in column.to_pylist()], pa.string())
     if pa.types.is_null(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         return pa.array(["null"] * len(column), pa.string())
-    return pa.array([json.dumps(v, ensure_ascii=False, default=_json_default) for v in column.to_pylist()], pa.string())
+    return pa.array([jsontext.dumps(v, ensure_ascii=False, default=_json_default) for v in column.to_pylist()], pa.string())
 
 
-_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
 
 

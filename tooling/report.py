@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from mmcurate.errors import UsageError
+from mmcurate.shards import jsontext
 from mmcurate.shards.layout import OutputDir, open_output
 from mmcurate.shards.readers import index_tar, read_members
 from mmcurate.shards.summary import output_summary
@@ -74,7 +75,7 @@ def build_report(path: str, html_path: str, options: Options = Options()) -> dic
     page = _page(figures, details, chosen)
     os.makedirs(html_dir, exist_ok=True)
     _write(html_path, page.encode())
-    _write(figures_path(html_path), json.dumps(figures, indent=2, default=str).encode())
+    _write(figures_path(html_path), jsontext.dumps(figures, indent=2, default=str).encode())
     return figures
 
 

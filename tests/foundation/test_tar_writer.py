@@ -15,13 +15,14 @@ import pytest
 
 from mmcurate.errors import UsageError
 from mmcurate.schemas import IMAGE_EXTENSIONS, NOT_IN_JSON
+from mmcurate.shards.jsontext import dumps, finite
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.writers import WRITERS, OutputSpec, ParquetWriter, ShardWriter, WebDatasetWriter, split_kept, tar_bytes, write_tar
 from mmcurate.tests.support.foundation import LAION, kept_table, toy_stage
 
 
 def tarfile_bytes(table: pa.Table) -> bytes:
-    """The same tar written member by member with tarfile and json.dumps, as a reference."""
+    """The same tar written member by member with tarfile and json.dumps (non-finite floats as null), as a reference."""
     buf = io.BytesIO()
     rows = table.select([c for c in table.column_names if c not in NOT_IN_JSON]).to_pylist()
     column = {
@@ -41,7 +42,7 @@ def tarfile_bytes(table: pa.Table) -> bytes:
                 add(tar, f"{key}.{fmt if fmt in IMAGE_EXTENSIONS else 'jpg'}", column["image"][i])
             add(tar, f"{key}.txt", (column["caption"][i] or "").encode())
             row = {k: None if isinstance(v, bytes) else v for k, v in rows[i].items()}
-            add(tar, f"{key}.json", json.dumps({"key": key, **row}, ensure_ascii=False).encode())
+            add(tar, f"{key}.json", json.dumps(finite({"key": key, **row}), ensure_ascii=False, allow_nan=False).encode())
     return buf.getvalue()
 
 
@@ -58,6 +59,7 @@ ROWS = pa.table(
         "clip_score": pa.array([0.28, None, 1.0, 1e-7, 3e38], pa.float32()),
         "ok": [True, None, False, True, False],
         "tags": pa.array([["a", "b"], None, [], ["ü"], ["x"]], pa.list_(pa.string())),
+        "scores": pa.array([[0.25, float("nan")], None, [float("inf")], [], [-float("inf"), 1e300]], pa.list_(pa.float64())),
         "exif": pa.array([b"raw", None, b"", b"x", None], pa.binary()),
         "reject_reason": pa.nulls(5, pa.string()),
     }
@@ -94,8 +96,32 @@ def test_tar_reads_back_with_tarfile() -> None:
     assert members["000a.jpg"] == b"\xff\xd8" * 300 and members["000e.jpg"] == b"GIF89a" and "000b.jpg" not in members
     assert members["000d.webp"] == b"" and members["000c.txt"] == b"x" * 700 and members["000b.txt"] == b""
     record = json.loads(members["000d.json"])
-    assert record["url"] == "bell\x07 and \x1f unit" and np.isnan(record["score"]) and record["tags"] == ["ü"] and record["exif"] is None
+    assert record["url"] == "bell\x07 and \x1f unit" and record["tags"] == ["ü"] and record["exif"] is None
     assert isinstance(json.loads(members["000c.json"])["score"], float)
+
+
+def strict(text: str | bytes) -> object:
+    """JSON as RFC 8259 has it: NaN and Infinity are not numbers."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"bare {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_members_write_null_for_nan_and_infinity() -> None:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes(ROWS))) as tar:
+        records = {m.name: strict(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")}
+    assert [records[f"{k}.json"]["score"] for k in ROWS.column("key").to_pylist()] == [0.5, None, 1.0, None, -0.0]
+    assert [records[f"{k}.json"]["big"] for k in ("000c", "000d", "000e")] == [None, None, 123456789.125]
+    assert [r["scores"] for r in records.values()] == [[0.25, None], None, [None], [], [None, 1e300]]
+    assert records["000a.json"]["clip_score"] == float(np.float32(0.28))
+
+
+def test_dumps_is_json_dumps_but_for_nan_and_infinity() -> None:
+    value = {"a": [1.5, float("nan"), {"b": (float("-inf"), "NaN")}], "c": float("inf"), "d": None}
+    assert strict(dumps(value, sort_keys=True)) == {"a": [1.5, None, {"b": [None, "NaN"]}], "c": None, "d": None}
+    assert dumps({"x": [0.1, "é"]}, ensure_ascii=False) == json.dumps({"x": [0.1, "é"]}, ensure_ascii=False)
 
 
 def test_names_longer_than_ustar_allows_are_refused() -> None:
@@ -125,7 +151,7 @@ def test_writers_are_chosen_by_name() -> None:
 
 
 # ROWS as both writers read it back: no NaN (NaN != NaN), image formats a tar member's extension can hold.
-SHARD = ROWS.drop_columns(["score"]).set_column(4, "image_format", pa.array(["jpg", None, "png", "webp", "png"]))
+SHARD = ROWS.drop_columns(["score", "scores"]).set_column(4, "image_format", pa.array(["jpg", None, "png", "webp", "png"]))
 
 
 @pytest.mark.parametrize("writer", [WebDatasetWriter(), ParquetWriter()], ids=lambda w: w.name)
