@@ -159,13 +159,20 @@ def apply_stage(stage: Stage, table: pa.Table, position: int, process: Process =
 
 def apply_decisions(stage: Stage, position: int, table: pa.Table, decisions: pa.Table) -> pa.Table:
     """Reject the kept rows whose key a global stage's decision names (removal by key, never position);
-    they count as rejected by the global stage at pipeline ``position``."""
+    they count as rejected by the global stage at pipeline ``position``.
+
+    ``duplicate_of`` names the kept copy: an earlier dedup's row that points at a key this decision
+    removes as a duplicate is pointed on at that key's own kept copy, so chained dedups (captions, then
+    images) never leave a pointer at a removed duplicate. The decision is global, so every shard
+    re-points alike, whichever shard the kept copy lies in."""
     start = time.perf_counter()
     index = pc.index_in(table.column("key"), value_set=decisions.column("key"))
     kept = kept_mask(table)
     hit = pc.and_(pc.is_valid(index), kept)
     picked = {name: pc.take(decisions.column(name), index) for name in ("reject_reason", "duplicate_of")}
     previous = table.column("duplicate_of") if "duplicate_of" in table.column_names else pa.nulls(table.num_rows, pa.string())
+    moved = pc.take(decisions.column("duplicate_of"), pc.index_in(previous, value_set=decisions.column("key")))
+    previous = pc.if_else(pc.is_valid(moved), moved, previous)
     table = set_column(table, "reject_reason", pc.if_else(hit, picked["reject_reason"], table.column("reject_reason")))
     table = set_column(table, "reject_stage", pc.if_else(hit, pa.scalar(stage.label), table.column("reject_stage")))
     table = set_column(table, "duplicate_of", pc.if_else(hit, picked["duplicate_of"], previous))

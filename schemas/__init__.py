@@ -70,7 +70,12 @@ FIELDS: tuple[Field, ...] = (
     Field("status", pa.string(), "download", "`ok`, or the reason the sample could not be fetched or decoded."),
     Field("reject_stage", pa.string(), "runner", "Stage that rejected the row; null when kept."),
     Field("reject_reason", pa.string(), "runner", "Why the row was rejected; null when kept."),
-    Field("duplicate_of", pa.string(), "dedup stages", "Key of the kept sample this row duplicates."),
+    Field(
+        "duplicate_of",
+        pa.string(),
+        "dedup stages",
+        "Key of the copy of this row that deduplication kept; after chained dedups, the copy the last one kept.",
+    ),
     Field("caption_words", pa.int32(), "caption_quality", "Words in the normalised caption."),
     Field("caption_chars", pa.int32(), "caption_quality", "Characters in the normalised caption."),
     Field("language", pa.string(), "language", "fastText lid.176 top-1 language (ISO 639 code)."),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from mmcurate.cli import main
+from mmcurate.tests.support.foundation import key_of, register
 
 
 def read(folder: Path) -> pa.Table:
@@ -95,3 +97,28 @@ def test_minhash_across_shards(tmp_path: Path, caption_corpus: dict) -> None:
     assert np.all(removed[sizes > 1] < sizes[sizes > 1])
     assert removed[sizes == 1].sum() <= 0.01 * (sizes == 1).sum()
     assert np.minimum(removed, np.maximum(sizes - 1, 0)).sum() >= 0.95 * (sizes - 1).clip(0).sum()
+
+
+def test_chained_dedups_point_at_the_kept_copy(tmp_path: Path, monkeypatch) -> None:
+    """Exact caption dedup keeps b of {b, c}; minhash then removes b as a near-duplicate of a. c's
+    duplicate_of follows b on to a, the copy that is kept (b's own pointer), not the removed b."""
+    register(monkeypatch)
+    a, b, c = sorted(range(3), key=lambda row: key_of("urls.csv", row))  # rows by key: the smallest key of a cluster is kept
+    text = "a brown dog runs across the green field today"
+    captions = {a: f"{text} again", b: text, c: text, 3: "something else entirely"}
+    with open(tmp_path / "urls.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("url", "caption"), *((f"http://a/{i}.jpg", captions[i]) for i in range(4))])
+    out = tmp_path / "out"
+    pipeline = {
+        "input": {"path": "urls.csv"},
+        "output": {"path": str(out), "rows_per_shard": 2},
+        "workers": 1,
+        "stages": ["caption_dedup", {"minhash_dedup": {"ngram": 1}}],
+    }
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
+    assert main(["run", str(tmp_path / "p.yaml"), "--no-progress"]) == 0
+    kept, rejects = read(out / "shards"), read(out / "rejects")
+    found = {r["key"]: (r["reject_stage"], r["duplicate_of"]) for r in rejects.to_pylist()}
+    ka, kb, kc = (key_of("urls.csv", row) for row in (a, b, c))
+    assert found == {kb: ("minhash_dedup", ka), kc: ("caption_dedup", ka)}
+    assert set(kept.column("key").to_pylist()) == {ka, key_of("urls.csv", 3)}

@@ -84,10 +84,16 @@ class OnGpu(Stage):
         return reject(batch, [(c or "").endswith("?") for c in batch.column("caption").to_pylist()], "question")
 
 
+@dataclass
+class DedupConfig:
+    words: int = 3
+
+
 class CaptionDedup(ClusterStage):
-    """Candidates share their first three words; verified when lengths differ by at most 3."""
+    """Candidates share their first ``words`` words; verified when lengths differ by at most 3."""
 
     name = "t_dedup"
+    Config = DedupConfig
     needs = ("caption",)
     global_columns = ("_first3", "_length")
     reason = "near_duplicate"
@@ -95,7 +101,10 @@ class CaptionDedup(ClusterStage):
 
     def process(self, batch: pa.Table) -> pa.Table:
         captions = [(c or "").lower() for c in batch.column("caption").to_pylist()]
-        first3 = [int.from_bytes(hashlib.sha256(" ".join(c.split()[:3]).encode()).digest()[:8], "little", signed=True) for c in captions]
+        first3 = [
+            int.from_bytes(hashlib.sha256(" ".join(c.split()[: self.config.words]).encode()).digest()[:8], "little", signed=True)
+            for c in captions
+        ]
         batch = set_column(batch, "_first3", first3, pa.int64())
         return set_column(batch, "_length", [len(c) for c in captions], pa.int64())
 

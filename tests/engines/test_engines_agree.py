@@ -88,6 +88,24 @@ def test_engines_agree_on_two_stages_of_one_name(ray_local, spark, test_stages, 
         _assert_same(local, result, engine)
 
 
+def test_engines_agree_on_chained_dedups(ray_local, spark, test_stages, caption_input, make_pipeline, run_and_read):
+    """A second dedup removes rows the first kept as the copy of others: every engine points those
+    others on at the copy the second kept, so every duplicate_of names a kept row."""
+    stages = [{"t_dedup": {"words": 4}}, {"t_dedup": {"words": 2}}]
+    summary, local = run_and_read(make_pipeline(caption_input, stages, "local"))
+    kept = {row["key"] for shard in local.values() for row in shard["kept"]}
+    rejects = {row["key"]: row for shard in local.values() for row in shard["rejects"]}
+    assert (
+        summary["stages"]["t_dedup#2"]["rejected"] > 0 and {row["duplicate_of"] for row in rejects.values() if row["duplicate_of"]} <= kept
+    )
+    # A chain is there: a row the first dedup removed shares its first four words with one the second removed.
+    first4 = {stage: {" ".join(row["caption"].lower().split()[:4]) for row in rejects.values() if row["reject_stage"] == stage}
+              for stage in ("t_dedup#1", "t_dedup#2")}  # fmt: skip
+    assert first4["t_dedup#1"] & first4["t_dedup#2"]
+    for engine in ("ray", "spark"):
+        _assert_same(local, run_and_read(make_pipeline(caption_input, stages, engine, engine=engine))[1], engine)
+
+
 def test_ray_feeds_model_stages_pieces_of_shards(ray_local, test_stages, caption_input, make_pipeline, run_and_read):
     """Model stages on Ray get blocks of ``batch_size`` rows, not shards, and give the local runner's
     files (rows rejected before and after them in place, shards made whole again between two model
