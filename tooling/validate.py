@@ -132,6 +132,7 @@ def _validate_mmcurate(fs, path: str) -> list[str]:
     output = record.get("pipeline", {}).get("output")
     fmt = output.get("format") if isinstance(output, dict) else None
     seen: dict[str, str] = {}
+    samples: dict[str, int] = {}  # samples per tar, as shards/sizes.json must list them
     for sid in sorted({*out.found_shard_ids(), *range(record.get("shards", 0))}):
         tar = out.tar_path(sid)
         webdataset = fmt == "webdataset" if fmt else fs.exists(tar)  # the run's format, else the files'
@@ -150,6 +151,7 @@ def _validate_mmcurate(fs, path: str) -> list[str]:
         problems += check_table(kept, kept_path, kept=True) + check_table(rejects, files["rejects"], kept=False)
         if webdataset:
             problems += _check_tar(fs, tar, kept)
+            samples[tar.rsplit("/", 1)[-1]] = kept.num_rows
         problems += _repeated_keys(kept, kept_path, rejects, files["rejects"], seen)
         try:
             stats = read_stats(out, sid)
@@ -161,7 +163,22 @@ def _validate_mmcurate(fs, path: str) -> list[str]:
                 f"{files['stats']}: rows_in {stats['rows_in']}, kept {stats['kept']}, rejected {stats['rejected']} "
                 f"disagree with {kept.num_rows} kept and {rejects.num_rows} rejected rows on disk"
             )
+    if record.get("finished") and fmt == "webdataset":
+        problems += _check_sizes(out, samples)
     return problems
+
+
+def _check_sizes(out: OutputDir, samples: dict[str, int]) -> list[str]:
+    """``shards/sizes.json`` of a finished WebDataset run lists each tar's samples (open_clip reads it)."""
+    path = out.sizes_path()
+    try:
+        with reading(out.fs, path):
+            sizes = out.read_json(path)
+    except UsageError as e:
+        return [str(e)]
+    if not isinstance(sizes, dict):
+        return [f"{path}: not a JSON object of samples per tar"]
+    return [f"{path}: lists {sizes.get(tar)} samples for {tar}, which holds {n}" for tar, n in samples.items() if sizes.get(tar) != n]
 
 
 def _repeated_keys(kept: pa.Table, kept_path: str, rejects: pa.Table, rejects_path: str, seen: dict[str, str]) -> list[str]:

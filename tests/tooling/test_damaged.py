@@ -50,6 +50,7 @@ DAMAGES = [
     ("rejects_garbage", "rejects/00000.parquet", ("inspect", "report", "diff"), "damaged (Parquet magic bytes"),
     ("tar_truncated", "shards/00001.tar", ("inspect", "diff"), "00001.tar: "),
     ("meta_missing", "meta/00001.parquet", TOOLS, "missing, though its shard's done marker lists it"),
+    ("sizes_wrong_count", "shards/sizes.json", (), ""),  # no tool but validate reads it
 ]
 
 
@@ -66,6 +67,8 @@ def test_a_damaged_output_is_one_line_naming_the_file(
         target.write_text(json.dumps({**json.loads(target.read_text()), "kept": "x"}))
     elif damage == "rejects_garbage":
         target.write_bytes(b"PAR1" + b"\x00garbage" * 50)
+    elif damage == "sizes_wrong_count":
+        target.write_text(json.dumps({**json.loads(target.read_text()), "00000.tar": 99}))
     elif damage == "meta_missing":
         target.unlink()
     else:
