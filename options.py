@@ -78,6 +78,18 @@ def bounded(
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"bounds": Bounds(ge, gt, le)})
 
 
+def path_option(default: str | None) -> Any:
+    """A config field naming a model or model file by path, hub id or name: in a pipeline YAML, a
+    relative path that exists beside the YAML resolves against its folder, as input and output paths
+    do (``local-dir:`` paths too); anything else (``org/name``) is left as written."""
+    return dataclasses.field(default=default, metadata={"path": True})
+
+
+def is_path_option(field: dataclasses.Field) -> bool:
+    """Whether a config field was declared with :func:`path_option`."""
+    return bool(field.metadata.get("path"))
+
+
 def field_bounds(field: dataclasses.Field) -> Bounds | None:
     """The bounds a config field declares, if any."""
     return field.metadata.get("bounds")

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.errors import UsageError
-from mmcurate.options import bounded
+from mmcurate.options import bounded, path_option
 from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import reject, set_column
 from mmcurate.stages.model import ModelConfig, ModelStage, Skip, hf_load, open_clip_load, require, row_image
@@ -50,9 +50,9 @@ SEED_RULE = (
 
 @dataclass
 class CapfiltConfig(ModelConfig):
-    captioner: str = "Salesforce/blip-image-captioning-large"  # Hugging Face id or local folder
+    captioner: str = path_option("Salesforce/blip-image-captioning-large")  # Hugging Face id or local folder
     captioner_revision: str | None = None  # pin the captioner (a commit, tag or branch)
-    filter_model: str = "Salesforce/blip-itm-large-coco"  # BLIP ITM id or folder; CLIP: local-dir:, hf-hub:, open_clip:NAME:TAG
+    filter_model: str = path_option("Salesforce/blip-itm-large-coco")  # BLIP ITM; CLIP: local-dir:, hf-hub:, open_clip:NAME:TAG
     filter_revision: str | None = None
     threshold: float | None = None  # keep captions scoring at least this (ITM: 0 to 1, CLIP: -1 to 1); None: 0.5 for ITM, 0.28 for CLIP
     num_captions: int = bounded(3, ge=0)  # synthetic captions per image

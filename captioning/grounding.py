@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.errors import UsageError
-from mmcurate.options import bounded
+from mmcurate.options import bounded, path_option
 from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import reject, set_column
 from mmcurate.stages.model import ModelConfig, ModelStage, Skip, hf_load, require, row_image
@@ -38,7 +38,7 @@ Detection = tuple[int, tuple[float, float, float, float], float]
 
 @dataclass
 class GroundingConfig(ModelConfig):
-    detector: str = "google/owlv2-base-patch16-ensemble"  # Hugging Face id or local folder (OWLv2, Grounding DINO)
+    detector: str = path_option("google/owlv2-base-patch16-ensemble")  # Hugging Face id or local folder (OWLv2, Grounding DINO)
     revision: str | None = None  # pin the detector (a commit, tag or branch)
     threshold: float | None = bounded(None, ge=0, le=1)  # box score; None: the detector's default (OWLv2 0.1, Grounding DINO 0.35)
     nms_iou: float = bounded(0.5, gt=0, le=1)  # NMS across phrases: drop the weaker of two boxes overlapping more than this

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.errors import UsageError
-from mmcurate.options import bounded
+from mmcurate.options import bounded, path_option
 from mmcurate.schemas import BY_NAME
 from mmcurate.stages.base import Resources, Stage, set_column
 
@@ -66,7 +66,7 @@ ENTRY_TYPE = BY_NAME["grounding"].type
 
 @dataclass
 class NounPhrasesConfig:
-    spacy_model: str = DEFAULT_MODEL  # a spaCy pipeline name or folder with a tagger and a parser
+    spacy_model: str = path_option(DEFAULT_MODEL)  # a spaCy pipeline name or folder with a tagger and a parser
     drop_heads: tuple[str, ...] = DROP_HEADS  # head lemmas of phrases that are dropped
     min_noun_probability: float = bounded(0.1, ge=0, le=1)  # recover a token not tagged as a noun when P(noun tag) is at least this
     batch_size: int = bounded(256, ge=1)  # captions per nlp.pipe batch

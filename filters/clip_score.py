@@ -24,14 +24,15 @@ import numpy as np
 import pyarrow as pa
 
 from mmcurate.filters.common import Mode, check_mode, store_scores
+from mmcurate.options import path_option
 from mmcurate.stages.base import reject
 from mmcurate.stages.model import ModelConfig, ModelStage, Skip, open_clip_load, row_image
 
 
 @dataclass
 class ClipScoreConfig(ModelConfig):
-    model: str = "ViT-B-32"  # open_clip name, hf-hub:ORG/REPO or local-dir:/path
-    pretrained: str | None = "openai"  # open_clip pretrained tag or checkpoint file (built-in names only); random: no weights
+    model: str = path_option("ViT-B-32")  # open_clip name, hf-hub:ORG/REPO or local-dir:/path
+    pretrained: str | None = path_option("openai")  # open_clip pretrained tag or checkpoint file (built-in names only); random: no weights
     min_score: float | None = 0.28  # reject below this; None: score only (LAION-2B-en: 0.28 with ViT-B/32)
     mode: Mode = "filter"
     batch_size: int = 64  # images per forward pass

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from mmcurate.errors import UsageError
 from mmcurate.filters.common import Mode, check_mode
-from mmcurate.options import bounded
+from mmcurate.options import bounded, path_option
 from mmcurate.stages.base import Resources, Stage, reject, set_column
 
 _LABEL = "__label__"
@@ -65,7 +65,7 @@ def bundled_model() -> str:
 class LanguageConfig:
     keep: tuple[str, ...] = ("en",)  # languages to keep (ISO 639 codes); [] keeps every language
     min_score: float = bounded(0.5, ge=0, le=1)  # reject when the top-1 probability is below this
-    model_path: str | None = None  # a fastText language-id model; default: the bundled lid.176.ftz
+    model_path: str | None = path_option(None)  # a fastText language-id model; default: the bundled lid.176.ftz
     mode: Mode = "filter"
 
     def __post_init__(self) -> None:

@@ -11,7 +11,8 @@ stages:
   - download: {image_size: 256}
   - language: {keep: [en], min_score: 0.5}
 ```
-Relative paths are resolved against the YAML file's folder.
+Relative paths are resolved against the YAML file's folder; so are relative model paths (a
+stage's captioner, detector, ``local-dir:`` CLIP...) that exist there (``org/name`` stays a hub id).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from typing import Any
 import yaml
 
 from mmcurate.errors import UsageError
-from mmcurate.options import bounded, build_config
-from mmcurate.pipelines.registry import stage_class
+from mmcurate.options import bounded, build_config, is_path_option
+from mmcurate.pipelines.registry import STAGES, stage_class
 from mmcurate.schemas import BY_NAME
 from mmcurate.shards.readers import InputSpec
 from mmcurate.shards.writers import OutputSpec
@@ -151,7 +152,7 @@ def parse_pipeline(data: Any, base: Path | None = None, paths: dict[str, str] | 
     if not isinstance(listed, list):
         given = "a mapping" if isinstance(listed, dict) else repr(listed)
         raise UsageError(f"pipeline: stages is a list, one '- name: {{options}}' item per stage in the order they run, not {given}")
-    stages = [_stage_spec(item) for item in listed]
+    stages = [_stage_spec(item, base) for item in listed]
     extra = {k: data[k] for k in ENGINE_KEYS if k in data}
     return build_config(Pipeline, {"input": inp, "output": out, "stages": stages, **extra}, "pipeline")
 
@@ -175,13 +176,14 @@ def load_pipeline(path: str | Path, paths: dict[str, str] | None = None) -> Pipe
     return parse_pipeline(data, path.parent, paths)
 
 
-def _stage_spec(item: Any) -> StageSpec:
+def _stage_spec(item: Any, base: Path | None) -> StageSpec:
     if isinstance(item, str):
         return StageSpec(item)
     if isinstance(item, dict) and len(item) == 1:
         name, params = next(iter(item.items()))
         if params is None or isinstance(params, dict):
-            return StageSpec(name, dict(params or {}))
+            params = dict(params or {})
+            return StageSpec(name, {k: _model_path(name, k, v, base) for k, v in params.items()} if base else params)
     raise UsageError(f"pipeline: a stage is a name or a mapping {{name: {{options}}}}, not {item!r}")
 
 
@@ -191,6 +193,21 @@ def _resolve(section: dict[str, Any], base: Path | None) -> dict[str, Any]:
     if base is not None and "://" not in path and not os.path.isabs(path):
         section["path"] = str((base / path).resolve())
     return section
+
+
+def _model_path(stage: str, option: str, value: Any, base: Path) -> Any:
+    """``value`` of a :func:`~mmcurate.options.path_option` resolved against ``base`` where it is a
+    relative path (``local-dir:PATH`` too) that exists there; any other value as it is."""
+    if not isinstance(value, str) or stage not in STAGES:
+        return value
+    fields = {f.name: f for f in dataclasses.fields(stage_class(stage).Config)}
+    if option not in fields or not is_path_option(fields[option]):
+        return value
+    prefix = "local-dir:" if value.startswith("local-dir:") else ""
+    path = value.removeprefix(prefix)
+    if not path or os.path.isabs(path) or not (base / path).exists():
+        return value
+    return prefix + str((base / path).resolve())
 
 
 def apply_overrides(pipeline: Pipeline, settings: list[str]) -> Pipeline:
@@ -218,5 +235,5 @@ def apply_overrides(pipeline: Pipeline, settings: list[str]) -> Pipeline:
             if not matches:
                 raise UsageError(f"--set {item}: the pipeline has no stage {section!r}")
             for spec in matches:
-                spec.params[key] = value
+                spec.params[key] = _model_path(spec.name, key, value, Path.cwd())
     return pipeline

@@ -166,6 +166,21 @@ def test_an_open_clip_filter_with_random_weights_is_asked_for(tmp_path: Path, ti
     assert stage._clip.visual.image_size == (64, 64)
 
 
+def test_model_folders_beside_the_yaml(tmp_path: Path, tiny_blip: dict, img2dataset_output: Path, monkeypatch) -> None:
+    """A pipeline naming its models relative to its YAML runs from any folder; run.json records where they are."""
+    models = Path(tiny_blip["captioner"]).parent
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"input: {{path: {img2dataset_output}}}\noutput: {{path: out}}\nworkers: 1\n"
+        f"stages:\n  - capfilt: {{captioner: {models.name}/captioner, filter_model: {models.name}/itm, num_captions: 1}}\n"
+    )
+    (tmp_path / models.name).symlink_to(models)
+    monkeypatch.chdir(models.parent.parent)  # where f"{models.name}/captioner" is no folder
+    assert main(["run", str(pipeline), "--no-progress"]) == 0
+    [model] = json.loads((tmp_path / "out" / "run.json").read_text())["models"]
+    assert (model["captioner"], model["filter_model"]) == (tiny_blip["captioner"], tiny_blip["itm"])  # resolved, the link too
+
+
 def test_option_bounds(tiny_blip: dict) -> None:
     """Options a run would fail on (or reject every row with) are one line before any row."""
     models = {"captioner": tiny_blip["captioner"], "filter_model": tiny_blip["itm"]}

@@ -236,3 +236,33 @@ def test_apply_decisions_rejects_by_key_and_only_kept_rows() -> None:
         {"stage": "read", "rows_in": 4, "rejected": 1, "reasons": {"malformed_row": 1}, "seconds": 0.0},
         {"stage": "dedup", "rows_in": 3, "rejected": 1, "reasons": {"duplicate": 1}, "seconds": stats[1]["seconds"]},
     ]
+
+
+def test_relative_model_paths_resolve_against_the_pipeline_yaml(tmp_path, monkeypatch) -> None:
+    """Model paths that exist beside the YAML resolve against it (``local-dir:`` too), whatever the
+    current folder; hub ids, names and options that are no path stay as written; ``--set`` values
+    resolve against the current folder."""
+    from mmcurate.pipelines.config import apply_overrides, load_pipeline
+
+    here = tmp_path / "project"
+    for folder in ("models/blip", "models/clip", "models/det", "prompt"):
+        (here / folder).mkdir(parents=True)
+    (here / "ckpt.pt").write_bytes(b"")
+    (here / "p.yaml").write_text(
+        "input: {path: in}\noutput: {path: out}\nstages:\n"
+        "  - capfilt: {captioner: models/blip, filter_model: 'local-dir:models/clip', prompt: prompt}\n"
+        "  - clip_score: {model: ViT-B-32, pretrained: ckpt.pt}\n"
+        "  - grounding: {detector: google/owlv2-base-patch16-ensemble}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "models" / "det").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    pipeline = load_pipeline(here / "p.yaml")
+    capfilt, clip, grounding = (spec.params for spec in pipeline.stages)
+    assert capfilt == {"captioner": str(here / "models/blip"), "filter_model": f"local-dir:{here / 'models/clip'}", "prompt": "prompt"}
+    assert clip == {"model": "ViT-B-32", "pretrained": str(here / "ckpt.pt")}
+    assert grounding == {"detector": "google/owlv2-base-patch16-ensemble"}  # no such folder: a hub id
+    assert pipeline.as_dict()["stages"][0]["capfilt"]["captioner"] == str(here / "models/blip")  # what run.json records
+    pipeline = apply_overrides(pipeline, ["grounding.detector=models/det", "capfilt.captioner=org/name"])
+    assert pipeline.stages[2].params["detector"] == str(elsewhere / "models/det")
+    assert pipeline.stages[0].params["captioner"] == "org/name"
