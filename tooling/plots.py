@@ -39,7 +39,7 @@ def score_table(out: OutputDir, extra: tuple[str, ...] = (), with_file: bool = F
 
 def score_values(table: pa.Table) -> dict[str, np.ndarray]:
     """The non-null values of every score and size column present, with the derived ones: aspect ratio
-    (original width / height), caption length in characters, and CapFilt's ITM scores by caption source."""
+    (original width / height), caption length in characters, and CapFilt's filter scores by caption source."""
     values: dict[str, np.ndarray] = {}
 
     def add(name: str, column: pa.Array | pa.ChunkedArray) -> None:
@@ -61,7 +61,7 @@ def score_values(table: pa.Table) -> dict[str, np.ndarray]:
         candidates = pc.list_flatten(table.column("captions"))
         for source in sorted(set(pc.struct_field(candidates, "source").to_pylist()) - {None}):
             chosen = pc.filter(candidates, pc.equal(pc.struct_field(candidates, "source"), source))
-            add(f"itm_score ({source})", pc.struct_field(chosen, "score"))
+            add(f"capfilt_score ({source})", pc.struct_field(chosen, "score"))  # BLIP ITM or CLIP: run.json's filter
     return values
 
 

@@ -109,9 +109,9 @@ def test_report_figures(curated: Path, tmp_path: Path):
     summary = figures["summary"]
     assert (summary["rows_in"], summary["kept"], summary["rejected"]) == (36, 30, 6)
     assert summary["stages"]["exact_dedup"]["reasons"] == {"duplicate_image": 4}
-    assert {"clip_score", "num_boxes", "caption_length", "itm_score (web)", "itm_score (synthetic)"} <= set(figures["histograms"])
+    assert {"clip_score", "num_boxes", "caption_length", "capfilt_score (web)", "capfilt_score (synthetic)"} <= set(figures["histograms"])
     assert sum(figures["histograms"]["clip_score"]["counts"]) == 36
-    assert sum(figures["histograms"]["itm_score (synthetic)"]["counts"]) == 36
+    assert sum(figures["histograms"]["capfilt_score (synthetic)"]["counts"]) == 36
     # Two clusters of three: each kept row with the two rows removed as its duplicates.
     assert figures["duplicate_clusters"]["sizes"] == {"3": 2}
     assert [len(c["removed"]) for c in figures["duplicate_clusters"]["shown"]] == [2, 2]
