@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -159,6 +161,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, bool):
             return value
         raise UsageError(f"{where} must be true or false, not {value!r}")
+    if hint in (float, int):
+        value = _scientific(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{where} must be a number, not {value!r}")
@@ -178,6 +182,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise UsageError(f"{where} must be a string, not {value!r}")
     return value
+
+
+# Scientific notation that PyYAML (YAML 1.1) reads as text: it wants a dot and a signed exponent (1.0e-3).
+_SCIENTIFIC = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _scientific(value: Any) -> Any:
+    """A number written in scientific notation (``1e-3``, ``5E-1``, ``1e3``) as the number YAML 1.2
+    reads (an integral one as an int); any other value as it is."""
+    if not (isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip())):
+        return value
+    number = Decimal(value.strip())
+    integral = number.adjusted() <= 1000 and number == number.to_integral_value()  # 1e999999999 is no int to build
+    return int(number) if integral else float(number)
 
 
 def _accepts_str(hint: Any) -> bool:

@@ -190,7 +190,7 @@ def _stage_spec(item: Any, base: Path | None) -> StageSpec:
 def _resolve(section: dict[str, Any], base: Path | None) -> dict[str, Any]:
     section = dict(section)
     path = str(section["path"])
-    if base is not None and "://" not in path and not os.path.isabs(path):
+    if base is not None and path.strip() and "://" not in path and not os.path.isabs(path):  # a blank path stays blank, to be refused
         section["path"] = str((base / path).resolve())
     return section
 

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import re
 import tarfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -64,6 +65,8 @@ class InputSpec:
     max_image_pixels: int = bounded(MAX_PIXELS, ge=1)  # decompression-bomb guard for ingested images, from the header
 
     def __post_init__(self) -> None:
+        if not self.path.strip():  # an unset variable: never the current folder
+            raise UsageError("the input path is empty")
         if self.format is not None and self.format not in FORMATS:
             raise UsageError(f"input format must be one of {', '.join(FORMATS)}, not {self.format!r}")
 
@@ -239,7 +242,7 @@ def _check_unchanged(before: dict[str, list], now: dict[str, list], output: str)
 def _key_base(fs: fsspec.AbstractFileSystem, root: str) -> str:
     """The folder that keys' relative paths start from: the input folder, a file's folder, or a
     glob's folder before its first wildcard (so ``a/x.csv`` and ``b/x.csv`` get different keys)."""
-    if any(c in root for c in "*?["):
+    if _is_glob(fs, root):
         parts = root.split("/")
         return "/".join(parts[: next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))])
     return root if fs.isdir(root) else root.rsplit("/", 1)[0]
@@ -248,7 +251,7 @@ def _key_base(fs: fsspec.AbstractFileSystem, root: str) -> str:
 def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output: str) -> tuple[str, list[str]]:
     """The input format and files. Hidden and ``_`` files and folders, and the output folder (which
     may lie inside the input folder), are no input."""
-    if any(c in root for c in "*?["):
+    if _is_glob(fs, root):
         paths = sorted(p for p in fs.glob(root) if not _within(p, output))
         if not paths:
             raise UsageError(f"no files match {root!r}")
@@ -275,6 +278,12 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output:
     if not paths:
         raise UsageError(f"no {fmt} files found at {root!r}")
     return fmt, paths
+
+
+def _is_glob(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    """Whether the input path is a pattern: it holds ``*``, ``?`` or ``[`` and names no file or folder
+    (``in/a[1].csv`` that exists is that file)."""
+    return any(c in root for c in "*?[") and not fs.exists(root)
 
 
 def _hidden(rel: str) -> bool:
@@ -404,25 +413,20 @@ def parse_text(fs, path: str, fmt: str, spec: InputSpec) -> Iterator[tuple[pa.Ta
     reasons: list[str | None] = []
     with _open_text(fs, path) as text:
         if fmt == "txt":
-            header, records = [spec.url_col], ([line.strip()] for line in text if line.strip())
+            header, records = [spec.url_col], (([line.strip()], None) for line in text if line.strip())
         elif fmt == "jsonl":
             records = _jsonl_records(text, header)
         else:
-            # Let a field be as long as it is: huge captions are rejected by max_caption_chars, as
-            # rows, not by the csv module's 128 KiB default, which would stop the file.
-            csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-            reader = csv.reader(text, delimiter="\t" if fmt == "tsv" else ",")
-            header = next(reader, None)
+            records = _csv_records(text, "\t" if fmt == "tsv" else ",")
+            header, reason = next(records, (None, None))
             if header is None:
                 raise UsageError(f"{path}: empty file, no header row")
-            records = reader
+            if reason is not None or any(_has_bad_utf8(name) for name in header):
+                raise UsageError(f"{path}: the header row is malformed (a quote left open, or bytes that are not UTF-8)")
         _check_columns(header, spec, path)
-        for record in records:
-            reason = None
-            if isinstance(record, str):  # a jsonl line that is not an object
-                reason, record = record, [None] * len(header)
-            elif len(record) != len(header):
-                reason = "malformed_row"
+        for record, reason in records:
+            if len(record) != len(header):
+                reason = reason or "malformed_row"
                 record = (list(record) + [None] * len(header))[: len(header)]
             if any(v is not None and _has_bad_utf8(v) for v in record):
                 reason = reason or "invalid_utf8"
@@ -450,8 +454,75 @@ def _string_table(header: list[str], rows: list[list[str | None]], reasons: list
     return pa.table(columns), pa.array(reasons, pa.string())
 
 
+class _Lines:
+    """The lines of a text, one at a time, with those taken since :meth:`mark`; lines put back are
+    taken again first."""
+
+    def __init__(self, text: Iterable[str]) -> None:
+        self._text = iter(text)
+        self._back: list[str] = []
+        self.taken: list[str] = []
+        self.ran_out = False  # asked for a line past the end since :meth:`mark`
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self._back:
+            line = self._back.pop()
+        else:
+            try:
+                line = next(self._text)
+            except StopIteration:
+                self.ran_out = True
+                raise
+        self.taken.append(line)
+        return line
+
+    def mark(self) -> None:
+        self.taken, self.ran_out = [], False
+
+    def put_back(self, lines: list[str]) -> None:
+        self._back.extend(reversed(lines))
+
+
+def _csv_records(text: Iterable[str], delimiter: str) -> Iterator[tuple[list[str], str | None]]:
+    """Each record of a csv/tsv file, the header first, with its rejection reason (None if none).
+
+    A quoted field may hold line breaks, as CSV allows. A quote that is never closed (the file ends
+    inside it), or a record over several lines that breaks the quoting rules or holds another number
+    of fields than the header, is a quote left open that swallowed the lines after it: its first
+    line alone becomes a ``malformed_row`` and the lines after it are read again as rows of their
+    own. A quoting error within one line (``"a" b``) is read leniently, as Python's csv does.
+    """
+    # Let a field be as long as it is: huge captions are rejected by max_caption_chars, as rows, not
+    # by the csv module's 128 KiB default, which would stop the file.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    lines = _Lines(text)
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
+    width = None
+    while True:
+        lines.mark()
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            record = None
+        spans = len(lines.taken) > 1
+        # Broken: an error over several lines, the file ending inside a quote, or a field count that lines merged by a quote changed.
+        broken = (spans or lines.ran_out) if record is None else spans and width is not None and len(record) != width
+        if broken:
+            lines.put_back(lines.taken[1:])
+        if record is None or broken:
+            record = next(csv.reader(lines.taken[:1], delimiter=delimiter))
+        width = len(record) if width is None else width
+        yield record, "malformed_row" if broken else None
+
+
 def _jsonl_header(fs, path: str) -> list[str]:
-    """Every key of every object in a jsonl file, in order of first appearance (a first pass)."""
+    """Every key of every object in a jsonl file, in order of first appearance (a first pass); a key
+    that is not valid UTF-8 is no column (its row is rejected as ``invalid_utf8``)."""
     header: dict[str, None] = {}
     with _open_text(fs, path) as text:
         for line in text:
@@ -460,12 +531,13 @@ def _jsonl_header(fs, path: str) -> list[str]:
             except ValueError:
                 continue
             if isinstance(obj, dict):
-                header.update(dict.fromkeys(obj))
+                header.update((key, None) for key in obj if not _has_bad_utf8(key))
     return list(header)
 
 
-def _jsonl_records(text: Iterable[str], names: list[str]) -> Iterator[list[str | None] | str]:
-    """Per non-blank line: its values under ``names``, or ``"malformed_row"``."""
+def _jsonl_records(text: Iterable[str], names: list[str]) -> Iterator[tuple[list[str | None], str | None]]:
+    """Per non-blank line: its values under ``names`` and its rejection reason (``malformed_row`` for a
+    line that is no object, ``invalid_utf8`` for an object with a key that is not valid UTF-8)."""
 
     def cell(v: object) -> str | None:
         if isinstance(v, float) and not math.isfinite(v):  # NaN / Infinity, which Python's json accepts, are no text
@@ -479,15 +551,25 @@ def _jsonl_records(text: Iterable[str], names: list[str]) -> Iterator[list[str |
             obj = json.loads(line)
         except ValueError:
             obj = None
-        yield [cell(obj.get(n)) for n in names] if isinstance(obj, dict) else "malformed_row"
+        if not isinstance(obj, dict):
+            yield [None] * len(names), "malformed_row"
+        else:
+            yield [cell(obj.get(n)) for n in names], "invalid_utf8" if any(_has_bad_utf8(key) for key in obj) else None
+
+
+# Any surrogate: a byte that is not UTF-8 (kept by surrogateescape as U+DC80..U+DCFF) or a lone
+# surrogate written as a JSON escape ("\\ud800"), which no UTF-8 text can hold.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
 
 def _has_bad_utf8(value: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
+    return _SURROGATE.search(value) is not None
 
 
 def _repair(value: str) -> str:
-    return value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    """``value`` with U+FFFD for each invalid byte sequence and lone surrogate."""
+    return _LONE_SURROGATE.sub("\ufffd", value).encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
 
 
 def sample_key(rel: str, row: int) -> str:

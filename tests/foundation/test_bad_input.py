@@ -196,6 +196,17 @@ def test_bad_yaml(box: Sandbox, text: str, fragment: str) -> None:
     box.usage(["run", str(box.inputs / "bad.yaml")], fragment, real=fragment == "not valid YAML")
 
 
+def test_empty_paths_are_refused(box: Sandbox) -> None:
+    """An unset variable (``--input "$IN"``) or a blank YAML path is refused, never read as the current or the YAML's folder."""
+    box.usage(["run", str(box.base), "--input", ""], "the input path is empty")
+    box.usage(["run", str(box.base), "--output", " "], "the output path is empty")
+    for section in ("input", "output"):
+        paths = {"input": "urls.parquet", "output": str(box.out), section: ""}
+        write_yaml(box.inputs / "blank.yaml", {name: {"path": path} for name, path in paths.items()})
+        box.usage(["run", str(box.inputs / "blank.yaml")], f"the {section} path is empty")
+    assert not box.out.exists()
+
+
 def test_missing_pipeline_file(box: Sandbox) -> None:
     box.usage(["run", str(box.inputs / "nope.yaml")], "cannot read pipeline")
 

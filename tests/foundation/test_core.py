@@ -81,6 +81,13 @@ class Options:
         ({"enabled": "false"}, {"enabled": False}),
         ({"mode": "score"}, {"mode": "score"}),
         ({"name": "123"}, {"name": "123"}),  # a string option keeps digits as text
+        # Scientific notation, which PyYAML reads as text (it wants 1.0e-3), is a number wherever one is.
+        ({"min_score": "1e-3"}, {"min_score": 0.001}),
+        ({"min_score": "5E-1"}, {"min_score": 0.5}),
+        ({"min_score": "-.25e+1"}, {"min_score": -2.5}),
+        ({"limit": "1e3"}, {"limit": 1000}),
+        ({"keep": "1e3"}, {"keep": ("1e3",)}),
+        ({"name": "1e3"}, {"name": "1e3"}),
     ],
 )
 def test_build_config_coerces_set_strings(params: dict, expected: dict) -> None:
@@ -95,6 +102,9 @@ def test_build_config_coerces_set_strings(params: dict, expected: dict) -> None:
         ({"nope": 1}, "unknown option 'nope'"),
         ({"min_score": "high"}, "must be a number"),
         ({"limit": "1.5"}, "must be an integer"),
+        ({"limit": "15e-1"}, "must be an integer, not 1.5"),
+        ({"min_score": "1e"}, "must be a number, not '1e'"),
+        ({"min_score": "1e999999999"}, "must be a finite number"),
         ({"enabled": "maybe"}, "must be true or false"),
         ({"mode": "fast"}, "must be one of filter, score"),
     ],

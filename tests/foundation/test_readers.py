@@ -155,3 +155,75 @@ def test_shards_cut_across_parquet_row_groups(tmp_path: Path) -> None:
     assert out.column("url").to_pylist() == table.column("url").to_pylist()
     assert out.column("caption").to_pylist() == [f"c{i % 3}" for i in range(n)]
     assert out.column("key").to_pylist() == [key_of("rg.parquet", i) for i in range(n)]
+
+
+def reasons_of(table: pa.Table) -> list[str | None]:
+    return table.column("reject_reason").to_pylist()
+
+
+def test_a_quote_left_open_rejects_its_line_and_swallows_no_rows(tmp_path: Path) -> None:
+    """A quoted field may span lines (legal CSV); a quote that never closes properly is a malformed
+    row of its own line, and the lines it would have swallowed are rows of their own."""
+    text = (
+        "url,caption\n"
+        'http://a/0.jpg,"12 inch laptop\n'  # never closed: the file's next quote is followed by text
+        "http://a/1.jpg,b\n"
+        'http://a/2.jpg,"c" x\n'  # a quoting error within one line: read leniently, as before
+        'http://a/3.jpg,"two\nlines"\n'  # legal: a line break inside a closed quote
+        'http://a/4.jpg,"a\nb,c",d\n'  # closed, but the merged lines give three fields
+        'http://a/6.jpg,"open to the end\n'
+        "http://a/7.jpg,last\n"
+    )
+    (tmp_path / "q.csv").write_text(text, encoding="utf-8")
+    table = read_all(InputSpec(str(tmp_path / "q.csv")), tmp_path / "out")
+    assert table.column("url").to_pylist() == [f"http://a/{i}.jpg" for i in (0, 1, 2, 3, 4)] + ["b", "http://a/6.jpg", "http://a/7.jpg"]
+    assert table.column("caption").to_pylist() == ["12 inch laptop\n", "b", "c x", "two\nlines", "a\n", 'c"', "open to the end\n", "last"]
+    assert reasons_of(table) == ["malformed_row", None, None, None, "malformed_row", "malformed_row", "malformed_row", None]
+    assert table.column("key").to_pylist() == [key_of("q.csv", i) for i in range(8)]
+
+
+def test_a_csv_ending_inside_a_quote_is_a_malformed_row(tmp_path: Path) -> None:
+    (tmp_path / "end.tsv").write_text('url\tcaption\nhttp://a/0.jpg\tfine\nhttp://a/1.jpg\t"cut off', encoding="utf-8")
+    table = read_all(InputSpec(str(tmp_path / "end.tsv")), tmp_path / "out")
+    assert table.column("caption").to_pylist() == ["fine", "cut off"]
+    assert reasons_of(table) == [None, "malformed_row"]
+    (tmp_path / "head.csv").write_text('url,"caption\nhttp://a/0.jpg,x\n', encoding="utf-8")
+    with pytest.raises(UsageError, match="head.csv: the header row is malformed"):
+        read_all(InputSpec(str(tmp_path / "head.csv")), tmp_path / "out2")
+
+
+def test_lone_surrogates_in_jsonl_are_invalid_utf8(tmp_path: Path) -> None:
+    """JSON may escape half a surrogate pair, which no UTF-8 text holds: the row is rejected, repaired for the ledger."""
+    lines = [
+        r'{"url": "http://a/0.jpg", "caption": "lone \ud800 high"}',
+        r'{"url": "http://a/1.jpg", "caption": "half \ud83d emoji"}',
+        r'{"url": "http://a/\udfff.jpg", "caption": "low in the url"}',
+        r'{"url": "http://a/3.jpg", "caption": "a pair \ud83d\ude00 is fine"}',
+        r'{"url": "http://a/4.jpg", "caption": "escaped byte \udc80"}',
+        r'{"url": "http://a/5.jpg", "caption": "bad key", "k\ud800": "v"}',
+        r'{"url": "http://a/6.jpg", "caption": "nested \ud800", "extra": ["\ud800"]}',
+    ]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n", encoding="ascii")
+    table = read_all(InputSpec(str(tmp_path / "s.jsonl")), tmp_path / "out")
+    bad = "invalid_utf8"
+    assert reasons_of(table) == [bad, bad, bad, None, bad, bad, bad]
+    captions = table.column("caption").to_pylist()
+    assert captions[:4] == ["lone \ufffd high", "half \ufffd emoji", "low in the url", "a pair \U0001f600 is fine"]
+    assert table.column("url").to_pylist()[2] == "http://a/\ufffd.jpg"
+    assert table.column_names == ["key", "url", "caption", "extra", "reject_stage", "reject_reason"]  # no column named by a bad key
+
+
+def test_a_file_whose_name_holds_glob_characters_is_that_file(tmp_path: Path, url_rows: list[dict]) -> None:
+    (tmp_path / "in").mkdir()
+    src = write_url_list(tmp_path / "in" / "a[1].csv", "csv", url_rows[:3])
+    write_url_list(tmp_path / "in" / "a1.csv", "csv", url_rows[3:9])  # what the pattern a[1].csv would match
+    table = read_all(InputSpec(str(src), url_col="URL", caption_col="TEXT"), tmp_path / "out")
+    assert table.column("key").to_pylist() == [key_of("a[1].csv", i) for i in range(3)]
+    pattern = read_all(InputSpec(str(tmp_path / "in" / "a[0-9].csv"), url_col="URL", caption_col="TEXT"), tmp_path / "out2")
+    assert pattern.num_rows == 6
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_input_path_is_refused(path: str) -> None:
+    with pytest.raises(UsageError, match="the input path is empty"):
+        InputSpec(path)
