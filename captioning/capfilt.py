@@ -93,7 +93,7 @@ class Capfilt(ModelStage):
     name = "capfilt"
     Config = CapfiltConfig
     needs = ("image", "caption")
-    adds = ("captions",)
+    adds = ("captions", "caption")
 
     def load(self) -> None:
         transformers = require("transformers", self.name)

@@ -16,7 +16,9 @@ a conjunct of a phrase's head, and any noun left outside every phrase, becomes a
 A token the tagger did not call a noun is recovered only when the tagger's own probability of a noun
 tag is at least ``min_noun_probability`` and the parse gives it no verb dependents (subject, object,
 auxiliary). Rows without a caption get a null ``grounding``; no row is rejected. ``boxes`` and
-``scores`` stay empty until ``grounding`` fills them.
+``scores`` stay empty until ``grounding`` fills them. The spans index ``caption`` as this stage sees
+it, so a stage that rewrites ``caption`` (capfilt; caption_quality with ``normalize``) runs before
+it: a pipeline that rewrites it after, with the spans kept, is refused at its start.
 """
 
 from __future__ import annotations

@@ -84,10 +84,12 @@ class CaptionQuality(Stage):
     Config = CaptionQualityConfig
     resources = Resources(cpus=1)
     needs = ("caption",)
-    adds = ("caption_words", "caption_chars")
+    adds = ("caption", "caption_words", "caption_chars")
 
     def __init__(self, config: CaptionQualityConfig | None = None) -> None:
         super().__init__(config)
+        if not self.config.normalize:
+            self.adds = ("caption_words", "caption_chars")
         checks = {
             "filename": lambda t: _FILENAME.fullmatch(t) is not None,
             "url": lambda t: _URL.fullmatch(t) is not None,

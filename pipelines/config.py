@@ -101,15 +101,38 @@ def stage_labels(names: list[str]) -> list[str]:
 
 def check_columns(stages: list[Stage], input_format: str, carried: tuple[str, ...] = ()) -> None:
     """Check that each stage finds the columns it needs in the input (``carried``: those an mmcurate
-    input already holds, e.g. ``grounding`` of an earlier ``noun_phrases`` run) or an earlier stage's."""
+    input already holds, e.g. ``grounding`` of an earlier ``noun_phrases`` run) or an earlier stage's,
+    and that the output's spans index its text: a stage that writes a text column (``adds`` it) after
+    the spans into it were taken (by a stage that adds the span column and needs the text, or by an
+    earlier run) is refused unless a later stage takes them again."""
     available = {*input_columns(input_format), *carried}
+    spans = {c: BY_NAME[c].indexes for c in BY_NAME if BY_NAME[c].indexes}  # span column -> the text it indexes
+    # span column -> the stage that took its spans (None: a run before, the input holds them)
+    taken: dict[str, str | None] = dict.fromkeys(c for c in spans if c in carried)
+    stale: dict[str, str] = {}  # span column -> the stage that rewrote its text since
     for stage in stages:
         missing = [c for c in stage.needs if c not in available]
         if missing:
             raise UsageError(
                 f"stage {stage.name} needs column {missing[0]!r}, which neither an earlier stage nor the {input_format} input provides"
             )
+        for column, text in spans.items():
+            if column in stage.adds and text in stage.needs:
+                taken[column] = stage.label
+                stale.pop(column, None)
+            elif text in stage.adds and column in taken:
+                stale.setdefault(column, stage.label)
         available |= set(stage.adds)
+    for column, rewriter in stale.items():
+        text, origin = spans[column], taken[column]
+        if origin is None:
+            raise UsageError(
+                f"stage {rewriter} rewrites {text!r}, which the {column!r} spans of the input (taken by an earlier run) index:"
+                f" run {rewriter} before that run's stages, or take the spans again after it"
+            )
+        raise UsageError(
+            f"stage {rewriter} rewrites {text!r} after {origin} took the {column!r} spans from it: run {rewriter} before {origin}"
+        )
 
 
 def input_columns(input_format: str) -> tuple[str, ...]:

@@ -20,12 +20,14 @@ METADATA_KEY = b"mmcurate.schema_version"
 
 @dataclass(frozen=True)
 class Field:
-    """One declared column: its Arrow type, who sets it and what it means."""
+    """One declared column: its Arrow type, who sets it and what it means; ``indexes``: the text column
+    whose characters its spans index (a stage that rewrites that text leaves them pointing at the old one)."""
 
     name: str
     type: pa.DataType
     set_by: str
     doc: str
+    indexes: str | None = None
 
     def arrow(self) -> pa.Field:
         return pa.field(self.name, self.type, nullable=self.name != "key")
@@ -91,6 +93,7 @@ FIELDS: tuple[Field, ...] = (
         "Noun phrases of `caption`: `phrase` with its character span `start`..`end`, the span of its referring expression "
         "(`expression_start`..`expression_end`), and, after `grounding`, `boxes` (xyxy, normalised to [0, 1] of the stored image, "
         "exactly four numbers each) with their `scores`.",
+        indexes="caption",
     ),
     Field("num_boxes", pa.int32(), "grounding", "Boxes in `grounding`, over all phrases (a scalar for select, stats and plots)."),
 )

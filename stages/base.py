@@ -39,7 +39,9 @@ class Stage:
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
     needs: ClassVar[tuple[str, ...]] = ()
-    adds: ClassVar[tuple[str, ...]] = ()
+    # Columns it writes, new ones or ones it rewrites (capfilt's ``caption``): the class's, or set from
+    # the options in ``__init__`` (caption_quality rewrites ``caption`` only when it normalises).
+    adds: tuple[str, ...] = ()
     batch_size: ClassVar[int | None] = None  # rows per process() call; None: the whole shard
     # Whether process() treats each row on its own and costs enough to spread (download): with fewer
     # shards than workers, the local engine cuts a shard's kept rows into one piece per worker.

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from mmcurate import schemas
 from mmcurate.captioning import noun_phrases
 from mmcurate.captioning.noun_phrases import NounPhraseExtractor, NounPhrases
 from mmcurate.cli import main
 from mmcurate.errors import UsageError
-from mmcurate.tests.support.coco import category_recall, coco_captions, named_pairs
+from mmcurate.pipelines.config import check_columns, parse_pipeline
+from mmcurate.tests.support.coco import category_recall, coco_captions, coco_grounded_table, named_pairs
+from mmcurate.tests.support.filters import write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,55 @@ def test_cli_stage(nlp, tmp_path: Path, photo_dir: Path) -> None:
     out = pq.read_table(tmp_path / "out" / "shards")
     assert out.num_rows == 20 and out.column("grounding").null_count == 0
     assert main(["validate", str(tmp_path / "out")]) == 0
+
+
+def planned(*stages: dict | str, carried: tuple[str, ...] = ()) -> None:
+    """Plan-time column check of these pipeline stages on an mmcurate input holding ``carried``."""
+    pipeline = parse_pipeline({"input": {"path": "in"}, "output": {"path": "out"}, "stages": list(stages)}, Path("/tmp"))
+    check_columns(pipeline.build_stages(), "mmcurate", carried)
+
+
+CAPFILT = {"capfilt": {"caption_choice": "synthetic_first"}}
+
+
+@pytest.mark.parametrize(
+    ("stages", "carried", "message"),
+    [
+        (["noun_phrases", CAPFILT, "grounding"], (), "stage capfilt rewrites 'caption' after noun_phrases took the 'grounding' spans"),
+        (["noun_phrases", "grounding", "caption_quality"], (), "run caption_quality before noun_phrases"),
+        (["noun_phrases", "noun_phrases", CAPFILT], (), "after noun_phrases#2 took"),
+        ([CAPFILT], ("grounding",), "which the 'grounding' spans of the input (taken by an earlier run) index"),
+        (["grounding", {"caption_quality": {"normalize": True}}], ("grounding",), "stage caption_quality rewrites 'caption'"),
+    ],
+)
+def test_a_stage_that_rewrites_the_caption_after_its_spans_were_taken_is_refused(stages: list, carried: tuple, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        planned(*stages, carried=carried)
+
+
+@pytest.mark.parametrize(
+    ("stages", "carried"),
+    [
+        ([CAPFILT, "caption_quality", "noun_phrases", "grounding"], ()),
+        (["noun_phrases", CAPFILT, "noun_phrases", "grounding"], ()),  # the spans taken again
+        (["noun_phrases", {"caption_quality": {"normalize": False}}, "grounding"], ()),  # counts only, caption untouched
+        ([CAPFILT, "noun_phrases"], ("grounding",)),
+        (["grounding", "clip_score"], ("grounding",)),
+    ],
+)
+def test_orders_that_keep_spans_and_caption_together_are_accepted(stages: list, carried: tuple) -> None:
+    planned(*stages, carried=carried)
+
+
+def test_run_refuses_the_order_in_one_line(tmp_path: Path, photo_dir: Path, capsys) -> None:
+    grounded = write_dataset(tmp_path / "grounded", coco_grounded_table(photo_dir), shards=1)
+    pipeline = {"input": {"path": str(grounded)}, "output": {"path": str(tmp_path / "out")}, "workers": 1}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({**pipeline, "stages": ["noun_phrases", "caption_quality"]}))
+    assert main(["run", str(tmp_path / "p.yaml"), "--no-progress"]) == 2
+    assert main(["stage", "caption_quality", "--input", str(grounded), "--output", str(tmp_path / "out2"), "--no-progress"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    in_run = "after noun_phrases took the 'grounding' spans from it: run caption_quality before noun_phrases"
+    in_input = "which the 'grounding' spans of the input (taken by an earlier run) index: run caption_quality before that run's stages"
+    assert len(errors) == 2 and all(e.startswith("mmcurate: error: stage caption_quality rewrites 'caption'") for e in errors)
+    assert in_run in errors[0] and in_input in errors[1]
+    assert not any((tmp_path / name / "shards").exists() for name in ("out", "out2"))
