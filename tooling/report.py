@@ -48,6 +48,23 @@ def figures_path(html_path: str) -> str:
     return os.path.splitext(html_path)[0] + ".json"
 
 
+FIGURES_KEYS = ("source", "summary", "histograms", "run")  # a figures file holds these: one a report wrote
+
+
+def _check_figures_file(figures: str) -> None:
+    """A UsageError when ``figures`` exists and is not the figures file of an earlier report: the page's
+    name was given, not this file's, so a file of the user's there is never overwritten."""
+    try:
+        with open(figures, "rb") as f:
+            held = json.loads(f.read())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        held = None
+    if not (isinstance(held, dict) and all(k in held for k in FIGURES_KEYS)):
+        raise UsageError(f"{figures} exists and is not a report's figures file (the page's figures go there): name the page otherwise")
+
+
 def build_report(path: str, html_path: str, options: Options = Options()) -> dict:
     """Write the page to ``html_path`` and its figures to :func:`figures_path` beside it; return the figures."""
     out = open_output(path)
@@ -56,6 +73,7 @@ def build_report(path: str, html_path: str, options: Options = Options()) -> dic
         raise UsageError(f"{html_path}: the report goes outside the output folder {path}")
     if figures_path(html_path) == html_path:
         raise UsageError(f"{html_path}: the page's figures go to a .json file beside it; name the page .html")
+    _check_figures_file(figures_path(html_path))
     record = out.run_record()
     summary = output_summary(out)
     rows = _rows(out)

@@ -3,6 +3,7 @@ row, never a file written outside the output folder."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -261,6 +262,20 @@ def test_destinations_that_cannot_be_written(box: Sandbox) -> None:
         locked.mkdir(mode=0o500)
         box.usage(["export", "llava", str(out), str(locked / "dest")], f"no write permission in {locked}")
         box.usage(["report", str(out), "-o", str(locked / "r.html")], f"no write permission in {locked}")
+
+
+def test_report_never_overwrites_a_json_file_it_did_not_write(box: Sandbox) -> None:
+    """report -o X.html writes its figures to X.json: a user's X.json there is refused, one line, nothing
+    written; the figures file of an earlier report is replaced, so the same command runs twice."""
+    out = box.run_ok(box.inputs / "urls.parquet", *LAION)
+    (box.inputs / "notes.json").write_text('{"mine": true}')
+    (box.inputs / "broken.json").write_bytes(b"\xff not json")
+    box.usage(["report", str(out), "-o", str(box.inputs / "notes.html")], f"{box.inputs / 'notes.json'} exists and is not a report's")
+    box.usage(["report", str(out), "-o", str(box.inputs / "broken.html")], "broken.json exists and is not a report's")
+    page = box.tmp / "reports" / "page.html"
+    for _ in range(2):
+        assert main(["report", str(out), "-o", str(page)]) == 0
+    assert json.loads(page.with_suffix(".json").read_text())["source"] == str(out)
 
 
 # ---------------------------------------------------------------------------------------------
