@@ -44,6 +44,7 @@ def export(fmt: str, source: str, dest: str, options: ExportOptions | None = Non
     src = OutputDir.open(source)
     if detect_layout(src.fs, src.root) != "mmcurate":
         raise UsageError(f"{source} is not an mmcurate output (no run.json or _done)")
+    src.check_whole()
     stored = src.stored_columns()
     for column, why in needed_columns(fmt).items():
         if stored and column not in stored:

@@ -77,6 +77,7 @@ class CuratedDataset(IterableDataset):
         self.out = OutputDir.open(url)
         if not self.out.exists(self.out.root) or detect_layout(self.out.fs, self.out.root) != "mmcurate":
             raise UsageError(f"{url} is not an mmcurate output (no run.json or _done)")
+        self.out.check_whole()
         self.caption = check_choice(caption)
         if grounding is not None and grounding not in FORMATS:
             raise UsageError(f"grounding must be one of {', '.join(FORMATS)}, not {grounding!r}")

@@ -103,7 +103,11 @@ class OutputDir:
 
     @classmethod
     def open(cls, url: str) -> OutputDir:
-        fs, root = url_to_fs(url)
+        return cls.at(*url_to_fs(url))
+
+    @classmethod
+    def at(cls, fs: AbstractFileSystem, root: str) -> OutputDir:
+        """The output folder ``root`` of ``fs``, tied to the run its ``run.json`` records."""
         out = cls(fs, root.rstrip("/") or "/")  # "/" (a filesystem's root) is a folder, not "" (the current one)
         try:
             record = out.read_json(out.run_json)
@@ -373,6 +377,24 @@ class OutputDir:
             return {}
         return marker["files"]
 
+    def check_intact(self) -> None:
+        """UsageError, one line, when a file that a done marker lists is missing (a damaged or partly copied output)."""
+        missing = self.missing_files()
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UsageError(f"{missing[0]}{more}: missing, though its shard's done marker lists it; the output is damaged")
+
+    def check_whole(self) -> None:
+        """UsageError, one line, unless this output can be read as a whole dataset (as an input, an export, a
+        training set): its run finished, and every file its done markers list is there."""
+        record = self.run_record()
+        if record is not None and record.get("finished") is None:
+            done = len(self.shard_ids(DONE))
+            raise UsageError(
+                f"{self.root} is an unfinished run ({done} shard(s) done): finish it (run its command again) before reading it as a dataset"
+            )
+        self.check_intact()
+
     def missing_files(self) -> list[str]:
         """Files that a done marker of this run lists and the output lacks (a damaged or partly copied output),
         found with one listing per folder."""
@@ -406,10 +428,7 @@ def open_output(url: str) -> OutputDir:
     if not holds_run(names) and STATS not in names:
         raise UsageError(f"{url} is not an mmcurate output (no {RUN_JSON})")
     out.run_record()
-    missing = out.missing_files()
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UsageError(f"{missing[0]}{more}: missing, though its shard's done marker lists it; the output is damaged")
+    out.check_intact()
     return out
 
 

@@ -258,7 +258,9 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output:
     elif fs.isdir(root):
         names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
         if fmt in (None, "mmcurate") and holds_run(names):
-            return "mmcurate", OutputDir(fs, root).kept_files()
+            out = OutputDir.at(fs, root)
+            out.check_whole()
+            return "mmcurate", out.kept_files()
         paths = sorted(p for p in fs.find(root) if not _within(p, output) and not _hidden(p[len(root) + 1 :]))
         if fmt in (None, "img2dataset"):
             tars = {p for p in paths if p.endswith(".tar")}

@@ -20,6 +20,8 @@ import pytest
 
 from mmcurate import killpoints
 from mmcurate.engines.local import run_local
+from mmcurate.errors import UsageError
+from mmcurate.exports import export
 from mmcurate.pipelines.config import Pipeline, StageSpec, parse_pipeline
 from mmcurate.shards.layout import OutputDir
 from mmcurate.shards.readers import InputSpec
@@ -29,6 +31,7 @@ from mmcurate.tests.support.foundation import (
     assert_same_output,
     assert_usage_error,
     check_accounting,
+    kept_table,
     laion_csv_with_repeats,
     register,
     sorted_files,
@@ -531,3 +534,31 @@ def test_engine_run_killed_at_its_global_step_resumes(engine: str, tmp_path: Pat
     assert len(list((out / "_work" / "seg0").glob("*.arrow"))) == 4 and not (out / "_done").exists()
     run_local(parse_pipeline(kill_pipeline(kill_input, out)), progress=False)
     assert_same_output(out, whole)
+
+
+def test_an_unfinished_or_damaged_output_is_no_dataset(tmp_path: Path, kill_input: Path, monkeypatch) -> None:
+    """An output read as a whole (another run's input, an export) must be whole: a killed run's output is
+    refused until its resume finishes it, and so is a finished one missing a file its done markers list."""
+    register(monkeypatch)
+    passes: Counter[str] = Counter()
+    monkeypatch.setattr(killpoints, "reached", lambda name: passes.update([name]))
+    run_local(parse_pipeline(kill_pipeline(kill_input, tmp_path / "whole")), progress=False)
+    monkeypatch.undo()
+    register(monkeypatch)
+    out = tmp_path / "killed"
+    run_killed(write_yaml(tmp_path / "killed.yaml", kill_pipeline(kill_input, out)), f"write:{passes['write'] // 2}")
+
+    def reading(name: str) -> dict:
+        return {"input": {"path": str(out)}, "output": {"path": str(tmp_path / name)}, "workers": 1, "stages": [{"slow": {"seconds": 0}}]}
+
+    with pytest.raises(UsageError, match=r"unfinished run \(\d+ shard\(s\) done\): finish it"):
+        run_local(parse_pipeline(reading("next")), progress=False)
+    with pytest.raises(UsageError, match="unfinished run"):
+        export("llava", str(out), str(tmp_path / "export"))
+    run_local(parse_pipeline(kill_pipeline(kill_input, out)), progress=False)  # the resume finishes it
+    run_local(parse_pipeline(reading("next")), progress=False)
+    assert check_accounting(tmp_path / "next")["rows_in"] == kept_table(out).num_rows > 0
+    removed = sorted(((out / "meta") if (out / "meta").exists() else (out / "shards")).glob("*.parquet"))[1]
+    removed.unlink()
+    with pytest.raises(UsageError, match=f"{removed}: missing, though its shard's done marker lists it"):
+        run_local(parse_pipeline(reading("third")), progress=False)

@@ -44,6 +44,7 @@ def curated_output(tmp_path_factory: pytest.TempPathFactory, curated: pa.Table) 
     """``curated`` as a 6-shard WebDataset output whose run.json records capfilt's threshold, :data:`CURATED_THRESHOLD`."""
     out = write_dataset(tmp_path_factory.mktemp("curated") / "out", curated, shards=6, output_format="webdataset")
     record = {"pipeline": {"stages": [{"capfilt": {}}]}, "shards": 6, "models": [{"stage": "capfilt", "threshold": CURATED_THRESHOLD}]}
+    record["finished"] = "2026-12-01T00:00:00+00:00"  # a finished run: the loader reads no unfinished one
     (out / "run.json").write_text(json.dumps(record))
     return out
 
