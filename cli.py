@@ -308,7 +308,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise UsageError(f"--{flag} must not be negative, not {getattr(args, flag)}")
         figures = build_report(args.path, args.output, Options(samples=args.samples, seed=args.seed))
         shown = f"{figures['summary']['rows_in']} rows ({len(figures['samples'])} samples shown)"
-        print(f"report of {shown} -> {args.output}, figures -> {figures_path(args.output)}")
+        unfinished = " (an unfinished run)" if figures["run"] is not None and figures["run"].get("finished") is None else ""
+        print(f"report of {shown}{unfinished} -> {args.output}, figures -> {figures_path(args.output)}")
         return 0
     if args.command == "diff":
         from mmcurate.shards.diff import diff_outputs

@@ -229,6 +229,7 @@ _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:18px;margin-top:32px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 .plots{display:flex;flex-wrap:wrap;gap:8px}.plots img{width:320px}
+.warn{background:#fff3cd;border:1px solid #e0c36c;padding:6px 10px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px;background:#fafafa}.card.rejected{background:#fff3f3}
 .frame{position:relative;display:inline-block;line-height:0}.frame img{max-width:256px;display:block}
@@ -249,6 +250,10 @@ def _page(figures: dict, details: dict[str, dict], chosen: list[str]) -> str:
         f"<h1>mmcurate report: {esc(figures['source'])}</h1>",
         f"<p>{summary['rows_in']} rows in {summary['shards']} shards: {summary['kept']} kept, {summary['rejected']} rejected.</p>",
     ]
+    if figures["run"] is not None and figures["run"].get("finished") is None:
+        parts.append(
+            "<p class='warn'><b>Unfinished run:</b> these figures cover the shards done so far; run its command again to finish it.</p>"
+        )
     parts.append("<h2 id='funnel'>Filter funnel</h2>")
     fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * (1 + len(summary["stages"]))))
     draw_funnel(ax, summary)

@@ -38,6 +38,7 @@ from mmcurate.tests.support.foundation import (
     toy_cli_command,
     write_yaml,
 )
+from mmcurate.tooling.report import build_report
 
 SMALL = (*LAION, "--rows-per-shard", "40")  # 3 shards of the 120 rows
 
@@ -555,8 +556,12 @@ def test_an_unfinished_or_damaged_output_is_no_dataset(tmp_path: Path, kill_inpu
         run_local(parse_pipeline(reading("next")), progress=False)
     with pytest.raises(UsageError, match="unfinished run"):
         export("llava", str(out), str(tmp_path / "export"))
+    build_report(str(out), str(tmp_path / "report.html"))  # a report shows the shards done so far, and says so
+    assert "Unfinished run:" in (tmp_path / "report.html").read_text()
     run_local(parse_pipeline(kill_pipeline(kill_input, out)), progress=False)  # the resume finishes it
     run_local(parse_pipeline(reading("next")), progress=False)
+    build_report(str(out), str(tmp_path / "report.html"))
+    assert "Unfinished run:" not in (tmp_path / "report.html").read_text()
     assert check_accounting(tmp_path / "next")["rows_in"] == kept_table(out).num_rows > 0
     removed = sorted(((out / "meta") if (out / "meta").exists() else (out / "shards")).glob("*.parquet"))[1]
     removed.unlink()
