@@ -130,16 +130,19 @@ class Reader:
 
     def _with_images(self, table: pa.Table, src: SourceFile, prefix: str = "") -> pa.Table:
         """Attach and check the images of the kept rows that should hold one: from the tar beside
-        the Parquet (looked up by key less ``prefix``), or already in an ``image`` column. Each
+        the Parquet (looked up by key less ``prefix``; none where an img2dataset tar is missing), or
+        already in an ``image`` column. Each
         image's ``image_format`` is read from its bytes. A row whose image is missing or fails a
         check is rejected at read, its ``status`` set to the reason."""
         kept = [r is None for r in table.column("reject_reason").to_pylist()]
-        if src.tar is not None:
+        if src.tar is not None or src.format == "img2dataset":
             # An mmcurate run stores an image only where image_format says so (a run on a URL list stores none).
             stored = table.column("image_format").to_pylist() if "image_format" in table.column_names else [None] * table.num_rows
             wanted = [k and (s is not None or src.format == "img2dataset") for k, s in zip(kept, stored, strict=True)]
             keys = [k[len(prefix) :] for k in table.column("key").to_pylist()]
-            images, missing = self._tar_images(src.tar, [k for k, w in zip(keys, wanted, strict=True) if w])
+            images, missing = (
+                self._tar_images(src.tar, [k for k, w in zip(keys, wanted, strict=True) if w]) if src.tar else ({}, "image_missing")
+            )
         elif "image" in table.column_names:
             data = table.column("image").to_pylist()
             wanted = [k and d is not None for k, d in zip(kept, data, strict=True)]
@@ -199,23 +202,24 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir, recorded: d
     fmt, paths = _discover(fs, root.rstrip("/"), spec.format, out.root)
     base = _key_base(fs, root.rstrip("/"))
     rels = [path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1] for path in paths]
-    sources = _input_sources(fs, dict(zip(rels, paths, strict=True)), fmt)
+    tars = {path: _tar_of(fs, path, fmt) for path in paths}
+    sources = _input_sources(fs, dict(zip(rels, paths, strict=True)), tars)
     if recorded is not None:
         _check_unchanged(recorded, sources, out.root)
     reuse = recorded is not None
-    files = [_source_file(fs, path, rel, fmt, spec, out, i, reuse) for i, (path, rel) in enumerate(zip(paths, rels, strict=True))]
+    files = [
+        _source_file(fs, path, rel, fmt, spec, out, i, reuse, tars[path]) for i, (path, rel) in enumerate(zip(paths, rels, strict=True))
+    ]
     reader = Reader(spec, fs, files, fmt, sources=sources, work_fs=out.fs)
     reader.shards = _cut(files, rows_per_shard)
     return reader
 
 
-def _input_sources(fs, paths: dict[str, str], fmt: str) -> dict[str, list]:
-    """``[size, modification time, sha256 of the first HEAD_BYTES]`` of every input file (and of the
-    tar beside an img2dataset or mmcurate Parquet file), by path relative to the input. The heads are
-    read in one batch (concurrently on remote filesystems)."""
-    if fmt in ("img2dataset", "mmcurate"):
-        with_tar = {rel: path for rel, path in paths.items() if _tar_of(path, fmt) is not None}
-        paths = {**paths, **{rel[: -len(".parquet")] + ".tar": _tar_of(path, fmt) for rel, path in with_tar.items()}}
+def _input_sources(fs, paths: dict[str, str], tars: dict[str, str | None]) -> dict[str, list]:
+    """``[size, modification time, sha256 of the first HEAD_BYTES]`` of every input file (and of
+    its tar, ``tars`` by path), by path relative to the input. The heads are read in one batch
+    (concurrently on remote filesystems)."""
+    paths = {**paths, **{rel[: -len(".parquet")] + ".tar": tars[path] for rel, path in paths.items() if tars[path] is not None}}
     files = list(paths.values())
     try:
         infos = [fs.info(path) for path in files]
@@ -264,9 +268,10 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output:
         paths = sorted(p for p in fs.find(root) if not _within(p, output) and not _hidden(p[len(root) + 1 :]))
         if fmt in (None, "img2dataset"):
             tars = {p for p in paths if p.endswith(".tar")}
-            pairs = [p for p in paths if p.endswith(".parquet") and p[: -len(".parquet")] + ".tar" in tars]
-            if pairs or fmt == "img2dataset":
-                fmt, paths = "img2dataset", pairs
+            parquets = [p for p in paths if p.endswith(".parquet")]
+            if fmt == "img2dataset" or any(p[: -len(".parquet")] + ".tar" in tars for p in parquets):
+                _check_tars_paired(tars, parquets)
+                fmt, paths = "img2dataset", parquets
     elif fs.exists(root):
         paths = [root]
     else:
@@ -280,6 +285,16 @@ def _discover(fs: fsspec.AbstractFileSystem, root: str, fmt: str | None, output:
     if not paths:
         raise UsageError(f"no {fmt} files found at {root!r}")
     return fmt, paths
+
+
+def _check_tars_paired(tars: set[str], parquets: list[str]) -> None:
+    """Refuse an img2dataset folder holding a tar without its Parquet file (which lists the tar's
+    rows and the failed downloads; img2dataset writes one beside every tar)."""
+    alone = sorted(tars - {p[: -len(".parquet")] + ".tar" for p in parquets})
+    if alone:
+        raise UsageError(
+            f"{alone[0]}: an img2dataset tar without its Parquet file {alone[0][: -len('.tar')]}.parquet; restore it or move the tar out"
+        )
 
 
 def _is_glob(fs: fsspec.AbstractFileSystem, root: str) -> bool:
@@ -297,14 +312,16 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
-def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: OutputDir, index: int, reuse: bool) -> SourceFile:
+def _source_file(
+    fs, path: str, rel: str, fmt: str, spec: InputSpec, out: OutputDir, index: int, reuse: bool, tar: str | None
+) -> SourceFile:
     if fmt == "img2dataset":
         _check_img2dataset(_read_rows(fs, path, 0, 0).schema, path)
         folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
         prefix = folder.replace("/", "_").replace(".", "_") + "_" if folder else ""
-        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=_tar_of(path, fmt), key_prefix=prefix)
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=tar, key_prefix=prefix)
     if fmt == "mmcurate":
-        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=_tar_of(path, fmt))
+        return SourceFile(path, rel, _parquet_rows(fs, path), fmt, tar=tar)
     if fmt == "parquet":
         table = _read_rows(fs, path, 0, 0)
         _check_columns(table.column_names, spec, path)
@@ -316,10 +333,14 @@ def _source_file(fs, path: str, rel: str, fmt: str, spec: InputSpec, out: Output
     return SourceFile(target, rel, _parquet_rows(out.fs, target), "normalised")
 
 
-def _tar_of(path: str, fmt: str) -> str | None:
-    """The tar that holds the images of an img2dataset or mmcurate Parquet file (None for an mmcurate
-    Parquet shard, which holds its images)."""
-    return tar_beside(path) if fmt == "mmcurate" else path[: -len(".parquet")] + ".tar"
+def _tar_of(fs, path: str, fmt: str) -> str | None:
+    """The tar that holds the images of an img2dataset or mmcurate Parquet file: None for other
+    formats, for an mmcurate Parquet shard (which holds its images) and where an img2dataset tar is
+    missing (its rows' images are then ``image_missing``)."""
+    if fmt == "mmcurate":
+        return tar_beside(path)
+    tar = path[: -len(".parquet")] + ".tar"
+    return tar if fmt == "img2dataset" and fs.exists(tar) else None
 
 
 def _normalised_chunks(chunks: Iterable[tuple[pa.Table, pa.Array]], rel: str, spec: InputSpec) -> Iterator[pa.Table]:

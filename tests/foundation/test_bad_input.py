@@ -119,6 +119,26 @@ def test_corrupt_img2dataset_tar(box: Sandbox, jpeg_photos: list[dict], photo_di
     assert sum(r["reject_reason"] == "tar_unreadable" for r in rejects) == succeeded - kept > 0
 
 
+def test_img2dataset_parquet_without_its_tar(box: Sandbox, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    """A Parquet file whose tar is missing is read: its downloaded rows are rejected as image_missing."""
+    i2d = write_img2dataset(box.inputs / "i2d", jpeg_photos, photo_dir, shards=2)
+    (i2d / "00001.tar").unlink()
+    out = box.run_ok(i2d, "--set", "word=zzzz")
+    assert check_accounting(out) == {"rows_in": 12, "kept": 5, "rejected": 7}
+    expected = {f"00000{i:04d}": None for i in range(5)} | {"000000005": "not_downloaded"}
+    expected |= {f"00001{i:04d}": "image_missing" for i in range(5)} | {"000010005": "not_downloaded"}
+    assert reasons_by_key(out) == expected
+
+
+def test_img2dataset_tar_without_its_parquet(box: Sandbox, jpeg_photos: list[dict], photo_dir: Path) -> None:
+    """A tar without the Parquet file that lists its rows is refused, naming it, with nothing read."""
+    i2d = write_img2dataset(box.inputs / "i2d", jpeg_photos, photo_dir, shards=2)
+    (i2d / "00001.parquet").unlink()
+    box.usage(box.stage(i2d), "00001.tar", "without its Parquet file")
+    box.usage(box.stage(i2d, "--input-format", "img2dataset"), "00001.tar", "without its Parquet file")
+    assert not box.out.exists()
+
+
 @pytest.mark.parametrize(
     "args, fragments",
     [
