@@ -19,7 +19,7 @@ from mmcurate.engines.core import Segment, segments
 from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import Pipeline, StageSpec, check_columns, output_columns
 from mmcurate.schemas import BY_NAME, SCHEMA_VERSION
-from mmcurate.shards.layout import RUN_JSON, SHARD_FOLDERS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
+from mmcurate.shards.layout import INPUT, RUN_JSON, SHARD_FOLDERS, WORK, OutputDir, is_partial_write, open_parquet, shard_name
 from mmcurate.shards.lease import LEASE, Lease, acquire
 from mmcurate.shards.readers import Reader, ShardPlan, plan_input
 from mmcurate.shards.summary import summarise
@@ -168,7 +168,8 @@ def _typed(stage: Stage) -> tuple[str, dict]:
 
 def previous_run(out: OutputDir) -> dict | None:
     """The record of the run ``out`` holds, or None for an empty (or new) folder or one holding only
-    mmcurate's leftovers of an interrupted start (its marked work folder, temporary files); changes nothing.
+    mmcurate's leftovers of an interrupted start (its marked work folder, temporary files) or an input it
+    generated (the demo's URL list, in its marked ``_input``); changes nothing.
 
     A folder holding anything else, a ``_work`` mmcurate did not create and a corrupt ``run.json`` are
     refused (UsageError).
@@ -178,7 +179,8 @@ def previous_run(out: OutputDir) -> dict | None:
         record = out.run_record()
         out.check_work()
         return record
-    foreign = {n for n in names if not is_partial_write(n)} - {LEASE} - ({WORK} if out.owns_work() else set())
+    ours = {name for name, owned in ((WORK, out.owns_work), (INPUT, out.owns_input)) if name in names and owned()}
+    foreign = {n for n in names if not is_partial_write(n)} - {LEASE} - ours
     if foreign & set(SHARD_FOLDERS):
         raise UsageError(f"{out.root} holds shards but no run.json; use a new output folder")
     if foreign:

@@ -1,9 +1,11 @@
 """``mmcurate demo``: the demo pipeline end to end on the sample images shipped in examples/data.
 
 The images are served by a loopback HTTP server so the real download stage fetches them (the
-pipeline opts in to private addresses for this); the URL list is written next to the output. A
-second demo into the same output serves on the port its URL list names, so the list (the run's
-input) stays unchanged and the run resumes, or is left as it is when it finished.
+pipeline opts in to private addresses for this); the URL list is written into the output's own
+``_input/`` (mmcurate writes nothing outside the output, and refuses a folder that is not an
+mmcurate output before writing anything). A second demo into the same output serves on the port its
+URL list names, so the list (the run's input) stays unchanged and the run resumes, or is left as it
+is when it finished.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mmcurate.engines import run_pipeline
+from mmcurate.engines.run import previous_run
+from mmcurate.errors import UsageError
 from mmcurate.pipelines.config import apply_overrides, load_pipeline
+from mmcurate.shards.layout import INPUT, OutputDir
 
 DATA = Path(__file__).parent / "data"
 PIPELINE = Path(__file__).parent / "demo.yaml"
+URLS = "urls.jsonl"  # the URL list's name in the output's _input/
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -47,15 +53,11 @@ def serve(folder: Path, port: int = 0) -> Iterator[str]:
         server.server_close()
 
 
-def write_url_list(base_url: str, target: Path) -> Path:
-    """The demo's URL list: one JSON line per row of captions.csv (an identical list is left as it is)."""
+def url_list(base_url: str) -> bytes:
+    """The demo's URL list: one JSON line per row of captions.csv."""
     with open(DATA / "captions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    text = "".join(json.dumps({"url": f"{base_url}/{r['file']}", "caption": r["caption"]}) + "\n" for r in rows)
-    if not target.exists() or target.read_text() != text:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    return target
+    return "".join(json.dumps({"url": f"{base_url}/{r['file']}", "caption": r["caption"]}) + "\n" for r in rows).encode()
 
 
 def _listed_port(urls: Path) -> int:
@@ -67,10 +69,26 @@ def _listed_port(urls: Path) -> int:
 
 
 def run_demo(output: str, progress: bool = True) -> dict:
-    """Serve the sample images, run examples/demo.yaml into ``output`` and return the summary."""
-    out = Path(output).resolve()
-    urls = out.parent / f"{out.name}-urls" / "urls.jsonl"
-    with serve(DATA, _listed_port(urls)) as base_url:
-        write_url_list(base_url, urls)
-        pipeline = apply_overrides(load_pipeline(PIPELINE), [f"input.path={urls}", f"output.path={out}"])
-        return run_pipeline(pipeline, progress=progress)
+    """Serve the sample images, run examples/demo.yaml into ``output`` and return the summary.
+
+    ``output`` must be new, empty or an earlier demo's output: anything else is refused (UsageError)
+    before a file is written. A demo that stops before its run starts leaves nothing behind.
+    """
+    out = OutputDir.open(str(Path(output).resolve()))
+    urls = out.path(INPUT, URLS)
+    record = previous_run(out)
+    recorded_input = record["pipeline"].get("input") if record is not None else None
+    if record is not None and (not isinstance(recorded_input, dict) or recorded_input.get("path") != urls):
+        raise UsageError(f"{out.root} holds the output of another pipeline; use a new output folder")
+    existed = out.exists(out.root)
+    try:
+        with serve(DATA, _listed_port(Path(urls))) as base_url:
+            out.write_input(URLS, url_list(base_url))
+            pipeline = apply_overrides(load_pipeline(PIPELINE), [f"input.path={urls}", f"output.path={out.root}"])
+            return run_pipeline(pipeline, progress=progress)
+    except BaseException:
+        if not out.exists(out.run_json):  # the run never started: leave no trace
+            out.remove_input()
+            if not existed and out.exists(out.root) and not out.entries():
+                out.fs.rmdir(out.root)
+        raise

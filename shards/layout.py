@@ -11,6 +11,8 @@ OUT/_stats/{id:05d}.json     rows in / kept / rejected by stage and reason, timi
 OUT/_done/{id:05d}           written last: the run id and the sizes of the shard's files; a re-run skips
                              shards whose marker names its run and files that are unchanged
 OUT/_work/                   parsed input (_work/input/) and intermediate state, marked as mmcurate's by _work/.mmcurate-work
+OUT/_input/                  an input mmcurate generated for the run (the demo's URL list), kept with the run that
+                             names it; marked as mmcurate's by _input/.mmcurate-input
 ```
 """
 
@@ -40,6 +42,7 @@ RUN_JSON = "run.json"
 SHARDS, META, REJECTS, STATS, DONE, WORK = "shards", "meta", "rejects", "_stats", "_done", "_work"
 WORK_MARK = ".mmcurate-work"  # marks a work folder mmcurate created (it removes only such a folder)
 WORK_INPUT = "input"  # the work folder's parsed URL lists
+INPUT, INPUT_MARK = "_input", ".mmcurate-input"  # an input mmcurate generated, and the mark of its folder
 SHARD_FOLDERS = (SHARDS, META, REJECTS, STATS, DONE)
 _SHARD_FILES = ((SHARDS, ".tar"), (SHARDS, ".parquet"), (META, ".parquet"), (REJECTS, ".parquet"), (STATS, ".json"))
 _TMP = re.compile(r"\.tmp-[0-9a-f]+-")
@@ -246,7 +249,39 @@ class OutputDir:
 
     def owns_work(self) -> bool:
         """Whether ``_work/`` is a work folder mmcurate created (or an empty one, left by a start killed before its marker)."""
-        return self.exists(self.path(WORK, WORK_MARK)) or (self.fs.isdir(self.path(WORK)) and not self.fs.ls(self.path(WORK), detail=False))
+        return self._owns(WORK, WORK_MARK)
+
+    def owns_input(self) -> bool:
+        """Whether ``_input/`` is a folder mmcurate created (or an empty one, left by a write killed before its marker)."""
+        return self._owns(INPUT, INPUT_MARK)
+
+    def _owns(self, folder: str, mark: str) -> bool:
+        path = self.path(folder)
+        return self.exists(self.path(folder, mark)) or (self.fs.isdir(path) and not self.fs.ls(path, detail=False))
+
+    def write_input(self, name: str, data: bytes) -> str:
+        """Write ``_input/NAME``, an input mmcurate generates for the run (the demo's URL list), and return its
+        path; a file that holds ``data`` already is left as it is (run.json records its modification time).
+        UsageError if the output holds an ``_input`` that mmcurate did not create."""
+        path = self.path(INPUT, name)
+        if self.exists(self.path(INPUT)) and not self.owns_input():
+            raise UsageError(f"{self.path(INPUT)} holds files mmcurate did not write (no {INPUT_MARK}); use a new output folder")
+        if self.exists(path) and self.fs.cat_file(path) == data:
+            return path
+        try:
+            if not self.exists(self.path(INPUT, INPUT_MARK)):
+                self.fs.makedirs(self.path(INPUT), exist_ok=True)
+                with self.fs.open(self.path(INPUT, INPUT_MARK), "wb") as f:
+                    f.write(b"an input mmcurate generated for the run in this folder, which run.json names\n")
+            self.write_bytes(path, data)
+        except OSError as e:
+            raise UsageError(f"cannot write to the output folder {self.root}: {e.strerror or e}") from None
+        return path
+
+    def remove_input(self) -> None:
+        """Delete the inputs mmcurate generated here (never an ``_input/`` that mmcurate did not create)."""
+        if self.owns_input():
+            self.fs.rm(self.path(INPUT), recursive=True)
 
     def check_work(self) -> None:
         """UsageError if the output holds a ``_work`` that mmcurate did not create (which it never writes into or removes)."""
