@@ -214,7 +214,7 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
             here = split_rows(pools[None], pipeline.workers, folders.enter_context(_pieces_folder(ctx.out, "split")))
         elif pipeline.workers > 1 and pending > 1:
             here = None
-            pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers, worker)
+            pools[None] = forked.start(worker) if forked else _spawned_pool(min(pipeline.workers, pending), worker)
             for position, stage in enumerate(ctx.stages):
                 if isinstance(stage, ModelStage):
                     gpus = spawn.Queue()

@@ -35,6 +35,7 @@ from mmcurate.shards.writers import OutputSpec
 from mmcurate.stages.base import Stage
 
 ENGINES = ("local", "ray", "spark")
+MAX_WORKERS = 512  # local pool processes, Spark's local[N], a local Ray's CPUs: a larger count is refused as a mistake
 ENGINE_KEYS = ("engine", "workers", "min_actors", "max_actors")  # how a pipeline runs, not what it outputs
 PIPELINE_KEYS = ("input", "output", "stages", *ENGINE_KEYS)  # the top-level keys of a pipeline
 PRESETS = Path(__file__).parent
@@ -60,7 +61,7 @@ class Pipeline:
     output: OutputSpec
     stages: list[StageSpec]
     engine: str = "local"
-    workers: int = bounded(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    workers: int = bounded(default_factory=lambda: min(os.cpu_count() or 1, MAX_WORKERS), ge=1, le=MAX_WORKERS)
     min_actors: int | None = bounded(None, ge=1)  # Ray actor pools: the least actors (None: the pool's planned size)
     max_actors: int | None = bounded(None, ge=1)  # Ray actor pools: the most (None: they grow with the cluster)
 

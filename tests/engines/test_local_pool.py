@@ -45,3 +45,14 @@ def test_forked_and_spawned_pools_write_the_same_files(caption_input, make_pipel
         assert made == ([2] if fork else [])
         assert summary["stages"]["minhash_dedup"]["rejected"] > 50
     assert len(runs[True]) == 5 and runs[True] == runs[False]
+
+
+def test_spawned_pool_is_capped_at_the_shards(caption_input, make_pipeline, run_and_read, monkeypatch: pytest.MonkeyPatch) -> None:
+    """16 workers asked for 3 shards: 3 interpreters started, not 16."""
+    sizes: list[int] = []
+    spawned = local._spawned_pool
+    monkeypatch.setattr(ForkedPool, "possible", staticmethod(lambda workers: False))
+    monkeypatch.setattr(local, "_spawned_pool", lambda size, worker: sizes.append(size) or spawned(size, worker))
+    pipeline = make_pipeline(caption_input, STAGES[:1], "capped", rows_per_shard=400)
+    summary, _ = run_and_read(dataclasses.replace(pipeline, workers=16))
+    assert sizes == [3] and summary["shards"] == 3 and summary["rows_in"] == 895
