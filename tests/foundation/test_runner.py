@@ -221,13 +221,13 @@ def test_resume_refuses_a_changed_input(tmp_path: Path, dup_csv: Path) -> None:
     assert_usage_error(toy_stage(*args), "input file urls.csv was changed")
 
 
-def test_img2dataset_format_without_pairs_is_an_error(tmp_path: Path, url_rows: list[dict]) -> None:
+def test_img2dataset_format_with_a_tar_without_its_parquet_is_an_error(tmp_path: Path, url_rows: list[dict]) -> None:
     folder = tmp_path / "lists"
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist(url_rows), folder / "00000.parquet")
     (folder / "unrelated.tar").write_bytes(b"")
     result = toy_stage("drop_word", folder, tmp_path / "out", "--input-format", "img2dataset")
-    assert_usage_error(result, "no img2dataset files found")
+    assert_usage_error(result, "unrelated.tar: an img2dataset tar without its Parquet file")
     # Without the format, a stray tar beside Parquet URL lists does not make the folder img2dataset output.
     reader = plan_input(InputSpec(str(folder), url_col="URL", caption_col="TEXT"), 100, OutputDir.open(str(tmp_path / "out2")))
     assert reader.format == "parquet" and reader.shards[0].rows == len(url_rows)
