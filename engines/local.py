@@ -29,6 +29,7 @@ the files are those of one worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import multiprocessing
@@ -192,10 +193,17 @@ def splits_shards(pending: int, workers: int, stages: list[Stage]) -> bool:
     return workers > 1 and pending < 2 * workers and pending % workers != 0 and any(stage.split_rows for stage in stages)
 
 
+def usable_workers(workers: int, shards: int, split_rows: int | None) -> int:
+    """Workers a run can use of ``workers``: one per shard (a pool's tasks are shards, or a global step's
+    partitions, one per worker), or, where the rows of a shard are spread (:func:`splits_shards`), one per
+    row of the largest pending shard (``split_rows``)."""
+    return max(1, min(workers, shards if split_rows is None else split_rows))
+
+
 def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
-    """Run ``pipeline`` with a pool of ``pipeline.workers`` processes (and one pool per model
-    stage), or when :func:`splits_shards`, in this process with the rows of a download spread
-    over the pool; return the run summary."""
+    """Run ``pipeline`` with a pool of ``pipeline.workers`` processes, no more than it can use
+    (:func:`usable_workers`), and one pool per model stage, or when :func:`splits_shards`, in this
+    process with the rows of a download spread over the pool; return the run summary."""
     forked = ForkedPool(pipeline.workers) if ForkedPool.possible(pipeline.workers) else None
     pools: dict[int | None, Executor] = {}
     folders = contextlib.ExitStack()  # where the pool leaves the pieces of split shards, removed at the end
@@ -203,18 +211,21 @@ def run_local(pipeline: Pipeline, progress: bool = True) -> dict:
         ctx = start_run(pipeline, "local")
         if ctx.finished:
             return finish_run(ctx)
+        pending = ctx.pending()
+        split = splits_shards(len(pending), pipeline.workers, ctx.stages)
+        workers = usable_workers(pipeline.workers, len(ctx.reader.shards), max((p.rows for p in pending), default=0) if split else None)
+        ctx.pipeline = dataclasses.replace(ctx.pipeline, workers=workers)  # a global step's partitions, one per worker
         here: Process | None = process_here  # how shards run in this process; None: in the pools
-        in_flight = pipeline.workers  # shards in the pools at once, one per CPU worker and two per model worker: bounds memory
+        in_flight = workers  # shards in the pools at once, one per CPU worker and two per model worker: bounds memory
         devices = {position: stage.device for position, stage in enumerate(ctx.stages) if isinstance(stage, ModelStage)}
         worker = (ctx.pipeline, ctx.reader, dict(STAGES), devices)  # devices resolved here, on the driver
-        pending = len(ctx.pending())
         spawn = multiprocessing.get_context("spawn")
-        if splits_shards(pending, pipeline.workers, ctx.stages):
-            pools[None] = forked.start(worker) if forked else _spawned_pool(pipeline.workers - 1, worker)
-            here = split_rows(pools[None], pipeline.workers, folders.enter_context(_pieces_folder(ctx.out, "split")))
-        elif pipeline.workers > 1 and pending > 1:
+        if split and workers > 1:
+            pools[None] = forked.start(worker) if forked else _spawned_pool(workers - 1, worker)
+            here = split_rows(pools[None], workers, folders.enter_context(_pieces_folder(ctx.out, "split")))
+        elif workers > 1 and len(pending) > 1:
             here = None
-            pools[None] = forked.start(worker) if forked else _spawned_pool(min(pipeline.workers, pending), worker)
+            pools[None] = forked.start(worker) if forked else _spawned_pool(workers, worker)
             for position, stage in enumerate(ctx.stages):
                 if isinstance(stage, ModelStage):
                     gpus = spawn.Queue()
@@ -269,11 +280,13 @@ class ForkedPool:
 
     @staticmethod
     def possible(workers: int) -> bool:
-        """Whether to fork a pool of ``workers``: more than one, on a platform that forks safely (not macOS,
+        """Whether to fork a pool of ``workers``: more than one and no more than the CPUs (forked before the
+        run is planned, the pool cannot know how many workers the run can use; a larger one is spawned
+        after planning, with no more workers than that), on a platform that forks safely (not macOS,
         whose system libraries may crash in a forked child), from a process running no other thread (a
         fork copies the locks other threads may hold, never released)."""
         forks = sys.platform != "darwin" and "fork" in multiprocessing.get_all_start_methods()
-        return workers > 1 and forks and threading.active_count() == 1
+        return 1 < workers <= (os.cpu_count() or 1) and forks and threading.active_count() == 1
 
     def start(self, worker: tuple) -> ProcessPoolExecutor:
         """The pool, its workers set up with the run's ``worker`` arguments (of :func:`_init_worker`)."""

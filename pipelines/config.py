@@ -4,7 +4,7 @@
 input:  {path: urls.parquet, format: parquet, url_col: URL, caption_col: TEXT}
 output: {path: out, format: webdataset, rows_per_shard: 10000}
 engine: local          # local | ray | spark
-workers: 2             # local process pool size
+workers: 2             # local process pool size (at most 512; the local engine starts at most one per shard)
 min_actors: 2          # Ray: the least actors of each actor pool (default: as many as the cluster fits at the start)
 max_actors: 32         # Ray: the most (default: no limit, pools grow with the cluster)
 stages:
