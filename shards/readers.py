@@ -47,6 +47,7 @@ READ_STAGE = "read"
 PARSE_CHUNK_ROWS = 100_000  # rows of a text URL list parsed and written at a time
 _EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "txt"}
 # img2dataset columns with a declared counterpart.
+_NORMALISED_COLUMNS = {"key", "url", "caption", "reject_stage", "reject_reason"}  # the declared columns of a parsed URL list
 _I2D_COLUMNS = ("key", "url", "caption", "width", "height", "original_width", "original_height", "sha256", "status")
 HEAD_BYTES = 65536  # the head of an input file that its recorded identity hashes
 TAR_INDEXES = 4  # tar indexes a reader keeps (consecutive shards mostly read the same tar)
@@ -106,6 +107,7 @@ class Reader:
     shards: list[ShardPlan] = field(default_factory=list)
     sources: dict[str, list] = field(default_factory=dict)  # identity of each input file, by path relative to the input
     work_fs: fsspec.AbstractFileSystem | None = None  # the output's filesystem, which holds parsed URL lists (``normalised``)
+    carried: pa.Schema = field(default_factory=lambda: pa.schema([]))  # the source columns carried through, one type each
     _tar_indexes: OrderedDict[str, tuple[dict[str, TarMember], str | None]] = field(default_factory=OrderedDict, repr=False, compare=False)
     # The last row groups read that hold more rows than their shard: the next shards cut from them take them from here.
     _row_groups: dict[tuple, pa.Table] = field(default_factory=dict, repr=False, compare=False)
@@ -115,11 +117,11 @@ class Reader:
 
     def read(self, plan: ShardPlan) -> pa.Table:
         """The normalised rows of one shard."""
-        tables = [self._read_piece(self.files[i], start, stop) for i, start, stop in plan.pieces]
+        tables = [_conform(self._read_piece(self.files[i], start, stop), self.carried) for i, start, stop in plan.pieces]
         return _reject_repeated_keys(pa.concat_tables(tables, promote_options="permissive")) if tables else pa.table({})
 
     def _read_piece(self, src: SourceFile, start: int, stop: int) -> pa.Table:
-        table = _read_rows(self.work_fs or self.fs if src.format == "normalised" else self.fs, src.path, start, stop, self._row_groups)
+        table = _read_rows(self._fs_of(src), src.path, start, stop, self._row_groups)
         if src.format == "img2dataset":
             return self._with_images(_from_img2dataset(table, src, start), src, src.key_prefix)
         if src.format == "mmcurate":
@@ -127,6 +129,9 @@ class Reader:
         if src.format == "normalised":
             return table
         return normalise(table, src.rel, start, self.spec)
+
+    def _fs_of(self, src: SourceFile) -> fsspec.AbstractFileSystem:
+        return self.work_fs or self.fs if src.format == "normalised" else self.fs
 
     def _with_images(self, table: pa.Table, src: SourceFile, prefix: str = "") -> pa.Table:
         """Attach and check the images of the kept rows that should hold one: from the tar beside
@@ -212,6 +217,10 @@ def plan_input(spec: InputSpec, rows_per_shard: int, out: OutputDir, recorded: d
     ]
     reader = Reader(spec, fs, files, fmt, sources=sources, work_fs=out.fs)
     reader.shards = _cut(files, rows_per_shard)
+    if fmt != "mmcurate":  # an mmcurate run's files share its schema
+        declared = {"parquet": {spec.url_col, spec.caption_col}, "img2dataset": set(_I2D_COLUMNS)}.get(fmt, _NORMALISED_COLUMNS)
+        schemas = {src.rel: _read_rows(reader._fs_of(src), src.path, 0, 0).schema for src in files}
+        reader.carried = pa.schema([(source_name(name), kind) for name, kind in _unify_carried(schemas, declared).items()])
     return reader
 
 
@@ -382,6 +391,70 @@ def _read_rows(fs, path: str, start: int, stop: int, cache: dict[tuple, pa.Table
     except (OSError, pa.ArrowException) as e:
         raise UsageError(f"cannot read {path}: {e}") from None
     return table.slice(start - first, stop - start)
+
+
+def _unify_carried(schemas: dict[str, pa.Schema], declared: set[str | None]) -> dict[str, pa.DataType]:
+    """One type per source column carried through (those not in ``declared``) that every file's
+    values cast to unchanged (int32 and int64 as int64, a column of nulls as the others' type), in
+    order of first appearance; two types without one such (int and text, int64 and uint64) are
+    refused, naming the column and the files (``schemas`` by path relative to the input)."""
+    found: dict[str, pa.DataType] = {}
+    for rel, schema in schemas.items():
+        for name, kind in zip(schema.names, schema.types, strict=True):
+            if name in declared:
+                continue
+            now = found.setdefault(name, kind)
+            try:
+                wider = (
+                    pa.unify_schemas([pa.schema([(name, now)]), pa.schema([(name, kind)])], promote_options="permissive").field(name).type
+                )
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                wider = None
+            if wider is None or not (_widens(now, wider) and _widens(kind, wider)):
+                other = next(r for r, sch in schemas.items() if name in sch.names and sch.field(name).type != kind)
+                raise UsageError(
+                    f"column {name!r} holds {schemas[other].field(name).type} in {other} but {kind} in {rel}, and no one type holds both "
+                    "without loss; store it as one type in every input file"
+                )
+            found[name] = wider
+    return found
+
+
+def _widens(kind: pa.DataType, wider: pa.DataType) -> bool:
+    """Whether every value of type ``kind`` casts to ``wider`` unchanged."""
+    t = pa.types
+    if kind == wider or t.is_null(kind):
+        return True
+    if t.is_integer(kind) and t.is_integer(wider):
+        if t.is_signed_integer(kind) and t.is_unsigned_integer(wider):
+            return False
+        return wider.bit_width > kind.bit_width or (
+            wider.bit_width == kind.bit_width and t.is_signed_integer(kind) == t.is_signed_integer(wider)
+        )
+    if t.is_integer(kind) and t.is_floating(wider):
+        return kind.bit_width < {16: 11, 32: 24, 64: 53}[wider.bit_width]  # bits of the float's mantissa
+    if t.is_floating(kind) and t.is_floating(wider):
+        return wider.bit_width >= kind.bit_width
+    text, data = (t.is_string, t.is_large_string), (t.is_binary, t.is_large_binary)
+    return any(any(f(kind) for f in group) and any(f(wider) for f in group) for group in (text, data))
+
+
+def _conform(table: pa.Table, carried: pa.Schema) -> pa.Table:
+    """A reader's ``table`` with the source columns of ``carried`` in its order before
+    ``reject_stage``, cast to its types (nulls where ``table`` lacks one), so every shard has one schema."""
+    if not carried.names:
+        return table
+    own = [name for name in table.column_names if name not in carried.names]
+    at = own.index("reject_stage")
+    names = [*own[:at], *carried.names, *own[at:]]
+    kinds = dict(zip(carried.names, carried.types, strict=True))
+
+    def column(name: str) -> pa.ChunkedArray | pa.Array:
+        if name not in kinds:
+            return table.column(name)
+        return table.column(name).cast(kinds[name]) if name in table.column_names else pa.nulls(table.num_rows, kinds[name])
+
+    return pa.table([column(name) for name in names], names=names)
 
 
 def _cut(files: list[SourceFile], n: int) -> list[ShardPlan]:

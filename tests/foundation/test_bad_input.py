@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 
@@ -137,6 +138,21 @@ def test_img2dataset_tar_without_its_parquet(box: Sandbox, jpeg_photos: list[dic
     box.usage(box.stage(i2d), "00001.tar", "without its Parquet file")
     box.usage(box.stage(i2d, "--input-format", "img2dataset"), "00001.tar", "without its Parquet file")
     assert not box.out.exists()
+
+
+def test_parquet_files_whose_column_types_differ(box: Sandbox) -> None:
+    """int32 in one file and int64 in another is int64 in every shard (so pyarrow.dataset reads the output);
+    int in one and text in another is a one-line error naming the column and both files."""
+    folder = box.inputs / "parts"
+    folder.mkdir()
+    pq.write_table(pa.table({"url": ["http://x/0.jpg", "http://x/1.jpg"], "n": pa.array([1, 2], pa.int32())}), folder / "a.parquet")
+    pq.write_table(pa.table({"url": ["http://x/2.jpg"], "n": pa.array([3], pa.int64())}), folder / "b.parquet")
+    out = box.run_ok(folder, "--rows-per-shard", "1", "--output-format", "parquet", "--set", "mode=score", "--set", "word=zzzz")
+    assert check_accounting(out)["rows_in"] == 3
+    assert pyarrow.dataset.dataset(out / "shards").to_table().column("n").to_pylist() == [1, 2, 3]
+    assert {pq.read_schema(p).field("n").type for p in (out / "shards").glob("*.parquet")} == {pa.int64()}
+    pq.write_table(pa.table({"url": ["http://x/3.jpg"], "n": ["three"]}), folder / "c.parquet")
+    box.usage(box.stage(folder, "--output", str(box.tmp / "out2")), "column 'n' holds int32 in a.parquet but string in c.parquet")
 
 
 @pytest.mark.parametrize(

@@ -157,6 +157,33 @@ def test_shards_cut_across_parquet_row_groups(tmp_path: Path) -> None:
     assert out.column("key").to_pylist() == [key_of("rg.parquet", i) for i in range(n)]
 
 
+def test_a_carried_column_is_one_type_in_every_shard(tmp_path: Path) -> None:
+    """A column that is int32 in one file, int64 in another and all nulls or absent elsewhere is
+    int64 in every shard, its values unchanged; every shard has one schema."""
+    root = tmp_path / "in"
+    root.mkdir()
+    pq.write_table(pa.table({"url": ["http://x/0.jpg", "http://x/1.jpg"], "n": pa.array([1, 2], pa.int32())}), root / "a.parquet")
+    pq.write_table(pa.table({"url": ["http://x/2.jpg"], "n": pa.array([2**40], pa.int64()), "m": ["x"]}), root / "b.parquet")
+    pq.write_table(pa.table({"url": ["http://x/3.jpg"], "n": pa.nulls(1)}), root / "c.parquet")
+    reader = plan_input(InputSpec(str(root)), 1, OutputDir.open(str(tmp_path / "out")))
+    shards = [reader.read(p) for p in reader.shards]
+    assert len(shards) == 4 and all(s.schema.equals(shards[0].schema) for s in shards)
+    assert (shards[0].schema.field("n").type, shards[0].schema.field("m").type) == (pa.int64(), pa.string())
+    assert [v for s in shards for v in s.column("n").to_pylist()] == [1, 2, 2**40, None]
+    assert [v for s in shards for v in s.column("m").to_pylist()] == [None, None, "x", None]
+
+
+@pytest.mark.parametrize("other", [pa.array(["1"], pa.string()), pa.array([1], pa.uint64()), pa.array([1.5], pa.float64())])
+def test_a_carried_column_of_two_types_without_a_common_one_is_refused(tmp_path: Path, other: pa.Array) -> None:
+    """int64 and text, uint64 or float64 have no type that holds both without loss: one error names the column and both files."""
+    root = tmp_path / "in"
+    root.mkdir()
+    pq.write_table(pa.table({"url": ["http://x/0.jpg"], "n": pa.array([1], pa.int64())}), root / "a.parquet")
+    pq.write_table(pa.table({"url": ["http://x/1.jpg"], "n": other}), root / "b.parquet")
+    with pytest.raises(UsageError, match=rf"column 'n' holds int64 in a.parquet but {other.type} in b.parquet"):
+        plan_input(InputSpec(str(root)), 1, OutputDir.open(str(tmp_path / "out")))
+
+
 def reasons_of(table: pa.Table) -> list[str | None]:
     return table.column("reject_reason").to_pylist()
 
