@@ -245,7 +245,11 @@ class OutputDir:
             return set()
         if not self.fs.isdir(self.root):
             raise UsageError(f"output {self.root} is a file, not a folder")
-        return {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)}
+        return self._names(self.root)
+
+    def _names(self, folder: str) -> set[str]:
+        """Names of the entries of the folder ``folder`` (a path)."""
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)}
 
     def owns_work(self) -> bool:
         """Whether ``_work/`` is a work folder mmcurate created (or an empty one, left by a start killed before its marker)."""
@@ -264,15 +268,12 @@ class OutputDir:
         path; a file that holds ``data`` already is left as it is (run.json records its modification time).
         UsageError if the output holds an ``_input`` that mmcurate did not create."""
         path = self.path(INPUT, name)
-        if self.exists(self.path(INPUT)) and not self.owns_input():
-            raise UsageError(f"{self.path(INPUT)} holds files mmcurate did not write (no {INPUT_MARK}); use a new output folder")
+        self._refuse_foreign(INPUT, INPUT_MARK, "use a new output folder")
         if self.exists(path) and self.fs.cat_file(path) == data:
             return path
         try:
             if not self.exists(self.path(INPUT, INPUT_MARK)):
-                self.fs.makedirs(self.path(INPUT), exist_ok=True)
-                with self.fs.open(self.path(INPUT, INPUT_MARK), "wb") as f:
-                    f.write(b"an input mmcurate generated for the run in this folder, which run.json names\n")
+                self._mark(INPUT, INPUT_MARK, b"an input mmcurate generated for the run in this folder, which run.json names\n")
             self.write_bytes(path, data)
         except OSError as e:
             raise UsageError(f"cannot write to the output folder {self.root}: {e.strerror or e}") from None
@@ -285,21 +286,26 @@ class OutputDir:
 
     def check_work(self) -> None:
         """UsageError if the output holds a ``_work`` that mmcurate did not create (which it never writes into or removes)."""
-        if self.exists(self.path(WORK)) and not self.owns_work():
-            raise UsageError(
-                f"{self.path(WORK)} holds files mmcurate did not write (no {WORK_MARK}); move it out of the output folder,"
-                f" whose {WORK} is mmcurate's work folder"
-            )
+        self._refuse_foreign(WORK, WORK_MARK, f"move it out of the output folder, whose {WORK} is mmcurate's work folder")
+
+    def _refuse_foreign(self, folder: str, mark: str, hint: str) -> None:
+        """UsageError (ending in ``hint``) if the output holds a ``folder`` that mmcurate did not create (:meth:`_owns`)."""
+        if self.exists(self.path(folder)) and not self._owns(folder, mark):
+            raise UsageError(f"{self.path(folder)} holds files mmcurate did not write (no {mark}); {hint}")
+
+    def _mark(self, folder: str, mark: str, text: bytes) -> None:
+        """Create ``folder`` and write its ``mark`` (in place: even a half-written mark marks the folder)."""
+        self.fs.makedirs(self.path(folder), exist_ok=True)
+        with self.fs.open(self.path(folder, mark), "wb") as f:
+            f.write(text)
 
     def claim(self) -> None:
         """Create the folder and mark its work folder as mmcurate's; UsageError if it cannot be written or
         holds a ``_work`` that is not mmcurate's (:meth:`check_work`)."""
         self.check_work()
         try:
-            if not self.owns_work():  # written in place: even a half-written marker marks the folder
-                self.fs.makedirs(self.path(WORK), exist_ok=True)
-                with self.fs.open(self.path(WORK, WORK_MARK), "wb") as f:
-                    f.write(b"mmcurate's work folder: removed when the run finishes\n")
+            if not self.owns_work():
+                self._mark(WORK, WORK_MARK, b"mmcurate's work folder: removed when the run finishes\n")
         except OSError as e:
             raise UsageError(f"cannot write to the output folder {self.root}: {e.strerror or e}") from None
 
@@ -311,7 +317,7 @@ class OutputDir:
             name not in ignored and not is_partial_write(name)
             for folder, ignored in folders.items()
             if self.fs.isdir(self.path(folder))
-            for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(folder), detail=False))
+            for name in self._names(self.path(folder))
         )
 
     def remove_work(self) -> None:
@@ -433,8 +439,8 @@ class OutputDir:
     def missing_files(self) -> list[str]:
         """Files that a done marker of this run lists and the output lacks (a damaged or partly copied output),
         found with one listing per folder."""
-        present = {f"{folder}/{p.rstrip('/').rsplit('/', 1)[-1]}" for folder in SHARD_FOLDERS if self.fs.exists(self.path(folder))
-                   for p in self.fs.ls(self.path(folder), detail=False)}  # fmt: skip
+        folders = [folder for folder in SHARD_FOLDERS if self.fs.exists(self.path(folder))]
+        present = {f"{folder}/{name}" for folder in folders for name in self._names(self.path(folder))}
         return [self.path(rel) for i in self.shard_ids(DONE) for rel in self.marked_files(i) if rel not in present]
 
     def mark_done(self, shard_id: int) -> None:
