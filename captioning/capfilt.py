@@ -99,18 +99,9 @@ class Capfilt(ModelStage):
         transformers = require("transformers", self.name)
         self._torch = require("torch", self.name)
         c = self.config
-        dtype = {"dtype": self.dtype}
-        self._captioner = hf_load(
-            transformers.AutoModelForImageTextToText,
-            c.captioner,
-            c.captioner_revision,
-            self.name,
-            option="captioner",
-            kind="a captioning (image-to-text) model",
-            **dtype,
+        self._captioner, self._processor = self._hf_model(
+            transformers.AutoModelForImageTextToText, c.captioner, c.captioner_revision, "captioner", "a captioning (image-to-text) model"
         )
-        self._processor = hf_load(transformers.AutoProcessor, c.captioner, c.captioner_revision, self.name, option="captioner")
-        self._captioner.to(self.device).eval()
         if c.clip_filter:
             name, _, tag = (
                 c.filter_model.removeprefix("open_clip:").partition(":")
@@ -119,22 +110,21 @@ class Capfilt(ModelStage):
             )
             self._clip, self._clip_preprocess, self._clip_tokenizer = open_clip_load(name, tag or None, self.device, self.name)
         else:
-            self._itm = hf_load(
-                transformers.BlipForImageTextRetrieval,
-                c.filter_model,
-                c.filter_revision,
-                self.name,
-                option="filter_model",
-                kind="a BLIP image-text matching model",
-                **dtype,
-            )
-            self._itm_processor = hf_load(transformers.AutoProcessor, c.filter_model, c.filter_revision, self.name, option="filter_model")
-            self._itm.to(self.device).eval()
+            itm = transformers.BlipForImageTextRetrieval
+            kind = "a BLIP image-text matching model"
+            self._itm, self._itm_processor = self._hf_model(itm, c.filter_model, c.filter_revision, "filter_model", kind)
             same = self._itm_processor.image_processor.to_dict() == self._processor.image_processor.to_dict()
             self._shared_pixels = same
         self._prompt_ids = self._prompt()
         size = self._processor.image_processor.size
         self._draft = (size.get("width", size.get("shortest_edge", 384)), size.get("height", size.get("shortest_edge", 384)))
+
+    def _hf_model(self, cls: Any, name: str, revision: str | None, option: str, kind: str) -> tuple[Any, Any]:
+        """The transformers model (of ``cls``, on this stage's device, in eval mode) and processor of option ``option``."""
+        transformers = require("transformers", self.name)
+        model = hf_load(cls, name, revision, self.name, option=option, kind=kind, dtype=self.dtype)
+        processor = hf_load(transformers.AutoProcessor, name, revision, self.name, option=option)
+        return model.to(self.device).eval(), processor
 
     def _prompt(self) -> Any:
         """The prompt's token ids, which generation continues: without the ``[SEP]`` a BERT tokenizer
