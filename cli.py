@@ -301,6 +301,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{len(problems)} problem{'s' if len(problems) > 1 else ''}" if problems else "valid")
         return 1 if problems else 0
     if args.command == "report":
+        from mmcurate.shards.layout import is_unfinished
         from mmcurate.tooling.report import Options, build_report, figures_path
 
         for flag in ("samples", "seed"):
@@ -308,7 +309,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise UsageError(f"--{flag} must not be negative, not {getattr(args, flag)}")
         figures = build_report(args.path, args.output, Options(samples=args.samples, seed=args.seed))
         shown = f"{figures['summary']['rows_in']} rows ({len(figures['samples'])} samples shown)"
-        unfinished = " (an unfinished run)" if figures["run"] is not None and figures["run"].get("finished") is None else ""
+        unfinished = " (an unfinished run)" if is_unfinished(figures["run"]) else ""
         print(f"report of {shown}{unfinished} -> {args.output}, figures -> {figures_path(args.output)}")
         return 0
     if args.command == "diff":

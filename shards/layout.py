@@ -429,7 +429,7 @@ class OutputDir:
         """UsageError, one line, unless this output can be read as a whole dataset (as an input, an export, a
         training set): its run finished, and every file its done markers list is there."""
         record = self.run_record()
-        if record is not None and record.get("finished") is None:
+        if is_unfinished(record):
             done = len(self.shard_ids(DONE))
             raise UsageError(
                 f"{self.root} is an unfinished run ({done} shard(s) done): finish it (run its command again) before reading it as a dataset"
@@ -457,6 +457,11 @@ class OutputDir:
             if stem.isdigit():
                 ids.add(int(stem))
         return sorted(ids)
+
+
+def is_unfinished(record: dict | None) -> bool:
+    """Whether the run record ``record`` (None: no run.json) is of a run that has not finished."""
+    return record is not None and record.get("finished") is None
 
 
 def open_output(url: str) -> OutputDir:

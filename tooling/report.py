@@ -23,7 +23,7 @@ from PIL import Image
 
 from mmcurate.errors import UsageError
 from mmcurate.shards import jsontext
-from mmcurate.shards.layout import OutputDir, open_output
+from mmcurate.shards.layout import OutputDir, is_unfinished, open_output
 from mmcurate.shards.readers import index_tar, read_members
 from mmcurate.shards.summary import output_summary
 from mmcurate.tooling.plots import draw_funnel, draw_histogram, histogram, plt, png, score_table, score_values
@@ -250,7 +250,7 @@ def _page(figures: dict, details: dict[str, dict], chosen: list[str]) -> str:
         f"<h1>mmcurate report: {esc(figures['source'])}</h1>",
         f"<p>{summary['rows_in']} rows in {summary['shards']} shards: {summary['kept']} kept, {summary['rejected']} rejected.</p>",
     ]
-    if figures["run"] is not None and figures["run"].get("finished") is None:
+    if is_unfinished(figures["run"]):
         parts.append(
             "<p class='warn'><b>Unfinished run:</b> these figures cover the shards done so far; run its command again to finish it.</p>"
         )
